@@ -1,0 +1,21 @@
+"""Click option bundles shared across commands (decorators), so flags are spelled one way."""
+
+from __future__ import annotations
+
+import click
+
+
+def model_option(required: bool = False, help_: str = "Base model folder (HF format). Default: the demo model."):
+    return click.option("--model", "-m", "model", type=click.Path(file_okay=False), required=required, help=help_)
+
+
+def output_option(required: bool = True, help_: str = "Output path."):
+    return click.option("--output", "-o", "output", type=click.Path(), required=required, help=help_)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
+
+
+def seed_option(f):
+    return click.option("--seed", type=int, default=None, help="Random seed (default from the config).")(f)

@@ -1,0 +1,256 @@
+"""The one typed run config: every default lives here.
+
+Precedence: CLI flag > recipe YAML > the defaults below. Each stage reads its own section;
+``RunConfig`` bundles them for ``edgetune run``. Sections are plain dataclasses with checks in
+``__post_init__`` so a bad value fails when the config is built, not an hour into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import EdgetuneError
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise EdgetuneError(
+            f"{section}.{name} = {value!r} is not one of {', '.join(map(str, choices))}.",
+            fix=f"set {section}.{name} to one of: {', '.join(map(str, choices))}",
+        )
+
+
+def _check_range(section: str, name: str, value: float, lo: float, hi: float) -> None:
+    if value is not None and not (lo <= value <= hi):
+        raise EdgetuneError(f"{section}.{name} = {value!r} is outside [{lo}, {hi}].", fix=f"choose a value in [{lo}, {hi}]")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # file, folder of files, or save_to_disk dataset
+    format: str = "auto"  # auto|chat|instruction|sharegpt|completion|preference
+    valid_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 42
+    group_by: str | None = None  # split by this field so one group never spans splits (no leakage)
+    dedup: str = "exact"  # exact|near|off
+    near_threshold: float = 0.8  # MinHash Jaccard threshold for near-duplicates
+    redact_pii: bool = False
+    max_seq_len: int = 2048
+    overlength: str = "drop"  # drop|truncate|keep examples longer than max_seq_len tokens
+    chat_template: str | None = None  # file or known family name, for models without one
+
+    def __post_init__(self):
+        _check_choice("data", "format", self.format, ("auto", "chat", "instruction", "sharegpt", "completion", "preference"))
+        _check_choice("data", "dedup", self.dedup, ("exact", "near", "off"))
+        _check_choice("data", "overlength", self.overlength, ("drop", "truncate", "keep"))
+        _check_range("data", "valid_ratio", self.valid_ratio, 0.0, 0.9)
+        _check_range("data", "test_ratio", self.test_ratio, 0.0, 0.9)
+        _check_range("data", "near_threshold", self.near_threshold, 0.05, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    backend: str = "auto"  # auto|mlx|torch
+    method: str = "lora"  # lora|dora|qlora|full
+    rank: int = 16
+    alpha: float = 32.0  # scale = alpha / rank
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None = all attention + MLP linears (edgetune.arch)
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"  # cosine|linear|constant
+    warmup_ratio: float = 0.05  # warmup keeps the first noisy steps from wrecking fresh adapters
+    epochs: float = 1.0
+    iters: int | None = None  # overrides epochs when set
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    seed: int = 42
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    packing: bool = True  # padding-free batches: concatenate examples, no pad compute
+    group_by_length: bool = False
+    eval_every: int = 50  # validation loss every N optimizer steps (0 = only at the end)
+    save_every: int = 100  # checkpoint every N steps (resume point)
+    early_stopping_patience: int | None = None  # evals without improvement before stopping
+    precision: str = "auto"  # auto|bf16|fp16|fp32 (auto: bf16 autocast where the CPU/GPU supports it)
+    gradient_checkpointing: bool = False
+    report_to: str = "none"  # none|tensorboard|wandb
+    num_threads: int | None = None  # torch CPU threads (None = all cores)
+
+    def __post_init__(self):
+        _check_choice("train", "backend", self.backend, ("auto", "mlx", "torch"))
+        _check_choice("train", "method", self.method, ("lora", "dora", "qlora", "full"))
+        _check_choice("train", "lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _check_choice("train", "precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check_choice("train", "report_to", self.report_to, ("none", "tensorboard", "wandb"))
+        _check_range("train", "dropout", self.dropout, 0.0, 0.9)
+        _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
+        if self.rank < 1:
+            raise EdgetuneError(f"train.rank must be >= 1, got {self.rank}.", fix="use e.g. rank: 16")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise EdgetuneError("train.batch_size and train.grad_accum must be >= 1.")
+
+
+@dataclass
+class ExportConfig:
+    outtype: str = "f16"  # f16|bf16|f32|q8_0: the unquantized conversion
+    quants: list[str] = field(default_factory=lambda: ["q4_k_m"])  # llama.cpp quant types
+    imatrix: str | None = None  # importance matrix file for low-bit quants
+    verify: bool = True  # compare GGUF with HF after writing
+    adapter_gguf: bool = False  # also write the LoRA adapter as a GGUF adapter
+
+    def __post_init__(self):
+        _check_choice("export", "outtype", self.outtype, ("f16", "bf16", "f32", "q8_0"))
+
+
+@dataclass
+class OllamaConfig:
+    name: str | None = None  # ollama model name; None = run name
+    system: str | None = None  # None = the training data's dominant system prompt, if any
+    template: str | None = None  # Go template file for an unrecognised chat template
+    quant: str | None = None  # which GGUF the Modelfile uses (None = first of export.quants)
+    temperature: float | None = None  # None = from generation_config.json
+    top_p: float | None = None
+    top_k: int | None = None
+    repeat_penalty: float | None = None
+    num_ctx: int | None = None
+    create: bool = False  # run `ollama create` when ollama is on PATH
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # None = the run's test split
+    metrics: list[str] | None = None  # None = chosen from the data
+    max_tokens: int = 256
+    temperature: float = 0.0  # greedy by default
+    limit: int | None = None  # evaluate at most N examples
+    regression: bool = True  # also run the shipped general-capability set
+    gates: dict[str, float] = field(default_factory=dict)  # METRIC -> minimum value
+    max_regression: dict[str, float] = field(default_factory=dict)  # METRIC -> allowed drop vs base
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: str = ""  # base model folder (HF format)
+    output: str = "runs"  # run folder = output/name
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "export": ExportConfig, "ollama": OllamaConfig, "eval": EvalConfig}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated type (handles Optional, list, bool strings)."""
+    if value is None:
+        return None
+    origin = get_origin(typ)
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if origin in (list,) or (args and get_origin(args[0]) is list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    if origin is dict or (args and get_origin(args[0]) is dict):
+        return dict(value)
+    base = args[0] if args else typ
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base in (int, float, str):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return base(value)
+    except (TypeError, ValueError):
+        raise EdgetuneError(f"{where} = {value!r} is not a valid {getattr(base, '__name__', base)}.") from None
+    return value
+
+
+def section_from_dict(cls, data: dict | None, where: str):
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EdgetuneError(
+            f"Unknown setting(s) {', '.join(unknown)} in {where}.",
+            fix=f"valid settings: {', '.join(sorted(names))}",
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, where: str = "recipe") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise EdgetuneError(f"{where} must be a YAML mapping at the top level.")
+    raw = dict(raw)
+    kwargs: dict[str, Any] = {}
+    for key, cls in SECTIONS.items():
+        kwargs[key] = section_from_dict(cls, raw.pop(key, None), f"{where}:{key}")
+    top = {f.name for f in fields(RunConfig)} - set(SECTIONS)
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise EdgetuneError(f"Unknown top-level key(s) {', '.join(unknown)} in {where}.", fix=f"valid keys: {', '.join(sorted(top | set(SECTIONS)))}")
+    for k, v in raw.items():
+        kwargs[k] = str(v) if v is not None else ""
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe YAML and apply ``key=value`` / ``section.key=value`` overrides."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise EdgetuneError(f"Recipe not found: {p}", where=str(p)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise EdgetuneError(f"Invalid YAML: {exc}", where=where, fix="fix the YAML syntax") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, where=str(p))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise EdgetuneError(f"--set {item!r} is not KEY=VALUE.", fix="e.g. --set train.iters=100")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value) if value else None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def override(section: Any, **values: Any) -> Any:
+    """Return a copy of ``section`` with the non-None ``values`` set (CLI flags win over YAML)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(section, **given) if given else section

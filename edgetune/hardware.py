@@ -1,0 +1,109 @@
+"""Cheap probes of what this machine has. Nothing here imports torch or mlx at module load."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+@dataclass
+class Hardware:
+    os: str
+    machine: str
+    cpu_count: int
+    apple_silicon: bool
+    torch: str | None = None
+    cuda: bool = False
+    cuda_devices: list[dict] = field(default_factory=list)
+    mps: bool = False
+    cpu_bf16: bool = False
+    bitsandbytes: str | None = None
+    mlx: str | None = None
+    mlx_lm: str | None = None
+    mlx_device: str | None = None
+    peft: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return None
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 / AMX / AVX512 paths that make bf16 matmuls fast."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return platform.machine() == "arm64"  # Apple / ARM cores run bf16 well through torch
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512f"))
+
+
+@lru_cache(maxsize=1)
+def probe() -> Hardware:
+    hw = Hardware(
+        os=f"{platform.system()} {platform.release()}",
+        machine=platform.machine(),
+        cpu_count=os.cpu_count() or 1,
+        apple_silicon=is_apple_silicon(),
+    )
+    if has_module("torch"):
+        import torch
+
+        hw.torch = torch.__version__
+        hw.cuda = bool(torch.cuda.is_available())
+        if hw.cuda:
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                hw.cuda_devices.append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
+        hw.mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        hw.cpu_bf16 = cpu_supports_bf16()
+    hw.peft = _version("peft")
+    if hw.cuda and has_module("bitsandbytes"):
+        hw.bitsandbytes = _version("bitsandbytes")
+    elif has_module("bitsandbytes"):
+        hw.bitsandbytes = _version("bitsandbytes")
+    hw.mlx = _version("mlx")
+    hw.mlx_lm = _version("mlx-lm") or _version("mlx_lm")
+    if hw.mlx:
+        try:
+            import mlx.core as mx
+
+            hw.mlx_device = str(mx.default_device())
+        except Exception:  # noqa: BLE001 - a broken mlx install is reported, not fatal
+            hw.mlx_device = None
+    return hw
+
+
+def free_disk_gb(path: str = ".") -> float:
+    return shutil.disk_usage(path).free / 1e9
+
+
+def memory_gb() -> tuple[float, float]:
+    """(total, available) system memory in GB."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return vm.total / 1e9, vm.available / 1e9

@@ -1,0 +1,1 @@
+"""Training: one interface over the MLX and PyTorch backends."""
