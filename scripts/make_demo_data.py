@@ -36,10 +36,8 @@ PRODUCTS = {
 }
 
 SYSTEM = (
-    "You triage customer support messages. Reply with JSON only, in the form "
-    '{"category": ..., "urgency": ..., "product": ...}. '
-    "category: billing, bug, account, shipping or feature_request. urgency: low, medium or high. "
-    "product: cloudsync, paywell, taskboard, mailpilot or homehub."
+    "Triage the support message. Reply with JSON only: category (billing|bug|account|shipping|feature_request), "
+    "urgency (low|medium|high), product (cloudsync|paywell|taskboard|mailpilot|homehub)."
 )
 
 # {p} = product mention. One row per phrasing; the topic words carry the category.
