@@ -1,1 +1,58 @@
-"""Training: one interface over the MLX and PyTorch backends."""
+"""Training: one interface over the MLX and PyTorch backends.
+
+``train(model_dir, data_dir, out_dir, cfg)`` picks the backend (``select.choose_backend``), checks
+every input before loading a model, trains, and leaves the run folder other stages read:
+
+    OUT/adapter/          PEFT adapter (adapter_config.json + adapter_model.safetensors) - always
+    OUT/adapter_mlx/      native mlx-lm adapter, when the mlx backend ran
+    OUT/checkpoints/      last/ and best/ (adapter + optimizer + scheduler + RNG + data position)
+    OUT/train_config.yaml every effective setting;  OUT/run.json  versions, hashes, wall time, memory
+    OUT/metrics.jsonl     one row per step (+ val_loss at evaluations);  OUT/loss.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgetuneError, UnsupportedError
+from .memory import estimate_memory
+from .report import TrainResult
+from .select import Choice, choose_backend
+
+__all__ = ["train", "estimate_memory", "preflight", "TrainResult", "Choice", "choose_backend"]
+
+
+def preflight(model_dir, data_dir, cfg) -> Choice:
+    """Everything that can be checked without loading a model; raises before any heavy work."""
+    from ..arch import arch_of_model_dir
+    from .batching import check_data_dir
+
+    choice = choose_backend(cfg.backend, cfg.method)
+    if cfg.method == "full":
+        raise UnsupportedError(
+            "--method full is not implemented yet.",
+            fix="use --method lora or dora (fuse merges the adapter into a full model afterwards)",
+        )
+    if not Path(model_dir).is_dir():
+        raise EdgetuneError(f"Base model folder not found: {model_dir}", where=str(model_dir),
+                            fix="pass an HF model folder (edgetune models fetch-demo makes the demo one)")
+    arch_of_model_dir(model_dir)
+    check_data_dir(data_dir)
+    return choice
+
+
+def train(model_dir, data_dir, out_dir, cfg, resume: bool = False, *, on_step=None, chat_template=None) -> TrainResult:
+    """Fine-tune ``model_dir`` on the prepared splits in ``data_dir``; outputs go to ``out_dir``.
+
+    ``on_step(step, row)`` is called after every optimizer step (tests use it to interrupt a run).
+    """
+    choice = preflight(model_dir, data_dir, cfg)
+    if choice.backend == "mlx":
+        from . import mlx_backend
+
+        return mlx_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                               chat_template=chat_template)
+    from . import torch_backend
+
+    return torch_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                             chat_template=chat_template)

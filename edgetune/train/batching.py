@@ -1,0 +1,189 @@
+"""From prepared JSONL splits to training batches, shared by the torch and MLX backends.
+
+Tokens and completion-only loss masks come from ``edgetune.data.template.encode_example`` (the one
+masking implementation). This module only decides which examples share a batch:
+
+* ``packing=True`` (torch): examples are first-fit packed into rows of ``max_seq_len`` tokens;
+  ``position_ids`` restart at 0 for each example so attention never crosses examples (transformers
+  builds a block-diagonal causal mask from the restarts). Rows are nearly full, so almost no compute
+  is spent on padding.
+* ``packing=False``: one example per row, padded to the longest row of its batch; with
+  ``group_by_length`` similar lengths share a batch (MLX always uses this: its models take no
+  position ids, so packed rows would attend across examples).
+
+Labels are already shifted (``labels[t]`` is the target for the logits at ``t``) and are -100
+wherever the mask is 0, at the last token of every example (so no example predicts the next one)
+and on padding. The plan for an epoch depends only on ``(seed, epoch)``, which is what lets
+``--resume`` continue from a batch index and see exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgetuneError
+
+IGNORE = -100
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]
+
+    @property
+    def n_target(self) -> int:
+        return sum(self.mask[1:])
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # [B, L] int64
+    labels: np.ndarray  # [B, L] int64, shifted, IGNORE where no loss
+    position_ids: np.ndarray  # [B, L] int64, restart at 0 per packed example
+    n_tokens: int  # real (non-pad) tokens
+    n_target: int  # tokens that carry loss
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.input_ids.size)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EdgetuneError(
+                    f"Invalid JSON: {exc.msg}", where=f"{path}:{lineno}", fix="run `edgetune data` on the raw data first"
+                ) from None
+            if not isinstance(row, dict):
+                raise EdgetuneError("Each line must be a JSON object.", where=f"{path}:{lineno}")
+            rows.append(row)
+    return rows
+
+
+def check_data_dir(data_dir: str | Path) -> dict[str, Path]:
+    """The split files present; a clear error before anything loads when train.jsonl is missing."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise EdgetuneError(f"Data folder not found: {d}", where=str(d), fix="pass the folder `edgetune data` wrote (train.jsonl, valid.jsonl)")
+    found = {s: d / f"{s}.jsonl" for s in SPLITS if (d / f"{s}.jsonl").exists()}
+    if "train" not in found:
+        raise EdgetuneError(
+            f"{d} has no train.jsonl.", where=str(d), fix="prepare the data with `edgetune data PATH -o FOLDER` (writes train/valid/test.jsonl)"
+        )
+    return found
+
+
+def encode_split(path: Path, tokenizer, max_seq_len: int) -> tuple[list[Example], int]:
+    """Encode one split; returns (examples with at least one target token, number dropped)."""
+    from ..data.template import encode_example
+
+    examples, dropped = [], 0
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        try:
+            enc = encode_example(tokenizer, row, max_seq_len=max_seq_len, truncate=True)
+        except EdgetuneError as exc:
+            if not exc.where:
+                exc.where = f"{path}:{lineno}"
+            raise
+        ex = Example(list(enc.input_ids), list(enc.loss_mask))
+        if len(ex.ids) < 2 or ex.n_target == 0:
+            dropped += 1  # nothing to learn (e.g. the completion was truncated away)
+            continue
+        examples.append(ex)
+    return examples, dropped
+
+
+def _pack_rows(order: list[Example], max_len: int, window: int = 64) -> list[list[Example]]:
+    """First-fit packing into rows of ``max_len`` tokens, scanning the last ``window`` open rows."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for ex in order:
+        n = len(ex.ids)
+        start = max(0, len(rows) - window)
+        for i in range(start, len(rows)):
+            if room[i] >= n:
+                rows[i].append(ex)
+                room[i] -= n
+                break
+        else:
+            rows.append([ex])
+            room.append(max_len - n)
+    return rows
+
+
+def _collate(rows: list[list[Example]], pad_id: int, multiple: int = 8) -> Batch:
+    width = max(sum(len(e.ids) for e in r) for r in rows)
+    width = -(-width // multiple) * multiple  # round up: fewer distinct shapes, same real tokens
+    B = len(rows)
+    ids = np.full((B, width), pad_id, dtype=np.int64)
+    labels = np.full((B, width), IGNORE, dtype=np.int64)
+    pos = np.zeros((B, width), dtype=np.int64)
+    n_tok = n_tgt = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for ex in row:
+            n = len(ex.ids)
+            a = np.asarray(ex.ids, dtype=np.int64)
+            m = np.asarray(ex.mask, dtype=bool)
+            ids[b, t : t + n] = a
+            pos[b, t : t + n] = np.arange(n)
+            lab = np.where(m[1:], a[1:], IGNORE)
+            labels[b, t : t + n - 1] = lab
+            n_tok += n
+            n_tgt += int(m[1:].sum())
+            t += n
+        if t < width:  # padding is its own "sequence" (positions restart) and carries no loss
+            pos[b, t:] = np.arange(width - t)
+    return Batch(ids, labels, pos, n_tok, n_tgt)
+
+
+def plan_epoch(
+    examples: list[Example],
+    *,
+    batch_size: int,
+    max_seq_len: int,
+    packing: bool,
+    group_by_length: bool,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[Batch]:
+    """All batches of one epoch, a pure function of its arguments."""
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(examples)
+    if shuffle:
+        rng.shuffle(order)
+    if packing:
+        rows = _pack_rows(order, max_seq_len)
+        if shuffle:
+            rng.shuffle(rows)
+        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+        rows = [[e] for e in order]
+        if group_by_length:
+            # sort within chunks of 50 batches: similar lengths share a batch, order stays random
+            chunk = batch_size * 50
+            rows = [r for i in range(0, len(rows), chunk) for r in sorted(rows[i : i + chunk], key=lambda r: len(r[0].ids))]
+        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        if shuffle and group_by_length:
+            rng.shuffle(groups)
+    return [_collate(g, pad_id) for g in groups if g]
+
+
+def padding_fraction(batches: list[Batch]) -> float:
+    slots = sum(b.n_slots for b in batches)
+    return 1.0 - sum(b.n_tokens for b in batches) / slots if slots else 0.0

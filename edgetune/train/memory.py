@@ -1,0 +1,108 @@
+"""Memory estimate before loading anything (``edgetune train --dry-run``, ``edgetune plan``).
+
+weights (at the chosen precision) + adapter + its gradients and AdamW moments + activations at
+batch x seq. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"):
+about 34*h bytes per token per layer in 16-bit (half that counted twice in fp32), plus the
+attention scores the CPU/MPS SDPA path materialises (heads * seq^2 per sequence, fp32). Gradient
+checkpointing keeps only each layer's input (2*h bytes per token) plus one layer's worth.
+It is an estimate (±30%); it exists to warn before a run that cannot fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.5 + 0.0625}  # nf4: 4-bit + double-quant scales
+
+
+def _model_shapes(model_dir) -> dict:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    h = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    hd = cfg.get("head_dim") or h // heads
+    return {
+        "hidden": h,
+        "inter": cfg.get("intermediate_size", 4 * h),
+        "layers": cfg["num_hidden_layers"],
+        "heads": heads,
+        "kv_heads": kv,
+        "head_dim": hd,
+        "vocab": cfg["vocab_size"],
+        "tied": cfg.get("tie_word_embeddings", False),
+    }
+
+
+def _linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each per-layer linear, by the names in edgetune.arch (llama-like layout)."""
+    h, i, q, kvd = s["hidden"], s["inter"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return {
+        "q_proj": (h, q), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (q, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        "qkv_proj": (h, q + 2 * kvd), "gate_up_proj": (h, 2 * i),
+    }
+
+
+def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
+    """Estimated peak memory in GB, by part, and whether it fits in the memory available now."""
+    from ..arch import arch_of_model_dir
+
+    s = _model_shapes(model_dir)
+    arch = arch_of_model_dir(model_dir)
+    lin = _linear_shapes(s)
+    per_layer_linear = sum(lin[n][0] * lin[n][1] for n in arch.lora_targets if n in lin)
+    embed = s["vocab"] * s["hidden"]
+    n_params = s["layers"] * (per_layer_linear + 2 * s["hidden"]) + embed * (1 if s["tied"] else 2) + s["hidden"]
+    if precision is None:
+        if cfg.method == "qlora":
+            precision = "bf16"
+        elif cfg.precision != "auto":
+            precision = cfg.precision
+        else:
+            from ..hardware import cpu_supports_bf16
+
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    wprec = "nf4" if cfg.method == "qlora" else precision
+    # embeddings and the head stay 16-bit under QLoRA
+    weights = (n_params - embed) * _BYTES[wprec] + embed * _BYTES["bf16" if cfg.method == "qlora" else wprec]
+    targets = cfg.target_modules or arch.lora_targets
+    ad = s["layers"] * sum(cfg.rank * (lin[n][0] + lin[n][1]) + (lin[n][1] if cfg.method == "dora" else 0)
+                           for n in targets if n in lin)
+    if cfg.method == "full":
+        ad = n_params
+    adapter = ad * 4.0  # fp32 master
+    optimizer = ad * 4.0 * 3  # gradient + two AdamW moments (fp32); paged 8-bit would be less
+    tokens = cfg.batch_size * cfg.max_seq_len
+    act_b = 2.0 if precision in ("bf16", "fp16") else 4.0
+    h, L = s["hidden"], s["layers"]
+    attn_scores = cfg.batch_size * s["heads"] * cfg.max_seq_len**2 * 4.0
+    if cfg.gradient_checkpointing or cfg.method == "qlora":
+        acts = L * tokens * h * act_b + (tokens * h * 17 * act_b + attn_scores)
+    else:
+        acts = L * (tokens * h * 17 * act_b + attn_scores)
+    # logits only at completion tokens in edgetune's loss; assume up to all tokens, fp32
+    logits = tokens * s["vocab"] * 4.0 * 2
+    total = weights + adapter + optimizer + acts + logits
+    gb = 1e9
+    out = {
+        "params_b": round(n_params / 1e9, 4),
+        "trainable_params_m": round(ad / 1e6, 3),
+        "precision": wprec,
+        "weights_gb": round(weights / gb, 3),
+        "adapter_gb": round(adapter / gb, 3),
+        "optimizer_gb": round(optimizer / gb, 3),
+        "activations_gb": round((acts + logits) / gb, 3),
+        "total_gb": round(total / gb, 3),
+    }
+    try:
+        from ..hardware import memory_gb
+
+        _total, avail = memory_gb()
+        out["available_gb"] = round(avail, 2)
+        out["fits"] = total / gb < avail * 0.9
+    except Exception:  # noqa: BLE001 - psutil missing: no verdict
+        out["available_gb"] = None
+        out["fits"] = None
+    return out
