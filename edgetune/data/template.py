@@ -1,0 +1,295 @@
+"""Chat-template rendering with completion-only loss masks.
+
+Training and evaluation both call this module, so the prompt a model is trained on is the prompt it
+is evaluated with. The mask is computed from the tokenizer's *own* chat template: we render growing
+prefixes of the conversation and check that each prefix is a prefix of the full rendering, which
+gives the exact character span of every assistant turn (content + end-of-turn token). The full text
+is then tokenized once, exactly as ``apply_chat_template(tokenize=True)`` would, and the character
+offsets of each token decide whether it carries loss. Hand-written because HF's
+``return_assistant_tokens_mask`` needs ``{% generation %}`` markers that almost no shipped template
+has, and mlx-lm's ``mask_prompt`` only unmasks the last assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgetuneError
+
+# Known chat-template families, for base models that ship without one (``--chat-template NAME``).
+# One row per family; source: each family's reference tokenizer_config.json on the HF hub.
+KNOWN_TEMPLATES: dict[str, str] = {
+    # ChatML (Qwen, SmolLM, OpenHermes, ...)
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Llama 3 / 3.1 / 3.2 instruct (without the tool-calling preamble)
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Gemma / Gemma 2 (no system role: a system message is prepended to the first user turn)
+    "gemma": (
+        "{{ bos_token }}"
+        "{% set sys = '' %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% set sys = message['content'] + '\n\n' %}"
+        "{% else %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (sys if loop.index0 == 1 and role == 'user' else '')"
+        " + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    # Mistral / Llama 2 style [INST] blocks
+    "mistral": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% endif %}"
+        "{% endfor %}"
+    ),
+    # Phi-3 / Phi-3.5
+    "phi3": (
+        "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    # Zephyr
+    "zephyr": (
+        "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token carries loss, same length as input_ids
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_loss(self) -> int:
+        return sum(self.loss_mask)
+
+
+def resolve_chat_template(chat_template: str) -> str:
+    """A template file path or a known family name -> the Jinja template text."""
+    p = Path(chat_template).expanduser()
+    if chat_template.lower() in KNOWN_TEMPLATES and not p.is_file():
+        return KNOWN_TEMPLATES[chat_template.lower()]
+    if p.is_file():
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".json":  # a tokenizer_config.json-like file holding "chat_template"
+            import json
+
+            try:
+                text = json.loads(text)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise EdgetuneError(
+                    f"{p} is JSON but has no 'chat_template' string.", where=str(p),
+                    fix="pass a .jinja file or a tokenizer_config.json that has chat_template",
+                ) from None
+        return text
+    raise EdgetuneError(
+        f"Chat template {chat_template!r} is neither a file nor a known family.",
+        fix=f"pass a Jinja template file or one of: {', '.join(KNOWN_TEMPLATES)}",
+    )
+
+
+def load_tokenizer(model_dir, chat_template: str | None = None):
+    """Load the model's HF tokenizer from local files only (a model folder or a ``.gguf`` file).
+
+    ``chat_template`` (file or family name) overrides/supplies the template. Raises
+    :class:`EdgetuneError` when the model has no chat template and none is given.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise EdgetuneError(
+            f"Model not found: {path}", where=str(path),
+            fix="pass a local HF model folder (with tokenizer files) or a .gguf file",
+        )
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgetuneError(
+            f"Could not load a tokenizer from {path}: {exc}", where=str(path),
+            fix="the folder needs tokenizer.json / tokenizer_config.json (as saved by save_pretrained)",
+        ) from None
+    if chat_template:
+        tok.chat_template = resolve_chat_template(chat_template)
+    if not getattr(tok, "chat_template", None):
+        raise EdgetuneError(
+            f"The tokenizer in {path} has no chat template.", where=str(path),
+            fix=f"pass --chat-template FILE or a family name ({', '.join(KNOWN_TEMPLATES)})",
+        )
+    return tok
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: Any = None) -> str:
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except Exception as exc:  # jinja raises TemplateError / raise_exception() messages
+        raise EdgetuneError(
+            f"The chat template could not render this conversation: {exc}",
+            fix="check the roles/order the model's template accepts (e.g. some templates reject a system role)",
+        ) from None
+    if not isinstance(text, str):  # very old/new transformers may return a list for batched input
+        text = text[0]
+    return text
+
+
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The exact prompt string the model sees (used by eval and the Ollama/GGUF fidelity checks)."""
+    return _render(tokenizer, messages, add_generation_prompt)
+
+
+def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any) -> list[tuple[int, int]]:
+    """Character spans in ``full`` of each assistant turn: content + end-of-turn token."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    eot = getattr(tokenizer, "eos_token", None)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        if i == 0:
+            try:
+                before = _render(tokenizer, [], True, tools)
+            except EdgetuneError:
+                before = ""
+        else:
+            before = _render(tokenizer, messages[:i], True, tools)
+        upto = _render(tokenizer, messages[: i + 1], False, tools)
+        if upto.startswith(before) and full.startswith(upto) and len(before) >= cursor:
+            start, end = len(before), len(upto)
+            # the template's separator after the end-of-turn token (ChatML's "\n") is not a target
+            end = start + len(full[start:end].rstrip())
+        else:
+            # Prefix-inconsistent template (e.g. one that drops reasoning from earlier turns):
+            # fall back to locating the content in the full rendering.
+            content = str(msg.get("content") or "")
+            start = full.find(content, cursor) if content else -1
+            if start < 0:
+                raise EdgetuneError(
+                    f"Cannot locate assistant turn {i} in the rendered chat template.",
+                    fix="this template rewrites earlier turns; pass --chat-template with a prefix-stable template",
+                )
+            end = start + len(content)
+            rest = full[end:]
+            stripped = rest.lstrip(" ")
+            if eot and stripped.startswith(eot):
+                end += len(rest) - len(stripped) + len(eot)
+        if end > start:
+            spans.append((start, end))
+        cursor = max(cursor, end)
+    return spans
+
+
+def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Encoded:
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [0] * len(ids)
+        k = 0
+        for j, (s, _e) in enumerate(enc["offset_mapping"]):
+            while k < len(spans) and s >= spans[k][1]:
+                k += 1
+            if k < len(spans) and spans[k][0] <= s < spans[k][1]:
+                mask[j] = 1
+        return Encoded(ids, mask)
+    # Slow tokenizers have no offsets: tokenize segment by segment (may differ at the seams).
+    ids, mask, pos = [], [], 0
+    for s, e in spans + [(len(text), len(text))]:
+        for a, b, m in ((pos, s, 0), (s, e, 1)):
+            if b > a:
+                part = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+                ids += part
+                mask += [m] * len(part)
+        pos = e
+    return Encoded(ids, mask)
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise EdgetuneError("'messages' must be a list of {role, content} objects.")
+    return messages
+
+
+def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, truncate: bool = True) -> Encoded:
+    """Token ids + loss mask for one prepared row (mlx-lm layouts).
+
+    - ``{"messages": [...]}``: loss on every assistant turn including its end-of-turn token;
+    - ``{"prompt", "completion"}``: rendered as a user/assistant exchange through the chat template
+      (as mlx-lm does); loss on the completion + end-of-turn / EOS;
+    - ``{"text"}``: loss on every token (EOS appended, as mlx-lm does).
+
+    With ``max_seq_len`` and ``truncate`` the result keeps the first ``max_seq_len`` tokens.
+    """
+    if not isinstance(row, dict):
+        raise EdgetuneError("A row must be a JSON object.")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if "messages" in row:
+        messages = _check_messages(row["messages"])
+        tools = row.get("tools")
+        full = _render(tokenizer, messages, False, tools)
+        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools))
+    elif "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise EdgetuneError("'prompt' and 'completion' must be strings.")
+        if has_template:
+            return encode_example(
+                tokenizer,
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]},
+                max_seq_len=max_seq_len,
+                truncate=truncate,
+            )
+        p = tokenizer(prompt)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            c = c + [tokenizer.eos_token_id]
+        enc = Encoded(list(p) + list(c), [0] * len(p) + [1] * len(c))
+    elif "text" in row:
+        if not isinstance(row["text"], str):
+            raise EdgetuneError("'text' must be a string.")
+        ids = list(tokenizer(row["text"])["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        enc = Encoded(ids, [1] * len(ids))
+    else:
+        raise EdgetuneError(
+            f"Row has none of 'messages', 'prompt'+'completion', 'text' (keys: {', '.join(map(str, row))}).",
+            fix="prepare the data with `edgetune data prepare` first",
+        )
+    if max_seq_len is not None and truncate and len(enc.input_ids) > max_seq_len:
+        enc = Encoded(enc.input_ids[:max_seq_len], enc.loss_mask[:max_seq_len])
+    return enc
