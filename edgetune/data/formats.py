@@ -1,0 +1,246 @@
+"""Input formats -> one internal record type.
+
+Every input row, whatever its layout (chat, Alpaca instruction, ShareGPT, text, prompt/completion,
+preference), becomes a :class:`Record`: a list of ``{"role", "content"}`` messages plus a ``kind``.
+Later stages (cleaning, dedup, split, token stats) only ever see that shape. A row that cannot be
+normalised raises :class:`Problem`, naming the field, which the caller turns into a report line
+(file:line) and a reject; never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("chat", "instruction", "sharegpt", "completion", "preference")
+KINDS = ("chat", "completion", "text", "preference")
+
+# ShareGPT / assorted exports use other role names; one row per alias.
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+
+
+class Problem(Exception):
+    """One record-level problem: ``code`` (machine-readable reason), ``field`` and a message."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        self.code = code
+        self.message = message
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class Record:
+    messages: list[dict]  # [{"role", "content"}]; for text: [] ; for preference: the prompt turns
+    kind: str  # chat | completion | text | preference
+    fmt: str  # the detected/forced input format
+    source: str = ""
+    line: int = 0
+    text: str | None = None  # kind == text
+    chosen: Any = None  # kind == preference: str or list of messages
+    rejected: Any = None
+    tools: Any = None  # passed through for chat
+    group: str | None = None  # value of the group-by field
+    raw: Any = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def dedup_text(self) -> str:
+        """The text duplicates are judged on (roles included, so a question != its answer)."""
+        if self.kind == "text":
+            return self.text or ""
+        parts = [f"{m['role']}: {m['content']}" for m in self.messages]
+        if self.kind == "preference":
+            parts += [f"chosen: {_flat(self.chosen)}", f"rejected: {_flat(self.rejected)}"]
+        return "\n".join(parts)
+
+    def to_row(self, layout: str) -> dict:
+        """The mlx-lm layout row: ``messages`` / ``prompt``+``completion`` / ``text`` / preference."""
+        if layout == "text":
+            return {"text": self.text}
+        if layout == "completion":
+            return {"prompt": self.messages[0]["content"], "completion": self.messages[1]["content"]}
+        if layout == "preference":
+            prompt: Any = self.messages
+            if len(self.messages) == 1 and self.messages[0]["role"] == "user":
+                prompt = self.messages[0]["content"]
+            return {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
+        row: dict = {"messages": self.messages}
+        if self.tools is not None:
+            row["tools"] = self.tools
+        return row
+
+
+def _flat(x: Any) -> str:
+    if isinstance(x, list):
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in x if isinstance(m, dict))
+    return str(x)
+
+
+def detect_format(obj: Any) -> str | None:
+    """The input format of one row, or None. Order matters: the most specific keys first."""
+    if not isinstance(obj, dict):
+        return None
+    if "chosen" in obj and "rejected" in obj:
+        return "preference"
+    if "messages" in obj:
+        return "chat"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj and ("output" in obj or "response" in obj):
+        return "instruction"
+    if "prompt" in obj and "completion" in obj:
+        return "completion"
+    if "text" in obj:
+        return "completion"
+    return None
+
+
+def _string(obj: dict, key: str, *, allow_empty: bool = False) -> str:
+    if key not in obj or obj[key] is None:
+        raise Problem("missing_field", f"missing field '{key}'", key)
+    v = obj[key]
+    if not isinstance(v, str):
+        raise Problem("wrong_type", f"'{key}' must be a string, got {type(v).__name__}", key)
+    if not allow_empty and not v.strip():
+        raise Problem("empty_field", f"'{key}' is empty", key)
+    return v
+
+
+def _messages(turns: Any, key: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
+    if not isinstance(turns, list):
+        raise Problem("wrong_type", f"'{key}' must be a list, got {type(turns).__name__}", key)
+    if not turns:
+        raise Problem("empty_field", f"'{key}' is empty", key)
+    out = []
+    for i, t in enumerate(turns):
+        f = f"{key}[{i}]"
+        if not isinstance(t, dict):
+            raise Problem("wrong_type", f"{f} must be an object, got {type(t).__name__}", f)
+        role = t.get(role_key)
+        if not isinstance(role, str):
+            raise Problem("missing_field" if role is None else "wrong_type", f"{f}.{role_key} missing or not a string", f"{f}.{role_key}")
+        norm = ROLE_ALIASES.get(role.strip().lower())
+        if norm is None:
+            raise Problem("unknown_role", f"{f}.{role_key} = {role!r} is not a known role", f"{f}.{role_key}")
+        content = t.get(content_key)
+        msg: dict = {"role": norm}
+        if norm == "assistant" and content is None and t.get("tool_calls"):
+            content = ""
+        if content is None:
+            raise Problem("missing_field", f"{f}.{content_key} is missing", f"{f}.{content_key}")
+        if not isinstance(content, str):
+            raise Problem("wrong_type", f"{f}.{content_key} must be a string, got {type(content).__name__}", f"{f}.{content_key}")
+        if not content.strip() and not t.get("tool_calls"):
+            raise Problem("empty_field", f"{f}.{content_key} is empty", f"{f}.{content_key}")
+        msg["content"] = content
+        for extra in ("tool_calls", "name", "tool_call_id"):
+            if t.get(extra) is not None:
+                msg[extra] = t[extra]
+        out.append(msg)
+    return out
+
+
+def check_order(messages: list[dict], key: str, need_assistant: bool = True) -> None:
+    """System only first; then user/assistant alternating (tool turns follow an assistant call)."""
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise Problem("no_assistant", "no assistant turn (nothing to learn from)", key)
+    prev = None
+    for i, m in enumerate(messages):
+        r = m["role"]
+        if r == "system" and i != 0:
+            raise Problem("role_order", f"{key}[{i}]: system turn after the start", f"{key}[{i}].role")
+        if r == "user" and prev == "user":
+            raise Problem("role_order", f"{key}[{i}]: two user turns in a row", f"{key}[{i}].role")
+        if r == "assistant" and prev in (None, "system", "assistant") and prev != "tool":
+            raise Problem("role_order", f"{key}[{i}]: assistant turn without a user turn before it", f"{key}[{i}].role")
+        if r == "tool" and prev not in ("assistant", "tool"):
+            raise Problem("role_order", f"{key}[{i}]: tool turn not after an assistant turn", f"{key}[{i}].role")
+        prev = r
+    if need_assistant and messages[-1]["role"] not in ("assistant",):
+        raise Problem("last_not_assistant", f"the last turn is '{messages[-1]['role']}', not assistant", f"{key}[{len(messages) - 1}]")
+
+
+def normalise(obj: Any, fmt: str = "auto") -> Record:
+    """One input row -> :class:`Record`, or raise :class:`Problem`."""
+    if not isinstance(obj, dict):
+        raise Problem("not_object", f"record is a JSON {type(obj).__name__}, not an object")
+    detected = detect_format(obj)
+    if fmt == "auto":
+        if detected is None:
+            keys = ", ".join(sorted(map(str, obj))) or "none"
+            raise Problem("unknown_format", f"cannot tell the format (keys: {keys})")
+        fmt = detected
+    if fmt == "chat":
+        if "messages" not in obj:
+            raise Problem("missing_field", "missing field 'messages'", "messages")
+        msgs = _messages(obj["messages"], "messages")
+        check_order(msgs, "messages")
+        return Record(msgs, "chat", fmt, tools=obj.get("tools"))
+    if fmt == "sharegpt":
+        if "conversations" not in obj:
+            raise Problem("missing_field", "missing field 'conversations'", "conversations")
+        msgs = _messages(obj["conversations"], "conversations", "from", "value")
+        if isinstance(obj.get("system"), str) and obj["system"].strip() and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": obj["system"]})
+        check_order(msgs, "conversations")
+        return Record(msgs, "chat", fmt, tools=obj.get("tools"))
+    if fmt == "instruction":
+        instruction = _string(obj, "instruction")
+        out_key = "output" if "output" in obj else "response"
+        output = _string(obj, out_key)
+        inp = obj.get("input")
+        if inp is not None and not isinstance(inp, str):
+            raise Problem("wrong_type", f"'input' must be a string, got {type(inp).__name__}", "input")
+        user = instruction + ("\n\n" + inp if inp and inp.strip() else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        system = obj.get("system")
+        if isinstance(system, str) and system.strip():
+            msgs.insert(0, {"role": "system", "content": system})
+        return Record(msgs, "chat", fmt)
+    if fmt == "completion":
+        if "prompt" in obj or "completion" in obj:
+            prompt = _string(obj, "prompt")
+            completion = _string(obj, "completion")
+            return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], "completion", fmt)
+        text = _string(obj, "text")
+        return Record([], "text", fmt, text=text)
+    if fmt == "preference":
+        if "prompt" not in obj:
+            raise Problem("missing_field", "missing field 'prompt'", "prompt")
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise Problem("empty_field", "'prompt' is empty", "prompt")
+            msgs = [{"role": "user", "content": prompt}]
+        else:
+            msgs = _messages(prompt, "prompt")
+            check_order(msgs, "prompt", need_assistant=False)
+        pair = []
+        for key in ("chosen", "rejected"):
+            v = obj.get(key)
+            if isinstance(v, str):
+                if not v.strip():
+                    raise Problem("empty_field", f"'{key}' is empty", key)
+            elif isinstance(v, list):
+                v = _messages(v, key)
+            else:
+                raise Problem("wrong_type" if v is not None else "missing_field", f"'{key}' must be a string or a message list", key)
+            pair.append(v)
+        if pair[0] == pair[1]:
+            raise Problem("chosen_equals_rejected", "'chosen' and 'rejected' are identical", "chosen")
+        return Record(msgs, "preference", fmt, chosen=pair[0], rejected=pair[1])
+    raise Problem("unknown_format", f"unknown format {fmt!r}")

@@ -1,0 +1,514 @@
+"""``validate`` (read-only report) and ``prepare`` (train/valid/test + rejects + data card).
+
+Both run the same pipeline, so what ``validate`` reports is exactly what ``prepare`` would drop:
+
+    read (file:line) -> normalise -> clean / redact PII -> one layout -> exact / near dedup
+    -> token lengths + over-length policy -> group-aware split -> leakage check (enforced)
+
+Every dropped record lands in ``rejects.jsonl`` with its source, line and reason. Outputs are
+byte-identical for the same input and seed: no timestamps, stable orders, seeded shuffles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig
+from ..errors import EdgetuneError
+from ..io import atomic_path, sha256_dir, sha256_file, write_json
+from . import dedup as dd
+from .clean import PII_KINDS, clean_text, redact_pii
+from .formats import Problem, Record, normalise
+from .load import iter_source, list_sources
+
+# Reasons that are a problem with the record itself (validate exits 1); the others are policy.
+RECORD_PROBLEMS = {
+    "bad_json", "bad_encoding", "line_too_long", "not_object", "unknown_format", "missing_field",
+    "wrong_type", "empty_field", "unknown_role", "role_order", "no_assistant", "last_not_assistant",
+    "chosen_equals_rejected", "empty_after_cleaning", "mixed_layout", "missing_group_field", "template_error",
+}
+READ_PROBLEMS = {"bad_json", "bad_encoding", "line_too_long"}
+PROGRESS_MIN = 5000  # show progress bars only for work that takes noticeable time
+
+
+@dataclass
+class Reject:
+    source: str
+    line: int
+    reason: str
+    detail: str
+    field: str | None = None
+    record: Any = None
+
+    def row(self) -> dict:
+        d = {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail}
+        if self.field:
+            d["field"] = self.field
+        d["record"] = self.record
+        return d
+
+    def line_text(self) -> str:
+        f = f" [{self.field}]" if self.field else ""
+        return f"{self.source}:{self.line}{f}: {self.detail}"
+
+
+@dataclass
+class Result:
+    """Everything one pipeline pass learned (``validate`` reports it, ``prepare`` writes it)."""
+
+    sources: list[dict] = field(default_factory=list)
+    rows_read: int = 0
+    formats: Counter = field(default_factory=Counter)
+    rejects: list[Reject] = field(default_factory=list)
+    layout: str = "chat"
+    cleaned: int = 0
+    pii: Counter = field(default_factory=Counter)
+    exact_dups: int = 0
+    near_dups: int = 0
+    lengths: dict[int, int] = field(default_factory=dict)  # id(record) -> tokens
+    overlength: int = 0
+    truncated: int = 0
+    splits: dict[str, list[Record]] = field(default_factory=dict)
+    n_groups: int = 0
+    leak_exact: int = 0
+    leak_near: int = 0
+    tokenizer_info: dict | None = None
+    kept: list[Record] = field(default_factory=list)
+
+
+@contextmanager
+def _bar(desc: str, total: int):
+    if total < PROGRESS_MIN:
+        yield lambda n: None
+        return
+    from ..console import progress
+
+    with progress(transient=True) as p:
+        task = p.add_task(desc, total=total)
+        yield lambda n: p.advance(task, n)
+
+
+def _reject(res: Result, rec: Record, reason: str, detail: str, field_: str | None = None) -> None:
+    res.rejects.append(Reject(rec.source, rec.line, reason, detail, field_, rec.raw))
+
+
+def _source_hash(p: Path) -> str:
+    return sha256_dir(p) if p.is_dir() else sha256_file(p)
+
+
+def _read(path, cfg: DataConfig, res: Result) -> list[Record]:
+    records: list[Record] = []
+    for src in list_sources(path):
+        n = 0
+        for item in iter_source(src):
+            n += 1
+            if item.problem is not None:
+                p = item.problem
+                res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.raw))
+                continue
+            try:
+                rec = normalise(item.obj, cfg.format)
+            except Problem as p:
+                res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.obj))
+                continue
+            rec.source, rec.line, rec.raw = item.source, item.line, item.obj
+            if cfg.group_by:
+                g = item.obj.get(cfg.group_by)
+                if g is None or g == "":
+                    _reject(res, rec, "missing_group_field", f"no '{cfg.group_by}' value to group by", cfg.group_by)
+                    continue
+                rec.group = g if isinstance(g, str) else json.dumps(g, sort_keys=True, ensure_ascii=False)
+            res.formats[rec.fmt] += 1
+            records.append(rec)
+        res.sources.append({"path": str(src), "sha256": _source_hash(src), "rows": n})
+        res.rows_read += n
+    return records
+
+
+def _clean_messages(msgs: list[dict], fn) -> list[dict]:
+    return [{**m, "content": fn(m["content"])} for m in msgs]
+
+
+def _clean(records: list[Record], cfg: DataConfig, res: Result) -> list[Record]:
+    def fn(s):
+        t = clean_text(s)
+        return redact_pii(t, res.pii) if cfg.redact_pii else t
+
+    out = []
+    for rec in records:
+        before = rec.dedup_text()
+        if rec.kind == "text":
+            rec.text = fn(rec.text)
+        else:
+            rec.messages = _clean_messages(rec.messages, fn)
+            if rec.kind == "preference":
+                rec.chosen = fn(rec.chosen) if isinstance(rec.chosen, str) else _clean_messages(rec.chosen, fn)
+                rec.rejected = fn(rec.rejected) if isinstance(rec.rejected, str) else _clean_messages(rec.rejected, fn)
+        empty = (rec.kind == "text" and not rec.text) or any(
+            not m["content"] and not m.get("tool_calls") for m in rec.messages
+        ) or (rec.kind == "preference" and (not rec.chosen or not rec.rejected))
+        if empty:
+            _reject(res, rec, "empty_after_cleaning", "a field is empty after removing control/zero-width characters")
+            continue
+        if rec.dedup_text() != before:
+            res.cleaned += 1
+        out.append(rec)
+    return out
+
+
+_LAYOUT_GROUP = {"chat": "chat", "completion": "chat", "text": "text", "preference": "preference"}
+
+
+def _one_layout(records: list[Record], res: Result) -> list[Record]:
+    """mlx-lm reads one layout per file: keep the largest family, reject the others."""
+    groups = Counter(_LAYOUT_GROUP[r.kind] for r in records)
+    if not groups:
+        return records
+    order = ("chat", "text", "preference")
+    main = max(order, key=lambda g: (groups[g], -order.index(g)))
+    kept = []
+    for r in records:
+        if _LAYOUT_GROUP[r.kind] == main:
+            kept.append(r)
+        else:
+            _reject(res, r, "mixed_layout", f"a {r.kind} record among {main} records (one layout per dataset; prepare it separately)")
+    if main == "chat":
+        res.layout = "completion" if all(r.kind == "completion" for r in kept) else "chat"
+    else:
+        res.layout = main
+    return kept
+
+
+def _dedup(records: list[Record], cfg: DataConfig, res: Result, keys: list[str]):
+    """Returns kept records, their exact keys and MinHash signatures (None when not computed)."""
+    if cfg.dedup != "off":
+        seen: dict[str, Record] = {}
+        kept, kept_keys = [], []
+        for rec, k in zip(records, keys):
+            if k in seen:
+                first = seen[k]
+                _reject(res, rec, "duplicate", f"exact duplicate of {first.where}")
+                res.exact_dups += 1
+                continue
+            seen[k] = rec
+            kept.append(rec)
+            kept_keys.append(k)
+        records, keys = kept, kept_keys
+    with _bar("MinHash", len(records)) as adv:
+        sigs = dd.signatures([r.dedup_text() for r in records], on_batch=adv)
+    if cfg.dedup == "near":
+        dup_of = dd.near_duplicates(sigs, cfg.near_threshold)
+        if dup_of:
+            keep_idx = [i for i in range(len(records)) if i not in dup_of]
+            for i, j in sorted(dup_of.items()):
+                _reject(res, records[i], "near_duplicate", f"near-duplicate (Jaccard >= {cfg.near_threshold}) of {records[j].where}")
+            res.near_dups = len(dup_of)
+            records = [records[i] for i in keep_idx]
+            keys = [keys[i] for i in keep_idx]
+            sigs = sigs[keep_idx]
+    return records, keys, sigs
+
+
+def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> list[int]:
+    from .stats import prompt_length, token_lengths
+
+    with _bar("Tokenizing", len(records)) as adv:
+        lengths = token_lengths(tokenizer, records, on_batch=adv)
+    keep = []
+    for i, (rec, n) in enumerate(zip(records, lengths)):
+        if n < 0:
+            _reject(res, rec, "template_error", "the chat template cannot render this record")
+            continue
+        if n > cfg.max_seq_len:
+            res.overlength += 1
+            if cfg.overlength == "drop":
+                _reject(res, rec, "overlength", f"{n} tokens > max_seq_len {cfg.max_seq_len} (policy: drop)")
+                continue
+            if cfg.overlength == "truncate":
+                if prompt_length(tokenizer, rec) >= cfg.max_seq_len:
+                    _reject(res, rec, "prompt_too_long", f"the prompt alone fills max_seq_len {cfg.max_seq_len}: nothing left to learn after truncation")
+                    continue
+                res.truncated += 1
+        keep.append(i)
+    return keep, lengths
+
+
+def _split(records: list[Record], keys: list[str], cfg: DataConfig) -> tuple[list[str], int]:
+    """Group-aware, deterministic: groups ordered by a seeded hash, cut by record counts."""
+    gkeys = [r.group if cfg.group_by else k for r, k in zip(records, keys)]
+    sizes: dict[str, int] = {}
+    for g in gkeys:
+        sizes[g] = sizes.get(g, 0) + 1
+    order = sorted(sizes, key=lambda g: hashlib.sha256(f"{cfg.seed}\x00{g}".encode()).digest())
+    n = len(records)
+    # at least one valid/test record when asked for and n allows it (mlx-lm wants a non-empty valid)
+    want = {
+        name: max(1 if (ratio > 0 and n >= 5) else 0, round(n * ratio))
+        for name, ratio in (("test", cfg.test_ratio), ("valid", cfg.valid_ratio))
+    }
+    where: dict[str, str] = {}
+    got = {"test": 0, "valid": 0}
+    it = iter(order)
+    for name in ("test", "valid"):
+        while got[name] < want[name]:
+            g = next(it, None)
+            if g is None:
+                break
+            if n - got["test"] - got["valid"] - sizes[g] < 1:  # never empty train
+                where[g] = "train"
+                break
+            where[g] = name
+            got[name] += sizes[g]
+    for g in it:
+        where[g] = "train"
+    return [where.get(g, "train") for g in gkeys], len(sizes)
+
+
+def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
+    res = Result()
+    tokenizer = None
+    if model_dir is not None:
+        from .template import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir, cfg.chat_template)
+        tpl = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
+        res.tokenizer_info = {
+            "model": str(model_dir),
+            "tokenizer": type(tokenizer).__name__,
+            "chat_template": cfg.chat_template or "model",
+            "chat_template_sha256": hashlib.sha256(tpl.encode()).hexdigest(),
+            "eos_token": tokenizer.eos_token,
+        }
+    records = _read(path, cfg, res)
+    records = _clean(records, cfg, res)
+    records = _one_layout(records, res)
+    keys = [dd.exact_key(r.dedup_text()) for r in records]
+    records, keys, sigs = _dedup(records, cfg, res, keys)
+    if tokenizer is not None:
+        keep, lengths = _tokens(records, cfg, res, tokenizer)
+        for i in keep:
+            res.lengths[id(records[i])] = lengths[i]
+        records = [records[i] for i in keep]
+        keys = [keys[i] for i in keep]
+        sigs = sigs[keep]
+    res.kept = list(records)
+    assign, res.n_groups = _split(records, keys, cfg)
+    idx = {"train": [], "valid": [], "test": []}
+    for i, s in enumerate(assign):
+        idx[s].append(i)
+    # Leakage: no valid/test record may be an exact or near duplicate of a train record.
+    train_keys = {keys[i] for i in idx["train"]}
+    held = idx["valid"] + idx["test"]
+    leaked: set[int] = set()
+    for i in held:
+        if keys[i] in train_keys:
+            leaked.add(i)
+            res.leak_exact += 1
+            _reject(res, records[i], "leakage", f"exact duplicate of a train record (split '{assign[i]}')")
+    rest = [i for i in held if i not in leaked]
+    if rest and idx["train"]:
+        for i, j in sorted(dd.cross_matches(sigs, cfg.near_threshold, idx["train"], rest).items()):
+            leaked.add(i)
+            res.leak_near += 1
+            _reject(res, records[i], "leakage_near", f"near-duplicate of train record {records[j].where} (split '{assign[i]}')")
+    res.splits = {name: [records[i] for i in ids if i not in leaked] for name, ids in idx.items()}
+    random.Random(cfg.seed).shuffle(res.splits["train"])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# validate
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    rows: int = 0
+    usable: int = 0
+    formats: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # "file:line [field]: message"
+    problem_counts: dict = field(default_factory=dict)
+    duplicates: dict = field(default_factory=dict)
+    tokens: dict | None = None
+    overlength: int = 0
+    max_seq_len: int = 0
+    hints: list[str] = field(default_factory=list)
+    fatal: str | None = None  # unreadable input
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return 2
+        return 1 if self.problems else 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exit_code"] = self.exit_code
+        return d
+
+
+def validate(path, cfg: DataConfig | None = None, model_dir=None) -> ValidationReport:
+    """Read-only report: problems per record (file:line), formats, duplicates, token lengths.
+
+    ``exit_code``: 0 clean, 1 problems found, 2 unreadable input. Never raises for bad data;
+    raises :class:`EdgetuneError` only for a bad model/template.
+    """
+    cfg = cfg or DataConfig()
+    rep = ValidationReport(path=str(path), max_seq_len=cfg.max_seq_len)
+    # validate keeps over-length records (it only counts them)
+    vcfg = dataclasses.replace(cfg, overlength="keep")
+    try:
+        res = run_pipeline(path, vcfg, model_dir)
+    except EdgetuneError as exc:
+        if exc.exit_code == 2:
+            rep.fatal = exc.render()
+            return rep
+        raise
+    rep.rows = res.rows_read
+    rep.formats = dict(sorted(res.formats.items()))
+    probs = sorted((r for r in res.rejects if r.reason in RECORD_PROBLEMS), key=_reject_sort_key(res))
+    rep.problems = [r.line_text() for r in probs]
+    rep.problem_counts = dict(sorted(Counter(r.reason for r in probs).items()))
+    rep.usable = len(res.kept)
+    n = max(1, len(res.kept) + res.exact_dups + res.near_dups)
+    rep.duplicates = {
+        "exact": res.exact_dups, "near": res.near_dups, "mode": cfg.dedup,
+        "rate": round((res.exact_dups + res.near_dups) / n, 4),
+        "leaking_into_valid_test": res.leak_exact + res.leak_near,
+    }
+    lengths = [res.lengths[id(r)] for r in res.kept] if res.lengths else None
+    if lengths is not None:
+        from .stats import length_stats
+
+        rep.tokens = {**(res.tokenizer_info or {}), **length_stats(lengths)}
+        rep.overlength = res.overlength
+    from .stats import balance_hints
+
+    rep.hints = balance_hints(res.kept, lengths)
+    if rep.rows and not res.kept and all(r.reason in READ_PROBLEMS for r in res.rejects):
+        rep.fatal = "no record could be read (every line is invalid JSON or not UTF-8)"
+    if rep.duplicates["rate"] >= 0.1:
+        rep.hints.append(f"{rep.duplicates['rate']:.0%} duplicates: `prepare` drops them (--dedup)")
+    if rep.overlength:
+        rep.hints.append(f"{rep.overlength} records exceed max_seq_len {cfg.max_seq_len} (policy for prepare: {cfg.overlength})")
+    return rep
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare
+
+
+def _write_split(path: Path, records: list[Record], layout: str) -> str:
+    h = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for r in records:
+            line = json.dumps(r.to_row(layout), ensure_ascii=False, default=str) + "\n"
+            fh.write(line)
+            h.update(line.encode("utf-8"))
+    return h.hexdigest()
+
+
+def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dict:
+    """Write ``train/valid/test.jsonl``, ``rejects.jsonl`` and ``data_card.json`` to ``out_dir``.
+
+    Returns the data card. Raises :class:`EdgetuneError` (exit code 2) for unreadable input and
+    when nothing usable is left.
+    """
+    from .. import __version__
+    from .stats import length_stats
+
+    cfg = cfg or DataConfig()
+    res = run_pipeline(path, cfg, model_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(len(v) for v in res.splits.values())
+    if total == 0:
+        _write_rejects(out / "rejects.jsonl", res)
+        top = Counter(r.reason for r in res.rejects).most_common(3)
+        raise EdgetuneError(
+            f"No usable records in {path} ({res.rows_read} rows read; top reasons: "
+            + ", ".join(f"{k} x{v}" for k, v in top) + ").",
+            where=str(out / "rejects.jsonl"),
+            fix="run `edgetune data validate` on the input and fix the reported lines",
+            exit_code=2,
+        )
+    files = {}
+    for name in ("train", "valid", "test"):
+        files[f"{name}.jsonl"] = _write_split(out / f"{name}.jsonl", res.splits[name], res.layout)
+    files["rejects.jsonl"] = _write_rejects(out / "rejects.jsonl", res)
+    card: dict[str, Any] = {
+        "edgetune_version": __version__,
+        "input": str(path),
+        "sources": res.sources,
+        "config": dataclasses.asdict(cfg),
+        "layout": res.layout,
+        "formats": dict(sorted(res.formats.items())),
+        "counts": {
+            "rows_read": res.rows_read,
+            "records_out": total,
+            "rejected": len(res.rejects),
+            "rejected_by_reason": dict(sorted(Counter(r.reason for r in res.rejects).items())),
+        },
+        "cleaning": {
+            "records_modified": res.cleaned,
+            "pii_redaction": cfg.redact_pii,
+            "pii_redacted": {k: res.pii.get(k, 0) for k in PII_KINDS} if cfg.redact_pii else {},
+        },
+        "dedup": {
+            "mode": cfg.dedup, "near_threshold": cfg.near_threshold, "num_perm": dd.NUM_PERM,
+            "exact_removed": res.exact_dups, "near_removed": res.near_dups,
+        },
+        "splits": {
+            "train": len(res.splits["train"]), "valid": len(res.splits["valid"]), "test": len(res.splits["test"]),
+            "seed": cfg.seed, "group_by": cfg.group_by, "groups": res.n_groups,
+        },
+        "leakage": {
+            "checked": ["exact", f"near (MinHash Jaccard >= {cfg.near_threshold})"],
+            "exact_removed": res.leak_exact, "near_removed": res.leak_near, "remaining": 0,
+        },
+        "tokens": None,
+        "files": files,
+    }
+    if res.tokenizer_info is not None:
+        card["tokens"] = {
+            **res.tokenizer_info,
+            "max_seq_len": cfg.max_seq_len,
+            "overlength_policy": cfg.overlength,
+            "overlength": res.overlength,
+            "truncated_at_train_time": res.truncated,
+            "per_split": {
+                name: length_stats([res.lengths[id(r)] for r in recs]) for name, recs in res.splits.items()
+            },
+        }
+    write_json(out / "data_card.json", card)
+    return card
+
+
+def _reject_sort_key(res: Result):
+    order = {s["path"]: i for i, s in enumerate(res.sources)}
+
+    def key(r: Reject):
+        base = r.source.split("[", 1)[0]
+        return (order.get(r.source, order.get(base, len(order))), r.source, r.line)
+
+    return key
+
+
+def _write_rejects(path: Path, res: Result) -> str:
+    key = _reject_sort_key(res)
+
+    h = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for r in sorted(res.rejects, key=key):
+            line = json.dumps(r.row(), ensure_ascii=False, default=str) + "\n"
+            fh.write(line)
+            h.update(line.encode("utf-8"))
+    return h.hexdigest()
