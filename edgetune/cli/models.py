@@ -19,3 +19,72 @@ def fetch_demo_cmd(dest, force, no_verify):
     from ..demo_model import fetch_demo
 
     fetch_demo(dest, force=force, verify=not no_verify)
+
+
+def _best_metric(metrics: dict) -> str:
+    """One headline number per entry for the list: the tuned model's first task metric."""
+    tuned = (metrics or {}).get("tuned") or {}
+    for k in ("field_accuracy", "exact_match", "accuracy", "json_valid", "rouge_l"):
+        if k in tuned:
+            return f"{k} {tuned[k]:.3f}"
+    return ""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(as_json):
+    """List registered models (every version) under the models home."""
+    import json
+
+    from rich.table import Table
+
+    from .. import registry
+    from ..console import out
+    from ..paths import home
+
+    entries = registry.list_entries()
+    if as_json:
+        click.echo(json.dumps([{"ref": e.ref, "path": str(e.path), **e.manifest} for e in entries], indent=2, default=str))
+        return
+    if not entries:
+        out.print(f"No registered models in {home()} (edgetune run RECIPE.yaml or edgetune quickstart makes one).")
+        return
+    t = Table(title=f"models in {home()}", title_justify="left")
+    for col in ("model", "base", "method", "metric", "size", "created"):
+        t.add_column(col)
+    for e in entries:
+        m = e.manifest
+        size = sum(a.get("size", 0) for a in (m.get("artifacts") or {}).values())
+        base = str((m.get("base_model") or {}).get("path", "")).rstrip("/").rsplit("/", 1)[-1]
+        t.add_row(e.ref, base, str(m.get("method", "")), _best_metric(m.get("metrics")), f"{size / 2**20:,.0f} MB", str(m.get("created", "")))
+    out.print(t)
+
+
+@models.command("show")
+@click.argument("ref", metavar="NAME[:VERSION]")
+def show_cmd(ref):
+    """Print the manifest of NAME (latest version) or NAME:VERSION."""
+    from .. import registry
+    from ..console import out
+
+    e = registry.get(ref)
+    out.print(f"[bold]{e.ref}[/]  {e.path}")
+    out.print((e.path / registry.MANIFEST).read_text(encoding="utf-8"), highlight=False, markup=False)
+
+
+@models.command("rm")
+@click.argument("ref", metavar="NAME[:VERSION]")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm_cmd(ref, yes):
+    """Remove one version (NAME:VERSION) or every version of a model (NAME)."""
+    from .. import registry
+    from ..console import out
+
+    name, version = registry.parse_ref(ref)
+    targets = [registry.get(ref)] if version is not None else registry.list_entries(name)
+    if not targets:
+        registry.get(ref)  # raises "no such model"
+    if not yes:
+        click.confirm(f"Remove {', '.join(e.ref for e in targets)}?", abort=True)
+    for e in registry.remove(ref):
+        out.print(f"removed {e.ref}")

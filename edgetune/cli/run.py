@@ -1,0 +1,172 @@
+"""`edgetune run`, `edgetune plan`, `edgetune quickstart`: the whole pipeline from one recipe."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..console import console, out
+
+STAGE_CHOICE = click.Choice(["data", "train", "fuse", "export", "ollama", "eval", "register"])
+
+
+def _set_option(f):
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a recipe setting, e.g. --set train.iters=100 --set name=exp2 (repeatable).",
+    )(f)
+
+
+@click.command("run")
+@click.argument("recipe")
+@_set_option
+@click.option("--from", "from_stage", type=STAGE_CHOICE, default=None, help="Re-run this stage and every stage after it.")
+@click.option("--to", "to_stage", type=STAGE_CHOICE, default=None, help="Stop after this stage.")
+def run(recipe, overrides, from_stage, to_stage):
+    """Run every stage of RECIPE (a YAML file or a shipped recipe name), skipping what is done.
+
+    data → train → fuse → export (f16 + quants) → Modelfile + check → eval → registry.
+    An interrupted run continues where it stopped when you run the same command again.
+    """
+    from .. import pipeline
+
+    cfg = pipeline.load_recipe(recipe, list(overrides))
+    t0 = time.time()
+    result = pipeline.run(cfg, from_stage=from_stage, to_stage=to_stage)
+    print_summary(result, time.time() - t0)
+
+
+@click.command("quickstart")
+@_set_option
+@click.option("--from", "from_stage", type=STAGE_CHOICE, default=None, help="Re-run this stage and every stage after it.")
+def quickstart(overrides, from_stage):
+    """Run the shipped demo recipe on the demo model and demo data, end to end on CPU.
+
+    Teaches SmolLM2-135M-Instruct to turn support messages into JSON, then prints where the
+    GGUF and Modelfile are, the eval table (base vs tuned vs q4_k_m) and how to try it.
+    """
+    from .. import pipeline
+    from ..paths import demo_model_dir
+
+    cfg = pipeline.load_recipe("quickstart", list(overrides))
+    if cfg.model == pipeline.DEMO and not (demo_model_dir() / "config.json").is_file():
+        from ..demo_model import fetch_demo
+
+        console.print(f"demo base model not found in {demo_model_dir()}; fetching it first")
+        fetch_demo(None)
+    t0 = time.time()
+    result = pipeline.run(cfg, from_stage=from_stage)
+    print_summary(result, time.time() - t0)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def print_summary(result, seconds: float) -> None:
+    from rich.table import Table
+
+    st = result.stage
+    done = result.ran + result.skipped
+    out.print()
+    out.print(f"[bold green]Done[/] in {seconds / 60:.1f} min — run folder [bold]{result.run_dir}[/]"
+              + (f" (skipped, already done: {', '.join(result.skipped)})" if result.skipped else ""))
+    gguf = st("export").get("gguf", {})
+    for t, p in gguf.items():
+        size = st("export").get("sizes_mb", {}).get(t)
+        out.print(f"  GGUF {t:<7} {p}" + (f"  ({size} MB)" if size else ""))
+    modelfile = st("ollama").get("modelfile")
+    if modelfile:
+        out.print(f"  Modelfile    {modelfile}  (template check: {st('ollama').get('check', '?')})")
+    metrics = st("eval").get("metrics") or {}
+    if metrics:
+        names = _metric_columns(metrics)
+        table = Table(title="eval on the held-out test split", title_justify="left")
+        table.add_column("model")
+        for n in names:
+            table.add_column(n, justify="right")
+        for label, m in metrics.items():
+            table.add_row(label, *[_fmt(m.get(n, "")) for n in names])
+        out.print(table)
+        if "eval" in done:
+            out.print(f"  report: {result.run_dir / 'eval' / 'report.md'}")
+    reg = st("register")
+    if reg.get("ref"):
+        out.print(f"  registry: {reg['ref']} → {reg['path']}" + ("" if reg.get("created", True) else " (already registered)"))
+    name = result.cfg.ollama.name or result.cfg.name
+    if modelfile:
+        out.print("\nTry it:")
+        out.print(f"  ollama create {name} -f {modelfile}")
+        out.print(f"  ollama run {name} \"Hi, my PayWell invoice is wrong and I need it fixed today!\"" if result.cfg.model == "demo"
+                  else f"  ollama run {name}")
+    quant_path = gguf.get(st("ollama").get("gguf") and _quant_of(st("ollama")["gguf"], gguf)) if gguf else None
+    if quant_path or gguf:
+        target = quant_path or next(iter(gguf.values()))
+        out.print(f"  edgetune chat {target}")
+
+
+def _quant_of(path: str, gguf: dict) -> str | None:
+    for t, p in gguf.items():
+        if p == path:
+            return t
+    return None
+
+
+# the task metrics people read first; others follow in the report
+_PREFERRED = ("json_valid", "field_accuracy", "exact_match", "accuracy", "macro_f1", "rouge_l", "nll", "tokens_per_s")
+
+
+def _metric_columns(metrics: dict) -> list[str]:
+    present: list[str] = []
+    for m in metrics.values():
+        for k in m:
+            if k not in present:
+                present.append(k)
+    first = [p for p in _PREFERRED if p in present]
+    rest = [k for k in present if k not in first]
+    return (first + rest)[:6]
+
+
+@click.command("plan")
+@click.argument("recipe")
+@_set_option
+def plan(recipe, overrides):
+    """Show what RECIPE would do on this machine (stages, backend, memory, disk) without doing it."""
+    from rich.table import Table
+
+    from .. import pipeline
+
+    cfg = pipeline.load_recipe(recipe, list(overrides))
+    p = pipeline.plan(cfg)
+    out.print(f"[bold]{cfg.name}[/]: {cfg.model} → {cfg.run_dir}")
+    t = Table(show_header=True, header_style="bold")
+    t.add_column("#", justify="right")
+    t.add_column("stage")
+    t.add_column("does")
+    t.add_column("status")
+    for i, (name, what, status) in enumerate(p.stages, 1):
+        t.add_row(str(i), name, what, status)
+    out.print(t)
+    tr = cfg.train
+    steps = f"{tr.iters} iterations" if tr.iters else f"{tr.epochs:g} epoch(s)"
+    out.print(f"training: {tr.method}, rank {tr.rank}, lr {tr.learning_rate:g}, batch {tr.batch_size}×{tr.grad_accum}, "
+              f"seq {tr.max_seq_len}, {steps}")
+    if p.backend:
+        out.print(f"backend:  {p.backend} — {p.backend_reason}")
+    if p.params:
+        out.print(f"model:    {p.params / 1e6:,.0f}M parameters")
+    if isinstance(p.memory, dict) and p.memory:
+        m = p.memory
+        fits = {True: "[green]fits[/]", False: "[red]does NOT fit[/]", None: "?"}.get(m.get("fits"))
+        out.print(f"memory:   ~{m.get('total_gb')} GB to train (weights {m.get('weights_gb')}, optimizer {m.get('optimizer_gb')}, "
+                  f"activations {m.get('activations_gb')}); available {m.get('available_gb')} GB: {fits}")
+        if p.params:
+            out.print(f"          ~{p.params * 2 / 1e9 * 1.2:.1f} GB to fuse and export (bf16 weights, streamed conversion)")
+    if p.disk_bytes:
+        out.print(f"disk:     ~{p.disk_bytes / 1e9:.2f} GB (fused model, {', '.join([cfg.export.outtype, *cfg.export.quants])} GGUFs, checkpoints)")
+    for n in p.notes:
+        out.print(f"[yellow]note:[/] {n}")
+    out.print(f"run it:   edgetune run {recipe}" + "".join(f" --set {o}" for o in overrides))

@@ -1,0 +1,204 @@
+"""The model registry: every model a run produced, under ``<home>/<name>/<version>/``.
+
+Layout (``home`` is :func:`edgetune.paths.home`, i.e. ``$EDGETUNE_HOME`` or ``./models``)::
+
+    <home>/<name>/v1/manifest.yaml   base model, data card hash, method + hyper-parameters,
+                                     metrics, artifacts (sha256, size), versions, git commit, time
+    <home>/<name>/v1/<artifacts>     GGUFs (hard-linked when possible), Modelfile, adapter/, eval report
+
+Versions only ever increase and a version folder is never rewritten: a new entry is built in a
+hidden temp folder and renamed into place, and the rename refuses an existing version. A run is
+identified by a fingerprint of its artifacts, so registering the same finished run twice returns
+the existing entry instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import EdgetuneError
+from .paths import home
+
+MANIFEST = "manifest.yaml"
+BASE_DIR = "base"  # <home>/base holds base models (the demo model), never registry entries
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.version}"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name or "") or name == BASE_DIR:
+        raise EdgetuneError(
+            f"'{name}' is not a valid model name.",
+            fix="use letters, digits, '.', '_' or '-' (up to 64 characters, not 'base')",
+        )
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name``, ``name:3`` or ``name:v3`` -> (name, version or None for the latest)."""
+    name, _, ver = ref.partition(":")
+    check_name(name)
+    if not ver or ver == "latest":
+        return name, None
+    m = re.fullmatch(r"v?(\d+)", ver)
+    if not m:
+        raise EdgetuneError(f"'{ref}' has no valid version.", fix="write NAME, NAME:3 or NAME:v3")
+    return name, int(m.group(1))
+
+
+def _versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    out = []
+    for d in model_dir.iterdir():
+        m = re.fullmatch(r"v(\d+)", d.name)
+        if m and (d / MANIFEST).is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _load(path: Path) -> dict:
+    try:
+        return yaml.safe_load((path / MANIFEST).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise EdgetuneError(f"Registry manifest is not valid YAML: {exc}", where=str(path / MANIFEST)) from None
+
+
+def list_entries(name: str | None = None, root: Path | None = None) -> list[Entry]:
+    root = Path(root) if root else home()
+    if not root.is_dir():
+        return []
+    names = [name] if name else sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != BASE_DIR and not d.name.startswith("."))
+    entries = []
+    for n in names:
+        for v in _versions(root / n):
+            p = root / n / f"v{v}"
+            entries.append(Entry(n, v, p, _load(p)))
+    return entries
+
+
+def get(ref: str, root: Path | None = None) -> Entry:
+    name, version = parse_ref(ref)
+    entries = list_entries(name, root)
+    if not entries:
+        known = sorted({e.name for e in list_entries(None, root)})
+        raise EdgetuneError(
+            f"No registered model named '{name}'.",
+            where=str(Path(root) if root else home()),
+            fix=("registered: " + ", ".join(known)) if known else "produce one with `edgetune run RECIPE.yaml` or `edgetune quickstart`",
+        )
+    if version is None:
+        return entries[-1]
+    for e in entries:
+        if e.version == version:
+            return e
+    raise EdgetuneError(
+        f"'{name}' has no version v{version}.",
+        fix="versions: " + ", ".join(f"v{e.version}" for e in entries),
+    )
+
+
+def find_by_fingerprint(name: str, fingerprint: str, root: Path | None = None) -> Entry | None:
+    for e in list_entries(name, root):
+        if e.manifest.get("fingerprint") == fingerprint:
+            return e
+    return None
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Put a file into the registry without doubling disk use: hard link, else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def register(
+    name: str,
+    manifest: dict[str, Any],
+    artifacts: dict[str, Path],
+    fingerprint: str,
+    root: Path | None = None,
+) -> tuple[Entry, bool]:
+    """Add a new version of ``name`` holding ``artifacts`` (relative name -> file or folder).
+
+    Returns ``(entry, created)``; ``created`` is False when an entry with the same fingerprint
+    already exists (the same finished run registered again).
+    """
+    check_name(name)
+    root = Path(root) if root else home()
+    existing = find_by_fingerprint(name, fingerprint, root)
+    if existing:
+        return existing, False
+    model_dir = root / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".new.", dir=model_dir))
+    try:
+        for rel, src in artifacts.items():
+            src = Path(src)
+            if src.is_dir():
+                for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                    _place(f, tmp / rel / f.relative_to(src))
+            else:
+                _place(src, tmp / rel)
+        while True:
+            taken = [int(m.group(1)) for d in model_dir.iterdir() if (m := re.fullmatch(r"v(\d+)", d.name))]
+            version = max(taken, default=0) + 1
+            body = {
+                "name": name,
+                "version": version,
+                "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+                "fingerprint": fingerprint,
+                **manifest,
+            }
+            (tmp / MANIFEST).write_text(yaml.safe_dump(body, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            final = model_dir / f"v{version}"
+            try:
+                # mkdir is the lock: it fails if another process took this version first, and the
+                # rename then lands on our own empty folder, so an existing version is never replaced.
+                final.mkdir()
+            except FileExistsError:
+                continue
+            os.replace(tmp, final)
+            return Entry(name, version, final, body), True
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove(ref: str, root: Path | None = None) -> list[Entry]:
+    """Remove one version (``name:v2``) or every version of a model (``name``)."""
+    name, version = parse_ref(ref)
+    root = Path(root) if root else home()
+    targets = [get(ref, root)] if version is not None else list_entries(name, root)
+    if not targets:
+        get(ref, root)  # raises the helpful "no such model" error
+    for e in targets:
+        trash = e.path.with_name(f".rm.{e.path.name}")
+        os.replace(e.path, trash)  # disappear atomically, then delete
+        shutil.rmtree(trash, ignore_errors=True)
+    model_dir = root / name
+    if model_dir.is_dir() and not any(p for p in model_dir.iterdir() if not p.name.startswith(".")):
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return targets
