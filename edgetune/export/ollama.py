@@ -291,7 +291,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "llama3",  # Meta-Llama-3-8B-Instruct; BOS comes from the tokenizer (add_bos_token)
         lambda j: "<|start_header_id|>" in j,
-        "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+        "{{- range $i, $_ := .Messages }}\n" + _LAST[:-2] + "-}}\n"
         "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
         "{{- if and $last (ne .Role \"assistant\") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}\n"
         "{{- end }}",
