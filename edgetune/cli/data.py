@@ -1,0 +1,144 @@
+"""``edgetune data validate|prepare``: thin wrappers over :mod:`edgetune.data`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import json_option, model_option, output_option, seed_option
+
+MAX_SHOWN = 50  # problem lines printed before "... and N more" (all of them are in --json / rejects)
+
+
+def _common(f):
+    f = click.option("--chat-template", default=None, help="Template file or family name (chatml, llama3, …) for models without one.")(f)
+    f = click.option("--max-seq-len", type=int, default=None, help="Token budget per example.")(f)
+    f = click.option("--near-threshold", type=float, default=None, help="MinHash Jaccard threshold for near-duplicates (default 0.8).")(f)
+    f = click.option("--dedup", type=click.Choice(["exact", "near", "off"]), default=None, help="Duplicate removal (default exact).")(f)
+    f = click.option(
+        "--format", "fmt", type=click.Choice(["auto", "chat", "instruction", "sharegpt", "completion", "preference"]),
+        default=None, help="Force the input format (default: detected per record).",
+    )(f)
+    f = click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its data section and model.")(f)
+    f = model_option(help_="Model folder whose tokenizer + chat template measure tokens. Default: the demo model if present.")(f)
+    return f
+
+
+def _resolve(recipe, model, **flags):
+    from ..config import DataConfig, load_config, override
+    from ..paths import demo_model_dir
+
+    if recipe:
+        rc = load_config(recipe)
+        cfg, model = rc.data, model or (rc.model or None)
+    else:
+        cfg = DataConfig()
+    cfg = override(cfg, **flags)
+    if model is None and demo_model_dir().exists():
+        model = str(demo_model_dir())
+    return cfg, model
+
+
+@click.group()
+def data():
+    """Validate, clean, deduplicate and split training data."""
+
+
+@data.command()
+@click.argument("path", type=click.Path())
+@_common
+@json_option
+def validate(path, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template, as_json):
+    """Read-only report on PATH (file, folder or save_to_disk dataset).
+
+    Exit code 0: clean; 1: problems found (each named by file:line and field); 2: unreadable input.
+    """
+    from ..console import console, out
+    from ..data import validate as run_validate
+
+    cfg, model = _resolve(recipe, model, format=fmt, dedup=dedup, near_threshold=near_threshold,
+                          max_seq_len=max_seq_len, chat_template=chat_template)
+    rep = run_validate(path, cfg, model_dir=model)
+    if as_json:
+        out.print_json(json.dumps(rep.to_dict(), ensure_ascii=False))
+    else:
+        _print_report(rep, model, console, out)
+    # sys.exit, not click's Exit: the top-level main runs click with standalone_mode=False, where
+    # click swallows Exit's code into a return value.
+    sys.exit(rep.exit_code)
+
+
+def _print_report(rep, model, console, out):
+    from rich.table import Table
+
+    if rep.fatal:
+        console.print(f"[bold red]unreadable:[/] {rep.fatal}", highlight=False, soft_wrap=True)
+        return
+    out.print(f"[bold]{rep.path}[/]: {rep.rows} rows, {rep.usable} usable", highlight=False, soft_wrap=True)
+    if rep.formats:
+        out.print("formats: " + ", ".join(f"{k} {v}" for k, v in rep.formats.items()), highlight=False, soft_wrap=True)
+    if rep.problems:
+        out.print(f"[bold red]{len(rep.problems)} problem(s)[/]: " + ", ".join(f"{k} {v}" for k, v in rep.problem_counts.items()), highlight=False, soft_wrap=True)
+        for line in rep.problems[:MAX_SHOWN]:
+            out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+        if len(rep.problems) > MAX_SHOWN:
+            out.print(f"  … and {len(rep.problems) - MAX_SHOWN} more (use --json for all)")
+    else:
+        out.print("[green]no record problems[/]")
+    d = rep.duplicates
+    out.print(f"duplicates ({d['mode']}): exact {d['exact']}, near {d['near']} ({d['rate']:.1%})", highlight=False, soft_wrap=True)
+    if rep.tokens:
+        t = rep.tokens
+        table = Table("tokens", "p50", "p95", "max", "mean", f"> {rep.max_seq_len}", title=f"token lengths ({t.get('model')})")
+        table.add_row(str(t.get("total", 0)), str(t.get("p50", "-")), str(t.get("p95", "-")), str(t.get("max", "-")),
+                      str(t.get("mean", "-")), str(rep.overlength))
+        out.print(table)
+    elif model is None:
+        out.print("[dim]no --model given: token statistics skipped[/]")
+    for h in rep.hints:
+        out.print(f"[yellow]hint:[/] {h}", highlight=False, soft_wrap=True)
+
+
+@data.command()
+@click.argument("path", type=click.Path())
+@output_option(help_="Output folder for train/valid/test.jsonl, rejects.jsonl and data_card.json.")
+@_common
+@click.option("--valid-ratio", type=float, default=None, help="Share of records for validation (default 0.1).")
+@click.option("--test-ratio", type=float, default=None, help="Share of records for test (default 0.1).")
+@seed_option
+@click.option("--group-by", default=None, help="Field that keeps a group (e.g. user_id) inside one split.")
+@click.option("--redact-pii/--no-redact-pii", default=None, help="Replace emails, phones, cards, SSNs, IPs with placeholders.")
+@click.option("--overlength", type=click.Choice(["drop", "truncate", "keep"]), default=None, help="Examples longer than --max-seq-len.")
+@json_option
+def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template,
+            valid_ratio, test_ratio, seed, group_by, redact_pii, overlength, as_json):
+    """Clean, deduplicate and split PATH into OUTPUT/{train,valid,test}.jsonl (mlx-lm layout).
+
+    Every dropped record is in OUTPUT/rejects.jsonl with its file, line and reason;
+    OUTPUT/data_card.json records sources, counts, dedup, splits, leakage and token stats.
+    """
+    from ..console import out
+    from ..data import prepare as run_prepare
+
+    cfg, model = _resolve(recipe, model, format=fmt, dedup=dedup, near_threshold=near_threshold,
+                          max_seq_len=max_seq_len, chat_template=chat_template, valid_ratio=valid_ratio,
+                          test_ratio=test_ratio, seed=seed, group_by=group_by, redact_pii=redact_pii,
+                          overlength=overlength)
+    card = run_prepare(path, output, cfg, model_dir=model)
+    if as_json:
+        out.print_json(json.dumps(card, ensure_ascii=False))
+        return
+    c, s = card["counts"], card["splits"]
+    out.print(f"{c['rows_read']} rows read → {c['records_out']} records ({card['layout']} layout)", highlight=False, soft_wrap=True)
+    out.print(f"splits: train {s['train']}, valid {s['valid']}, test {s['test']}", highlight=False, soft_wrap=True)
+    if c["rejected"]:
+        out.print(f"rejected {c['rejected']}: " + ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items())
+                  + f"  (see {output}/rejects.jsonl)", highlight=False, soft_wrap=True)
+    if card["cleaning"]["pii_redacted"]:
+        out.print("PII redacted: " + ", ".join(f"{k} {v}" for k, v in card["cleaning"]["pii_redacted"].items()), highlight=False, soft_wrap=True)
+    if card["tokens"]:
+        t = card["tokens"]["per_split"]["train"]
+        out.print(f"train tokens: {t.get('total', 0)} (p50 {t.get('p50', '-')}, p95 {t.get('p95', '-')}, max {t.get('max', '-')})", highlight=False, soft_wrap=True)
+    out.print(f"wrote {output}/data_card.json", highlight=False, soft_wrap=True)
