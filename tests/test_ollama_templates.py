@@ -1,0 +1,173 @@
+"""Every chat-template family: the Modelfile built from the family's real Jinja template renders
+the same prompts as the template itself (text for tokenizers we don't have offline, token ids for
+the real SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetune.errors import EdgetuneError
+from edgetune.export.ollama import (
+    FAMILY_BY_NAME,
+    build_modelfile,
+    check_modelfile,
+    parse_modelfile,
+    read_modelfile,
+    render_jinja,
+    render_ollama,
+    write_modelfile,
+)
+
+TEMPLATES = Path(__file__).parent / "templates"
+META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
+
+
+def make_meta_gguf(path: Path, name: str) -> Path:
+    """A real GGUF holding only the tokenizer metadata Ollama/llama.cpp read for prompting."""
+    from gguf import GGUFWriter
+
+    m = META[name]
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", m["bos_token"] or "<|endoftext|>", m["eos_token"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(m["add_bos_token"])
+    w.add_chat_template((TEMPLATES / f"{name}.jinja").read_text())
+    w.add_context_length(32768)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def make_hf_dir(d: Path, name: str) -> Path:
+    m = META[name]
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"chat_template": (TEMPLATES / f"{name}.jinja").read_text(), "bos_token": m["bos_token"],
+           "eos_token": m["eos_token"], "add_bos_token": m["add_bos_token"]}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}))
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(META))
+def test_family_from_gguf_metadata(tmp_path, name):
+    gguf = make_meta_gguf(tmp_path / "model.gguf", name)
+    out = tmp_path / "ollama"
+    mf_path = write_modelfile(gguf, out, f"test-{name}", system='Be brief. Say "ok" {{ not a template }}')
+    mf = read_modelfile(mf_path)
+    assert mf.get("model") == str(gguf.resolve())
+    result = check_modelfile(mf_path)
+    assert result.family == META[name]["family"]
+    identical = [c for c in result.conversations if c.status == "identical"]
+    assert result.ok, result.diff
+    assert len(identical) >= 5
+    # single / multi-turn, with / without system all among the compared conversations
+    names = {c.name for c in identical}
+    assert {"single turn", "two turns", "three turns, unicode", "training example"} <= names
+    stops = mf.parameters["stop"]
+    assert META[name]["eos_token"] in stops
+    for s in FAMILY_BY_NAME[result.family].stops:
+        assert s in stops
+    assert mf.parameters["num_ctx"] == ["8192"]  # capped context length
+
+
+@pytest.mark.parametrize("name", sorted(META))
+def test_family_from_hf_folder_and_text_identity(tmp_path, name):
+    """Text comparison done here by hand, independently of check(): Jinja (transformers-style) vs
+    Ollama's rendering with the BOS llama.cpp would add."""
+    gguf = make_meta_gguf(tmp_path / "model.gguf", name)
+    hf = make_hf_dir(tmp_path / "hf", name)
+    text, result = build_modelfile(gguf, tmp_path, f"test-{name}", model_dir=hf)
+    assert result.ok and result.n_identical >= 5, result.diff
+    template = parse_modelfile(text).get("template")
+    m = META[name]
+    convs = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+         {"role": "user", "content": "Again"}],
+    ]
+    compared = 0
+    for conv in convs:
+        agp = conv[-1]["role"] != "assistant"
+        try:
+            want = render_jinja((TEMPLATES / f"{name}.jinja").read_text(), conv, add_generation_prompt=agp,
+                                bos_token=m["bos_token"], eos_token=m["eos_token"])
+        except Exception:  # noqa: BLE001 - families without a system role reject those chats
+            assert conv[0]["role"] == "system"
+            continue
+        bos = m["bos_token"] or ""
+        if m["add_bos_token"] and not want.startswith(bos):
+            want = bos + want
+        got = (bos if m["add_bos_token"] else "") + render_ollama(template, conv)
+        assert got == want, (name, conv)
+        compared += 1
+    assert compared >= 3
+    mf = parse_modelfile(text)
+    assert mf.parameters["temperature"] == ["0.6"] and mf.parameters["repeat_penalty"] == ["1.1"]
+    assert mf.parameters["num_ctx"] == ["4096"]
+
+
+def test_smollm2_tokens_identical(tmp_path, tokenizer_dir, demo_gguf_path):
+    """The demo model's Modelfile: token ids from the real SmolLM2 tokenizer are identical."""
+    mf_path = write_modelfile(demo_gguf_path, tmp_path, "smollm2-demo", model_dir=tokenizer_dir)
+    result = check_modelfile(mf_path, tokenizer_dir)
+    assert result.ok, result.diff
+    assert all(c.compared == "tokens" for c in result.conversations)
+    assert result.n_identical >= 5
+    assert all(c.n_tokens > 10 for c in result.conversations)
+    mf = read_modelfile(mf_path)
+    assert mf.get("license") == "apache-2.0"  # from the GGUF metadata
+    assert "You are a helpful AI assistant named SmolLM" in mf.get("template")  # template's default system
+
+
+def test_tampered_template_is_caught_with_a_diff(tmp_path, tokenizer_dir, demo_gguf_path):
+    mf_path = write_modelfile(demo_gguf_path, tmp_path, "smollm2-demo", model_dir=tokenizer_dir)
+    text = mf_path.read_text().replace("<|im_end|>\n{{ end }}\n{{- if and", "<|im_end|>{{ end }}\n{{- if and")
+    assert text != mf_path.read_text()
+    mf_path.write_text(text)
+    result = check_modelfile(mf_path, tokenizer_dir)
+    assert not result.ok
+    assert "part at position" in result.diff and "'Ċ'" in result.diff  # the missing newline token
+
+
+def test_unknown_template_refused_unless_template_file(tmp_path):
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    hf = make_hf_dir(tmp_path / "hf", "chatml")
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<<assistant>>{% endif %}"
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgetuneError, match="not one of the families"):
+        write_modelfile(gguf, tmp_path / "out", "x", model_dir=hf)
+    assert not (tmp_path / "out" / "Modelfile").exists()
+    tfile = tmp_path / "t.tmpl"
+    tfile.write_text("{{- range .Messages }}<<{{ .Role }}>>{{ .Content }}{{ end }}<<assistant>>")
+    path = write_modelfile(gguf, tmp_path / "out", "x", model_dir=hf, template_file=tfile)
+    assert read_modelfile(path).get("template") == tfile.read_text()
+
+
+def test_adapter_relative_paths_and_overrides(tmp_path):
+    out = tmp_path / "run"
+    gguf = make_meta_gguf((out / "gguf").mkdir(parents=True) or out / "gguf" / "base.gguf", "llama3")
+    adapter = make_meta_gguf(out / "gguf" / "adapter.gguf", "llama3")
+    path = write_modelfile(gguf, out, "x", adapter_gguf=adapter, temperature=0.0, num_ctx=2048, top_k=40)
+    mf = read_modelfile(path)
+    assert mf.get("model") == "./gguf/base.gguf" and mf.get("adapter") == "./gguf/adapter.gguf"
+    assert mf.parameters["temperature"] == ["0"] and mf.parameters["num_ctx"] == ["2048"] and mf.parameters["top_k"] == ["40"]
+    assert check_modelfile(path).ok  # FROM resolved relative to the Modelfile, as Ollama does
+
+
+def test_missing_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(EdgetuneError, match="GGUF file not found"):
+        write_modelfile(tmp_path / "nope.gguf", tmp_path, "x")
+    with pytest.raises(EdgetuneError, match="Modelfile not found"):
+        check_modelfile(tmp_path / "Modelfile")
