@@ -1,0 +1,572 @@
+"""Hugging Face folder -> GGUF, with the ``gguf`` library, streaming one tensor at a time.
+
+What is ours and why: gguf-py gives the writer, the tensor-name tables
+(``gguf.get_tensor_name_map``), the special-token / merges / chat-template reader
+(``gguf.SpecialVocab``) and the reference quantizers; what it does not ship is the per-
+architecture glue (which hyperparameters go where, which weights llama.cpp expects in a different
+layout). That glue is the :data:`GGUF_ARCHES` table below, one row per HF ``model_type``, each
+row naming the llama.cpp source it follows. The writer is driven in two passes (tensor infos
+first, then data) so only one tensor is ever in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgetuneError, UnsupportedError
+from ..io import atomic_path, read_json
+from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-architecture facts. Sources: llama.cpp src/llama-model.cpp (graph + hparams it reads) and
+# convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model, Gemma2Model, Gemma3Model,
+# Phi3MiniModel), HF transformers modeling_<arch>.py (what the HF weights mean).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope_params(cfg: dict) -> dict:
+    """transformers 5 nests rope settings in ``rope_parameters`` (per layer type for Gemma 3)."""
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "full_attention" in rp:  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
+        return rp["full_attention"] or {}
+    return rp
+
+
+def _rope_theta(cfg: dict, default: float = 10000.0) -> float:
+    return float(cfg.get("rope_theta") or _rope_params(cfg).get("rope_theta") or default)
+
+
+def _head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def _common_hparams(cfg: dict, w, *, rope_default: float = 10000.0) -> None:
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(int(cfg["num_attention_heads"]))
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_rope_freq_base(_rope_theta(cfg, rope_default))
+    hd = _head_dim(cfg)
+    if hd != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    w.add_rope_dimension_count(int(hd * float(cfg.get("partial_rotary_factor", 1.0))))
+    _rope_scaling(cfg, w)
+
+
+def _rope_scaling(cfg: dict, w) -> None:
+    import gguf
+
+    rp = _rope_params(cfg)
+    kind = rp.get("rope_type") or rp.get("type") or "default"
+    if kind == "default":
+        return
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        return
+    if kind == "llama3":
+        return  # written as the rope_freqs tensor (see _llama3_rope_freqs)
+    raise UnsupportedError(
+        f"RoPE scaling type '{kind}' is not supported by the GGUF exporter yet.",
+        fix="use a model without rope_scaling, or with 'linear' / 'llama3' scaling",
+    )
+
+
+def _llama3_rope_freqs(cfg: dict) -> np.ndarray | None:
+    """Llama 3.1+ frequency factors, stored as ``rope_freqs.weight`` (llama.cpp reads them there)."""
+    rp = _rope_params(cfg)
+    if (rp.get("rope_type") or rp.get("type")) != "llama3":
+        return None
+    base = _rope_theta(cfg)
+    dim = _head_dim(cfg)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rp.get("factor", 8.0)
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _check_gemma_attn_scale(cfg: dict) -> None:
+    """llama.cpp scales Gemma queries by 1/sqrt(head_dim) (hidden/heads for 27B), not by config.
+
+    HF reads ``query_pre_attn_scalar``; a config where it is neither value would export a model
+    that computes something else, so refuse it (llama-model.cpp, LLM_ARCH_GEMMA2/3 f_attention_scale).
+    """
+    q = cfg.get("query_pre_attn_scalar")
+    hd = _head_dim(cfg)
+    if q is not None and int(q) not in (hd, cfg["hidden_size"] // cfg["num_attention_heads"]):
+        raise UnsupportedError(
+            f"query_pre_attn_scalar={q} differs from head_dim={hd}; llama.cpp cannot express it.",
+            fix="Gemma checkpoints released by Google satisfy this; check the model's config.json",
+        )
+
+
+def _gemma2_hparams(cfg: dict, w) -> None:
+    _check_gemma_attn_scale(cfg)
+    _common_hparams(cfg, w)
+    if cfg.get("attn_logit_softcapping") is not None:
+        w.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
+    if cfg.get("final_logit_softcapping") is not None:
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(int(cfg["sliding_window"]))
+
+
+def _gemma3_hparams(cfg: dict, w) -> None:
+    _check_gemma_attn_scale(cfg)
+    _common_hparams(cfg, w, rope_default=1_000_000.0)
+    rp = cfg.get("rope_parameters") or {}
+    local = cfg.get("rope_local_base_freq") or (rp.get("sliding_attention") or {}).get("rope_theta")
+    if local:
+        w.add_rope_freq_base_swa(float(local))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(int(cfg["sliding_window"]))
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+    if cfg.get("final_logit_softcapping") is not None:
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+
+
+def _phi3_hparams(cfg: dict, w) -> None:
+    _common_hparams(cfg, w)
+    rp = cfg.get("rope_scaling") or {}
+    if rp and (rp.get("type") or rp.get("rope_type")) not in (None, "default"):
+        raise UnsupportedError("Phi-3 long-context RoPE (longrope/su) is not supported by the GGUF exporter yet.")
+    w.add_sliding_window(int(cfg.get("sliding_window") or 0))
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    model_type: str  # HF config.model_type
+    gguf_arch: str  # llama.cpp architecture (gguf.MODEL_ARCH_NAMES value)
+    hparams: Callable[[dict, object], None]
+    # HF stores q/k for "rotate half" RoPE; llama.cpp's LLAMA_ROPE_TYPE_NORM rotates adjacent pairs,
+    # so convert_hf_to_gguf.py LlamaModel permutes q_proj/k_proj rows. NEOX-rope archs need nothing.
+    permute_qk: bool = False
+    # Gemma's RMSNorm computes x * (1 + w); llama.cpp computes x * w, so +1 is folded in
+    # (convert_hf_to_gguf.py Gemma2Model/Gemma3Model).
+    norm_plus_one: bool = False
+    source: str = ""
+
+
+GGUF_ARCHES: dict[str, GGUFArch] = {
+    a.model_type: a
+    for a in [
+        GGUFArch("llama", "llama", _common_hparams, permute_qk=True, source="convert_hf_to_gguf.py LlamaModel"),
+        GGUFArch("mistral", "llama", _common_hparams, permute_qk=True, source="convert_hf_to_gguf.py LlamaModel (MistralForCausalLM)"),
+        GGUFArch("qwen2", "qwen2", _common_hparams, source="convert_hf_to_gguf.py Qwen2Model (NEOX rope, qkv bias)"),
+        GGUFArch("qwen3", "qwen3", _common_hparams, source="convert_hf_to_gguf.py Qwen3Model (q/k RMSNorm)"),
+        GGUFArch("gemma2", "gemma2", _gemma2_hparams, norm_plus_one=True, source="convert_hf_to_gguf.py Gemma2Model"),
+        GGUFArch("gemma3_text", "gemma3", _gemma3_hparams, norm_plus_one=True, source="convert_hf_to_gguf.py Gemma3Model"),
+        GGUFArch("phi3", "phi3", _phi3_hparams, source="convert_hf_to_gguf.py Phi3MiniModel (fused qkv / gate_up)"),
+    ]
+}
+_ALIASES = {"gemma3": "gemma3_text"}
+
+
+def supported() -> list[str]:
+    return sorted(GGUF_ARCHES)
+
+
+def gguf_arch_for(model_dir: str | Path) -> tuple[dict, GGUFArch]:
+    """Read ``config.json`` and return it with its table row; refuse unsupported archs up front."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        raise EdgetuneError(
+            f"{model_dir} is not a Hugging Face model folder (no config.json).",
+            where=str(model_dir),
+            fix="pass a folder saved with save_pretrained (config.json, *.safetensors, tokenizer files)",
+        )
+    cfg = read_json(cfg_path)
+    if "text_config" in cfg and "num_hidden_layers" not in cfg:  # multimodal wrapper (e.g. gemma3)
+        raise UnsupportedError(
+            f"{cfg.get('model_type')} is a multimodal checkpoint; only text-only models are exported.",
+            where=str(cfg_path),
+            fix=f"export a text-only model of a supported architecture: {', '.join(supported())}",
+        )
+    mt = _ALIASES.get(cfg.get("model_type", "?"), cfg.get("model_type", "?"))
+    if mt not in GGUF_ARCHES:
+        raise UnsupportedError(
+            f"Architecture '{cfg.get('model_type')}' cannot be exported to GGUF.",
+            where=str(cfg_path),
+            fix=f"supported architectures: {', '.join(supported())}",
+        )
+    if cfg.get("quantization_config"):
+        raise UnsupportedError(
+            f"{model_dir} holds quantized weights ({cfg['quantization_config'].get('quant_method', '?')}).",
+            where=str(cfg_path),
+            fix="export the bf16/fp16 model (fuse a QLoRA adapter into the original bf16 base first)",
+        )
+    return cfg, GGUF_ARCHES[mt]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+# HF pre-tokenizer (tokenizer.json "pre_tokenizer") -> llama.cpp tokenizer.ggml.pre. Keyed by a
+# structural signature (see _pre_signature) rather than by model name, so any model that reuses
+# a known pre-tokenizer gets the right one. Sources: llama.cpp src/llama-vocab.cpp (regexes per
+# LLAMA_VOCAB_PRE_TYPE_*), and the tokenizer.json of each named model.
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str, str] = {
+    "ByteLevel(regex)": "gpt-2",  # GPT-2 regex (also SmolLM2 as re-created by transformers from GGUF)
+    "Digits(individual)+ByteLevel(regex)": "smollm",  # SmolLM / SmolLM2 (hub tokenizer.json), StarCoder
+    f"Split({_LLAMA3_RE})+ByteLevel": "llama-bpe",  # Llama 3.x
+    f"Split({_QWEN2_RE})+ByteLevel": "qwen2",  # Qwen2 / Qwen2.5 / Qwen3
+}
+
+
+def _pre_signature(pre: dict | None) -> str:
+    if not pre:
+        return "none"
+    items = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    parts = []
+    for p in items:
+        t = p.get("type")
+        if t == "ByteLevel":
+            parts.append("ByteLevel(regex)" if p.get("use_regex", True) else "ByteLevel")
+        elif t == "Digits":
+            parts.append("Digits(individual)" if p.get("individual_digits") else "Digits")
+        elif t == "Split":
+            pat = p.get("pattern", {})
+            parts.append(f"Split({pat.get('Regex', pat.get('String', ''))})")
+        else:
+            parts.append(str(t))
+    return "+".join(parts)
+
+
+def _hf_fast_tokenizer(model_dir: Path):
+    """The tokenizer transformers actually builds for this folder, or None.
+
+    Not tokenizer.json as written: transformers 5 picks a tokenizer class from the model type and
+    that class may replace parts of the file (e.g. a qwen2 folder gets Qwen2's pre-tokenizer
+    regex). The GGUF must reproduce what the trained model saw, so we read the effective one.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        return tok if getattr(tok, "backend_tokenizer", None) is not None else None
+    except Exception:  # noqa: BLE001 - no usable fast tokenizer: fall back to the files
+        return None
+
+
+def _hf_adds_bos_eos(tok, bos: int | None, eos: int | None) -> tuple[bool, bool] | None:
+    """Ask the HF tokenizer itself whether it adds BOS/EOS (post-processor), not a config flag."""
+    if tok is None:
+        return None
+    ids = tok("hello world").input_ids
+    return (bos is not None and bool(ids) and ids[0] == bos, eos is not None and bool(ids) and ids[-1] == eos)
+
+
+def _added_tokens(model_dir: Path, tok_json: dict | None) -> dict[int, tuple[str, bool]]:
+    added: dict[int, tuple[str, bool]] = {}
+    for t in (tok_json or {}).get("added_tokens", []):
+        added[int(t["id"])] = (t["content"], bool(t.get("special")))
+    tc = model_dir / "tokenizer_config.json"
+    if tc.exists():
+        for k, t in (read_json(tc).get("added_tokens_decoder") or {}).items():
+            added.setdefault(int(k), (t["content"], bool(t.get("special"))))
+    return added
+
+
+def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
+    """Write tokenizer metadata; returns the kind written ("gpt2 BPE (pre)" or "SentencePiece")."""
+    import gguf
+
+    tj_path = model_dir / "tokenizer.json"
+    hf_tok = _hf_fast_tokenizer(model_dir)
+    if hf_tok is not None:
+        tok_json = json.loads(hf_tok.backend_tokenizer.to_str())
+    else:
+        tok_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.exists() else None
+    model = (tok_json or {}).get("model", {})
+    added = _added_tokens(model_dir, tok_json)
+    TT = gguf.TokenType
+
+    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+        # GPT-2 style byte-level BPE: tokens are the byte-level strings of tokenizer.json.
+        rev = {i: t for t, i in model["vocab"].items()}
+        tokens, types = [], []
+        for i in range(n_vocab):
+            if i in added:
+                text, special = added[i]
+                tokens.append(text)
+                types.append(TT.CONTROL if special else TT.USER_DEFINED)
+            elif i in rev:
+                tokens.append(rev[i])
+                types.append(TT.NORMAL)
+            else:  # the embedding matrix is padded past the tokenizer (common): unused rows
+                tokens.append(f"[PAD{i}]")
+                types.append(TT.UNUSED)
+        sig = _pre_signature(tok_json.get("pre_tokenizer"))
+        pre = PRE_TOKENIZERS.get(sig)
+        if pre is None:
+            log.warning("unknown pre-tokenizer %s; writing 'default' (verification will show any mismatch)", sig)
+            pre = "default"
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        kind = f"BPE ({pre})"
+        merges = True
+    elif (model_dir / "tokenizer.model").exists():
+        vocab = gguf.vocab.SentencePieceVocab(model_dir)
+        tokens, scores, types = [], [], []
+        for text, score, typ in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(typ)
+        for i, (text, special) in added.items():
+            if i < len(types) and special:
+                types[i] = TT.CONTROL
+        for i in range(len(tokens), n_vocab):
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(TT.UNUSED)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens[:n_vocab])
+        w.add_token_scores(scores[:n_vocab])
+        w.add_token_types(types[:n_vocab])
+        kind = "SentencePiece"
+        merges = False
+    else:
+        raise UnsupportedError(
+            f"No supported tokenizer in {model_dir} (need tokenizer.json with byte-level BPE, or tokenizer.model).",
+            where=str(model_dir),
+            fix="save the tokenizer next to the model with tokenizer.save_pretrained(...)",
+        )
+
+    sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
+    adds = _hf_adds_bos_eos(hf_tok, sv.special_token_ids.get("bos"), sv.special_token_ids.get("eos"))
+    if adds is not None:
+        sv.add_special_token["bos"], sv.add_special_token["eos"] = adds
+    sv.add_to_gguf(w, quiet=True)
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half q/k rows -> llama.cpp interleaved pairs (a row reorder; works on any dtype)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class _Plan:
+    hf_name: str | None  # None: generated tensor (e.g. rope_freqs)
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+    data: np.ndarray | None = None
+
+
+def _tensor_qtype(outtype: str, shape: tuple[int, ...]):
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) < 2 or outtype == "f32":
+        return Q.F32  # norms/biases stay f32 as in every llama.cpp conversion
+    if outtype == "f16":
+        return Q.F16
+    if outtype == "bf16":
+        return Q.BF16
+    if outtype == "q8_0":
+        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
+    raise ValueError(outtype)
+
+
+def _nbytes(shape, qtype) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // block * size
+
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def transform_tensor(arch: GGUFArch, cfg: dict, hf_name: str, arr: np.ndarray) -> np.ndarray:
+    """Per-arch layout change of one HF tensor (storage dtype in, same dtype out except +1)."""
+    if arch.permute_qk:
+        n_head = int(cfg["num_attention_heads"])
+        n_kv = int(cfg.get("num_key_value_heads") or n_head)
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            arr = _permute_rows(arr, n_head)
+        elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            arr = _permute_rows(arr, n_kv)
+    return arr
+
+
+def _encode(arr_f32_or_raw: np.ndarray, st_dtype: str, qtype, norm_plus_one: bool) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.BF16 and st_dtype == "BF16" and not norm_plus_one:
+        return np.ascontiguousarray(arr_f32_or_raw)  # bit copy, no rounding
+    # Convert in row blocks so the float32 copy never exceeds a few MB (peak ~ in + out tensor).
+    src = arr_f32_or_raw
+    rows = src.reshape(-1, src.shape[-1]) if src.ndim > 1 else src.reshape(1, -1)
+    if qtype == Q.F32:
+        out = np.empty(rows.shape, dtype=np.float32)
+    elif qtype == Q.F16:
+        out = np.empty(rows.shape, dtype=np.float16)
+    elif qtype == Q.BF16:
+        out = np.empty(rows.shape, dtype=np.uint16)
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    step = max(1, (4 << 20) // max(1, rows.shape[1] * 4))
+    for i in range(0, rows.shape[0], step):
+        blk = to_float32(rows[i : i + step], st_dtype)
+        if norm_plus_one:
+            blk = blk + 1.0
+        if qtype == Q.F32:
+            out[i : i + step] = blk
+        elif qtype == Q.F16:
+            out[i : i + step] = blk.astype(np.float16)
+        elif qtype == Q.BF16:
+            out[i : i + step] = f32_to_bf16_bits(blk)
+        else:
+            out[i : i + step] = gguf.quants.quantize(blk, qtype)
+    if src.ndim > 1:
+        return out.reshape(*src.shape[:-1], out.shape[-1])
+    return out.reshape(-1)
+
+
+def _is_norm(hf_name: str) -> bool:
+    return hf_name.endswith("norm.weight")
+
+
+def convert(
+    model_dir: str | Path,
+    out_path: str | Path,
+    outtype: str = "f16",
+    verify: bool = True,
+    *,
+    show_progress: bool = True,
+):
+    """Convert an HF folder to a GGUF file; verify it against the HF model unless ``verify=False``.
+
+    Returns the output path. With ``verify=True`` the verification report is attached as
+    ``convert.last_report`` and a disagreeing f32/f16/bf16 export raises :class:`EdgetuneError`.
+    """
+    import gguf
+
+    model_dir = Path(model_dir)
+    out_path = Path(out_path)
+    if outtype not in OUTTYPES:
+        raise EdgetuneError(f"Unknown GGUF type '{outtype}'.", fix=f"use one of: {', '.join(OUTTYPES)}")
+    cfg, arch = gguf_arch_for(model_dir)
+    reader = SafetensorsReader(model_dir)
+    n_layers = int(cfg["num_hidden_layers"])
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_arch]
+    name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
+
+    # Pass 1: plan every tensor (name, shape, type) so the header can be written before any data.
+    plans: list[_Plan] = []
+    tied = bool(cfg.get("tie_word_embeddings", arch.gguf_arch.startswith("gemma")))
+    for hf_name, ref in reader.refs.items():
+        if hf_name.endswith(("rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")):
+            continue
+        if hf_name == "lm_head.weight" and tied and "model.embed_tokens.weight" in reader:
+            continue  # llama.cpp falls back to token_embd when output.weight is absent
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedError(
+                f"Tensor '{hf_name}' has no GGUF name for architecture {arch.gguf_arch}.",
+                where=str(ref.file),
+                fix="this checkpoint has layers the exporter does not know; please report it",
+            )
+        plans.append(_Plan(hf_name, gguf_name, ref.shape, _tensor_qtype(outtype, ref.shape)))
+    if (freqs := _llama3_rope_freqs(cfg)) is not None:
+        plans.append(_Plan(None, "rope_freqs.weight", freqs.shape, gguf.GGMLQuantizationType.F32, freqs))
+
+    embed = reader.refs.get("model.embed_tokens.weight")
+    n_vocab = int(embed.shape[0]) if embed is not None else int(cfg["vocab_size"])
+
+    with atomic_path(out_path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch.gguf_arch)
+        try:
+            w.add_name(model_dir.name)
+            w.add_type(gguf.GGUFType.MODEL)
+            arch.hparams(cfg, w)
+            w.add_vocab_size(n_vocab)
+            w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            add_tokenizer(w, model_dir, n_vocab)
+            for p in plans:
+                w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype), raw_dtype=p.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            # Pass 2: stream the data, one tensor in memory at a time.
+            from ..console import progress
+
+            with progress(transient=True) as bar:
+                task = bar.add_task(f"GGUF {outtype}", total=len(plans), visible=show_progress)
+                for p in plans:
+                    if p.hf_name is None:
+                        data = p.data
+                    else:
+                        raw = transform_tensor(arch, cfg, p.hf_name, reader.load(p.hf_name))
+                        plus = arch.norm_plus_one and _is_norm(p.hf_name)
+                        data = _encode(raw, reader.refs[p.hf_name].dtype, p.qtype, plus)
+                        del raw
+                    w.write_tensor_data(data)
+                    del data
+                    bar.advance(task)
+        finally:
+            w.close()
+        convert.last_report = None
+        if verify:  # before the rename: a GGUF that fails verification never gets the final name
+            from .verify import verify_gguf
+
+            report = verify_gguf(model_dir, tmp, outtype=outtype)
+            report.gguf = str(out_path)
+            convert.last_report = report
+            report.raise_if_failed(out_path)
+    return out_path
+
+
+convert.last_report = None

@@ -1,0 +1,271 @@
+"""Does the GGUF compute what the HF model computes? Tokenizer identity + logit drift, in numbers.
+
+Two checks, both on a fixed, varied corpus (:data:`PROMPTS`: unicode, code, whitespace runs,
+digits, special tokens, a rendered chat):
+
+* **tokenizer**: llama.cpp's tokenizer (from the GGUF metadata) gives the same ids as the HF
+  tokenizer, with and without BOS/EOS, special tokens parsed; the GGUF chat template is the HF one.
+* **logits**: next-token logits at every position. :func:`drift` returns top-1 agreement, mean KL
+  divergence and max |Δlogit|; :func:`drift_table` prints them. f32/f16/bf16 exports must agree
+  (top-1 100% outside near-ties, small max |Δlogit|): a disagreement is a converter bug. Quantized
+  exports are reported against the f16 export.
+
+Reference logits come from transformers (torch) when it is installed; on a torch-less machine
+(e.g. a Mac with only ``[mlx]``) the tokenizer check still runs and the logit check is skipped
+with a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgetuneError
+
+PROMPTS: list[str] = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Héllo wörld — naïve café, 東京, Здравствуйте, 🤖🚀 emoji!",
+    "Numbers: 3.14159, 2024-11-23, 1,000,000 and x=42;y=-7",
+    "   leading spaces,\ttabs\t\tand\n\n\nblank lines   \n  ",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "JSON: {\"name\": \"edgetune\", \"ok\": true, \"list\": [1, 2, 3]}",
+]
+CHAT = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Summarise: llamas are camelids from South America."},
+    {"role": "assistant", "content": "Llamas are South American camelids."},
+    {"role": "user", "content": "And alpacas?"},
+]
+
+# f32/f16/bf16 against HF float32, as fractions of the reference logits' standard deviation (so
+# a tiny random model with logits near 0 and a real model with logits in the tens get the same
+# strictness): max |Δlogit| allowed, and how close the HF top-2 may be for a top-1 flip to count
+# as a near-tie rather than a bug. bf16 rounds weights to 8 mantissa bits, f16 to 11.
+REL_TOLERANCE = {"f32": 0.005, "f16": 0.05, "bf16": 0.25}
+REL_NEAR_TIE = {"f32": 0.002, "f16": 0.02, "bf16": 0.1}
+TOLERANCE = REL_TOLERANCE  # kept for callers that import the table
+
+
+@dataclass
+class DriftRow:
+    label: str
+    positions: int
+    top1: float  # fraction of positions whose argmax agrees
+    mean_kl: float  # mean KL(ref || test) over positions, nats
+    max_abs: float  # max |Δlogit| over all positions and vocab
+    flips_outside_ties: int = 0  # top-1 disagreements where the reference margin is not a near-tie
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VerifyReport:
+    gguf: str
+    outtype: str
+    tokenizer_ok: bool = True
+    tokenizer_mismatches: list[str] = field(default_factory=list)
+    template_ok: bool | None = None
+    rows: list[DriftRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tolerance: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        if not self.tokenizer_ok or self.template_ok is False:
+            return False
+        if self.tolerance is None:
+            return True
+        return all(r.max_abs <= self.tolerance and r.flips_outside_ties == 0 for r in self.rows)
+
+    def table(self):
+        return drift_table(self.rows, title=f"{Path(self.gguf).name} vs reference")
+
+    def summary(self) -> str:
+        tok = "identical" if self.tokenizer_ok else f"{len(self.tokenizer_mismatches)} mismatch(es)"
+        tpl = {None: "n/a", True: "identical", False: "DIFFERS"}[self.template_ok]
+        return f"tokenizer: {tok}; chat template: {tpl}"
+
+    def raise_if_failed(self, path) -> None:
+        if self.passed:
+            return
+        detail = "; ".join(self.tokenizer_mismatches[:3])
+        if self.template_ok is False:
+            detail += " chat template in the GGUF differs from the HF one;"
+        for r in self.rows:
+            if self.tolerance is not None and (r.max_abs > self.tolerance or r.flips_outside_ties):
+                detail += f" {r.label}: top-1 {r.top1:.1%}, max|Δlogit| {r.max_abs:.3f} (> {self.tolerance});"
+        raise EdgetuneError(
+            f"GGUF verification failed: the {self.outtype} export does not compute what the HF model computes. {detail}",
+            where=str(path),
+            fix="this is a converter bug for this architecture; please report it (use --no-verify to keep the file anyway)",
+        )
+
+
+def drift(ref: np.ndarray, test: np.ndarray, label: str, near_tie: float = 0.0) -> DriftRow:
+    """Compare two [positions, vocab] logit arrays."""
+    ref = ref.astype(np.float64)
+    test = test.astype(np.float64)
+    lp = ref - ref.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = test - test.max(-1, keepdims=True)
+    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    a, b = ref.argmax(-1), test.argmax(-1)
+    agree = a == b
+    idx = np.arange(len(a))
+    margin = ref[idx, a] - ref[idx, b]
+    flips = int(((~agree) & (margin > near_tie)).sum())
+    return DriftRow(label, len(a), float(agree.mean()), float(kl.mean()), float(np.abs(ref - test).max()), flips)
+
+
+def combine(rows: list[DriftRow], label: str) -> DriftRow:
+    n = sum(r.positions for r in rows)
+    return DriftRow(
+        label,
+        n,
+        sum(r.top1 * r.positions for r in rows) / n,
+        sum(r.mean_kl * r.positions for r in rows) / n,
+        max(r.max_abs for r in rows),
+        sum(r.flips_outside_ties for r in rows),
+    )
+
+
+def drift_table(rows: list[DriftRow], title: str = "drift"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("model", "positions", "top-1 agree", "mean KL", "max |Δlogit|"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r.label, str(r.positions), f"{r.top1:.1%}", f"{r.mean_kl:.5f}", f"{r.max_abs:.4f}")
+    return t
+
+
+def drift_text(rows: list[DriftRow]) -> str:
+    lines = [f"{'model':<28} {'positions':>9} {'top-1':>7} {'mean KL':>10} {'max|Δlogit|':>12}"]
+    for r in rows:
+        lines.append(f"{r.label:<28} {r.positions:>9} {r.top1:>7.1%} {r.mean_kl:>10.5f} {r.max_abs:>12.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model runners
+# ---------------------------------------------------------------------------------------------
+
+
+def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool = True):
+    from llama_cpp import Llama
+
+    kw = {"lora_path": str(lora_path)} if lora_path else {}
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
+
+
+def gguf_logits(llm, token_lists: list[list[int]]) -> list[np.ndarray]:
+    out = []
+    for ids in token_lists:
+        llm.reset()
+        llm.eval(ids)
+        out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    return out
+
+
+def hf_logits(model_dir, token_lists: list[list[int]]) -> list[np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in token_lists:
+            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+    return out
+
+
+def corpus_token_lists(tokenizer) -> list[list[int]]:
+    """Token ids of the corpus as the HF tokenizer gives them (incl. BOS when it adds one)."""
+    texts = list(PROMPTS)
+    if getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def check_tokenizer(tokenizer, llm, report: VerifyReport) -> None:
+    texts = list(PROMPTS)
+    hf_template = getattr(tokenizer, "chat_template", None)
+    if hf_template:
+        texts.append(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+    for t in texts:
+        for add in (False, True):
+            hf_ids = tokenizer(t, add_special_tokens=add).input_ids
+            gg_ids = llm.tokenize(t.encode("utf-8"), add_bos=add, special=True)
+            if hf_ids != gg_ids:
+                report.tokenizer_ok = False
+                report.tokenizer_mismatches.append(f"{t[:30]!r} (special={add}): HF {hf_ids[:12]} vs GGUF {gg_ids[:12]}")
+    gg_template = llm.metadata.get("tokenizer.chat_template")
+    if hf_template or gg_template:
+        report.template_ok = hf_template == gg_template
+
+
+def verify_gguf(model_dir, gguf_path, *, outtype: str | None = None) -> VerifyReport:
+    """Verify an unquantized GGUF against its HF folder (tokenizer + logits)."""
+    from transformers import AutoTokenizer
+
+    if outtype is None:
+        outtype = gguf_outtype(gguf_path)
+    report = VerifyReport(gguf=str(gguf_path), outtype=outtype)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    llm = load_llama(gguf_path)
+    try:
+        check_tokenizer(tok, llm, report)
+        lists = corpus_token_lists(tok)
+        try:
+            ref = hf_logits(model_dir, lists)
+        except ImportError:
+            report.notes.append("torch is not installed: logit check skipped (tokenizer checked)")
+            report.tolerance = None
+            return report
+        test = gguf_logits(llm, lists)
+    finally:
+        llm.close()
+    spread = float(np.mean([r.std() for r in ref]))
+    if outtype in REL_TOLERANCE:  # quantized types (q8_0 written directly) are reported, not gated
+        report.tolerance = max(1e-3, REL_TOLERANCE[outtype] * spread)
+    tie = REL_NEAR_TIE.get(outtype, 0.0) * spread
+    rows = [drift(r, t, f"p{i}", tie) for i, (r, t) in enumerate(zip(ref, test))]
+    report.rows = [combine(rows, f"{outtype} vs HF")]
+    return report
+
+
+def compare_ggufs(ref_gguf, test_ggufs: dict[str, Path], token_lists: list[list[int]], *, ref_lora=None, lora: dict | None = None) -> list[DriftRow]:
+    """Drift of several GGUFs (e.g. quantized ones, or base + adapter) against a reference GGUF."""
+    llm = load_llama(ref_gguf, lora_path=ref_lora)
+    try:
+        ref = gguf_logits(llm, token_lists)
+    finally:
+        llm.close()
+    rows = []
+    for label, path in test_ggufs.items():
+        llm = load_llama(path, lora_path=(lora or {}).get(label))
+        try:
+            test = gguf_logits(llm, token_lists)
+        finally:
+            llm.close()
+        rows.append(combine([drift(r, t, label) for r, t in zip(ref, test)], label))
+    return rows
+
+
+def gguf_outtype(path) -> str:
+    """The dominant weight type of a GGUF file ("f16", "q4_k", ...), from its tensor infos."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
+    return max(counts, key=counts.get) if counts else "f32"
