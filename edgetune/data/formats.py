@@ -91,21 +91,26 @@ def _flat(x: Any) -> str:
 
 
 def detect_format(obj: Any) -> str | None:
-    """The input format of one row, or None. Order matters: the most specific keys first."""
+    """The input format of one row, or None. Order matters: the most specific keys first.
+
+    Keys holding None (empty table cells, columns of another format in a mixed Parquet file) are
+    ignored first; if that finds nothing, key presence decides so the error names the empty field.
+    """
     if not isinstance(obj, dict):
         return None
-    if "chosen" in obj and "rejected" in obj:
-        return "preference"
-    if "messages" in obj:
-        return "chat"
-    if "conversations" in obj:
-        return "sharegpt"
-    if "instruction" in obj and ("output" in obj or "response" in obj):
-        return "instruction"
-    if "prompt" in obj and "completion" in obj:
-        return "completion"
-    if "text" in obj:
-        return "completion"
+    for has in (lambda k: obj.get(k) is not None, lambda k: k in obj):
+        if has("chosen") and has("rejected"):
+            return "preference"
+        if has("messages"):
+            return "chat"
+        if has("conversations"):
+            return "sharegpt"
+        if has("instruction") and (has("output") or has("response")):
+            return "instruction"
+        if has("prompt") and has("completion"):
+            return "completion"
+        if has("text"):
+            return "completion"
     return None
 
 
@@ -200,7 +205,7 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
         return Record(msgs, "chat", fmt, tools=obj.get("tools"))
     if fmt == "instruction":
         instruction = _string(obj, "instruction")
-        out_key = "output" if "output" in obj else "response"
+        out_key = "output" if obj.get("output") is not None or "response" not in obj else "response"
         output = _string(obj, out_key)
         inp = obj.get("input")
         if inp is not None and not isinstance(inp, str):
@@ -212,7 +217,7 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
             msgs.insert(0, {"role": "system", "content": system})
         return Record(msgs, "chat", fmt)
     if fmt == "completion":
-        if "prompt" in obj or "completion" in obj:
+        if obj.get("prompt") is not None or obj.get("completion") is not None or "text" not in obj:
             prompt = _string(obj, "prompt")
             completion = _string(obj, "completion")
             return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], "completion", fmt)

@@ -102,6 +102,7 @@ def iter_jsonl(path: Path) -> Iterator[RawItem]:
                     more = fh.readline(MAX_LINE_BYTES)
                     size += len(more)
                     if not more or more.endswith(b"\n"):
+                        size -= 1 if more.endswith(b"\n") else 0
                         break
                 yield RawItem(src, lineno, problem=Problem("line_too_long", f"line is {size:,} bytes (limit {MAX_LINE_BYTES:,})"))
                 continue
@@ -216,7 +217,6 @@ def _maybe_json(v: Any) -> Any:
 def _rows_from_dataset(ds, src: str, first_line: int) -> Iterator[RawItem]:
     for i, row in enumerate(ds):
         obj = {k: (_maybe_json(v) if k in JSON_COLUMNS else v) for k, v in row.items()}
-        obj = {k: v for k, v in obj.items() if v is not None}
         yield RawItem(src, i + first_line, obj=obj)
 
 

@@ -335,6 +335,7 @@ class ValidationReport:
     usable: int = 0
     formats: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # "file:line [field]: message"
+    issues: list[dict] = field(default_factory=list)  # the same, structured: source, line, reason, detail, field
     problem_counts: dict = field(default_factory=dict)
     duplicates: dict = field(default_factory=dict)
     tokens: dict | None = None
@@ -376,6 +377,7 @@ def validate(path, cfg: DataConfig | None = None, model_dir=None) -> ValidationR
     rep.formats = dict(sorted(res.formats.items()))
     probs = sorted((r for r in res.rejects if r.reason in RECORD_PROBLEMS), key=_reject_sort_key(res))
     rep.problems = [r.line_text() for r in probs]
+    rep.issues = [{k: v for k, v in r.row().items() if k != "record"} for r in probs]
     rep.problem_counts = dict(sorted(Counter(r.reason for r in probs).items()))
     rep.usable = len(res.kept)
     n = max(1, len(res.kept) + res.exact_dups + res.near_dups)
