@@ -46,6 +46,8 @@ class DataConfig:
     chat_template: str | None = None  # file or known family name, for models without one
 
     def __post_init__(self):
+        if self.dedup in (False, "False", "false"):  # YAML 1.1 reads a bare `dedup: off` as false
+            self.dedup = "off"
         _check_choice("data", "format", self.format, ("auto", "chat", "instruction", "sharegpt", "completion", "preference"))
         _check_choice("data", "dedup", self.dedup, ("exact", "near", "off"))
         _check_choice("data", "overlength", self.overlength, ("drop", "truncate", "keep"))
@@ -126,13 +128,37 @@ class OllamaConfig:
 @dataclass
 class EvalConfig:
     data: str | None = None  # None = the run's test split
-    metrics: list[str] | None = None  # None = chosen from the data
+    metrics: list[str] | None = None  # None = chosen from the references (JSON / labels / free text)
     max_tokens: int = 256
-    temperature: float = 0.0  # greedy by default
+    temperature: float = 0.0  # greedy by default: comparable runs, no sampling noise in deltas
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # extra stop strings (end-of-turn always stops)
     limit: int | None = None  # evaluate at most N examples
     regression: bool = True  # also run the shipped general-capability set
+    regression_max_tokens: int = 96  # its answers are short; caps time spent on rambling models
+    nll: bool = True  # mean NLL / perplexity of the references (runners with logits: hf, mlx, gguf)
+    schema: str | None = None  # JSON-schema file for json_schema (None = inferred from references)
+    regex: str | None = None  # pattern for the regex metric
+    baseline: str | None = None  # model name deltas and --max-regression compare against (None = first)
     gates: dict[str, float] = field(default_factory=dict)  # METRIC -> minimum value
-    max_regression: dict[str, float] = field(default_factory=dict)  # METRIC -> allowed drop vs base
+    max_regression: dict[str, float] = field(default_factory=dict)  # METRIC -> allowed drop vs baseline
+    judge: str | None = None  # runner SPEC for pairwise LLM-as-judge (off by default: slow, noisy)
+    drift_reference: str | None = None  # model name whose logits the others are compared to
+    worst: int = 5  # worst examples shown side by side in report.md
+    n_ctx: int = 2048  # llama.cpp context for gguf runners
+    dtype: str = "float32"  # hf runner weights dtype (float32 = reference quality)
+    chat_template: str | None = None  # template file / family for models without one
+
+    def __post_init__(self):
+        _check_range("eval", "temperature", self.temperature, 0.0, 5.0)
+        _check_range("eval", "top_p", self.top_p, 0.0, 1.0)
+        _check_choice("eval", "dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        if self.max_tokens < 1:
+            raise EdgetuneError(f"eval.max_tokens must be >= 1, got {self.max_tokens}.")
+        if self.limit is not None and self.limit < 1:
+            raise EdgetuneError(f"eval.limit must be >= 1, got {self.limit}.")
 
 
 @dataclass
