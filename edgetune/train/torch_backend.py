@@ -86,13 +86,17 @@ class CompletionLoss(torch.nn.Module):
         return F.cross_entropy(logits, labels[sel], reduction="sum")
 
 
-def _dist():
-    """(world_size, rank) from accelerate's process state; initialises gloo/nccl under `accelerate launch`."""
+def _dist(device: str):
+    """(world_size, rank) from accelerate's process state; initialises gloo/nccl under `accelerate launch`.
+
+    CPU data parallel: ``accelerate launch --multi_gpu --num_processes N script.py`` starts N processes
+    through torchrun; ``PartialState(cpu=True)`` then joins them over gloo.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 1, 0, None
     from accelerate import PartialState
 
-    st = PartialState()
+    st = PartialState(cpu=device == "cpu")
     return st.num_processes, st.process_index, st
 
 
@@ -268,7 +272,7 @@ def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_s
     targets = list(cfg.target_modules or arch.lora_targets)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    world, rank, _state = _dist()
+    world, rank, _state = _dist(device)
     main = rank == 0
 
     ckpt_last = out_dir / "checkpoints" / "last"

@@ -1,0 +1,96 @@
+"""`edgetune train`: fine-tune a base model with LoRA / DoRA / QLoRA (thin wrapper over edgetune.train)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import json_option, model_option, output_option, seed_option
+
+
+@click.command("train")
+@model_option()
+@click.option("--data", "-d", "data_dir", type=click.Path(file_okay=False), required=True,
+              help="Prepared data folder (train.jsonl, valid.jsonl) written by `edgetune data`.")
+@output_option(help_="Run output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, run.json).")
+@click.option("--config", "-c", "recipe", type=click.Path(dir_okay=False), default=None,
+              help="Recipe YAML; its `train:` section is the starting point (flags win).")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Training backend.")
+@click.option("--method", type=click.Choice(["lora", "dora", "qlora", "full"]), default=None, help="Fine-tuning method.")
+@click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout.")
+@click.option("--target-modules", default=None, help="Comma-separated linear layer names (default: all attention + MLP).")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate.")
+@click.option("--lr-scheduler", type=click.Choice(["cosine", "linear", "constant"]), default=None)
+@click.option("--warmup-ratio", type=float, default=None)
+@click.option("--epochs", type=float, default=None)
+@click.option("--iters", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", "-b", type=int, default=None)
+@click.option("--grad-accum", type=int, default=None)
+@click.option("--max-seq-len", type=int, default=None)
+@click.option("--packing/--no-packing", default=None, help="Padding-free packed batches (torch).")
+@click.option("--group-by-length/--no-group-by-length", default=None)
+@click.option("--eval-every", type=int, default=None, help="Validation loss every N steps (0 = at the end only).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
+@click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
+              help="Stop after N evaluations without improvement (the best adapter is kept).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default=None)
+@click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--chat-template", default=None, help="Template file or family name for models without one.")
+@seed_option
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Print the backend choice and a memory estimate; load nothing.")
+@json_option
+def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_json, target_modules, **flags):
+    """Fine-tune MODEL on prepared DATA; writes OUTPUT/adapter (PEFT format) and friends.
+
+    \b
+    Example:
+      edgetune train -m models/base/smollm2-135m-instruct -d data/prepared -o runs/demo --iters 200
+    """
+    from ..config import TrainConfig, load_config, override
+    from ..console import console, out
+    from ..paths import demo_model_dir
+
+    cfg = load_config(recipe).train if recipe else TrainConfig()
+    if target_modules:
+        flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
+    cfg = override(cfg, **flags)
+    cfg.__post_init__()
+    model = model or str(demo_model_dir())
+
+    from ..train import estimate_memory, preflight
+
+    choice = preflight(model, data_dir, cfg)
+    if dry_run:
+        est = estimate_memory(model, cfg)
+        info = {"backend": choice.backend, "device": choice.device, "reason": choice.reason, "memory": est}
+        if as_json:
+            out.print_json(json.dumps(info))
+            return
+        out.print(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
+        for k, v in est.items():
+            out.print(f"  {k:20s} {v}")
+        if est.get("fits") is False:
+            console.print(f"[yellow]warning: ~{est['total_gb']} GB needed, {est['available_gb']} GB free; "
+                          "lower --batch-size / --max-seq-len or add --gradient-checkpointing[/]")
+        return
+    est = estimate_memory(model, cfg)
+    if est.get("fits") is False:
+        console.print(f"[yellow]warning: this run may need ~{est['total_gb']} GB, {est['available_gb']} GB is free[/]")
+
+    from ..train import train as run_train
+
+    result = run_train(model, data_dir, output, cfg, resume=resume, chat_template=chat_template)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+    else:
+        out.print(
+            f"adapter: {result.adapter_dir}  steps {result.steps}  train loss {result.final_train_loss:.4f}"
+            + (f"  best val {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
+            + f"  {result.tokens_seen} tokens in {result.wall_s:.1f}s"
+        )
