@@ -1,0 +1,157 @@
+"""Quantize a GGUF through llama.cpp (``llama_model_quantize`` in llama-cpp-python).
+
+Quantization itself is llama.cpp's (k-quants, i-quants, mixed per-tensor types of q4_k_m…); this
+module only picks the ftype, passes an importance matrix when one is given, writes atomically and
+reports the drift of the result against its unquantized source.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgetuneError, MissingDependencyError
+from ..io import atomic_path
+
+# user-facing name -> llama_cpp LLAMA_FTYPE_* constant (llama.h llama_ftype)
+QTYPES: dict[str, str] = {
+    "q2_k": "MOSTLY_Q2_K",
+    "q3_k_s": "MOSTLY_Q3_K_S",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "q3_k_l": "MOSTLY_Q3_K_L",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q4_k_s": "MOSTLY_Q4_K_S",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
+    "q5_k_s": "MOSTLY_Q5_K_S",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q6_k": "MOSTLY_Q6_K",
+    "q8_0": "MOSTLY_Q8_0",
+    "iq4_nl": "MOSTLY_IQ4_NL",
+    "iq4_xs": "MOSTLY_IQ4_XS",
+    "iq3_m": "MOSTLY_IQ3_M",
+    "iq2_m": "MOSTLY_IQ2_M",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+}
+# i-quants below 4 bits are unusable without an importance matrix (llama.cpp refuses them)
+NEEDS_IMATRIX = {"iq3_m", "iq2_m"}
+
+
+def normalize_qtype(qtype: str) -> str:
+    q = qtype.strip().lower().replace("-", "_")
+    if q not in QTYPES:
+        raise EdgetuneError(f"Unknown quantization type '{qtype}'.", fix=f"use one of: {', '.join(QTYPES)}")
+    return q
+
+
+def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
+    """Read an importance matrix: llama-imatrix's GGUF format or its legacy ``.dat`` format.
+
+    GGUF: tensors ``<name>.in_sum2`` (sum of squared activations) and ``<name>.counts``; the
+    importance is in_sum2 / counts. Legacy: int32 count, then per entry int32 name length, name,
+    int32 ncall, int32 nval, float32[nval] (already divided by ncall by llama-imatrix).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise EdgetuneError(f"Importance matrix not found: {p}", where=str(p))
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    out: dict[str, np.ndarray] = {}
+    if magic == b"GGUF":
+        from gguf import GGUFReader
+
+        r = GGUFReader(str(p))
+        t = {x.name: np.asarray(x.data, dtype=np.float32) for x in r.tensors}
+        for name, s2 in t.items():
+            if name.endswith(".in_sum2"):
+                base = name[: -len(".in_sum2")]
+                counts = t.get(base + ".counts")
+                c = float(counts.reshape(-1)[0]) if counts is not None and counts.size else 1.0
+                out[base] = (s2.reshape(-1) / max(c, 1.0)).astype(np.float32)
+        return out
+    try:
+        with open(p, "rb") as fh:
+            (n,) = np.frombuffer(fh.read(4), dtype="<i4")
+            for _ in range(int(n)):
+                (ln,) = np.frombuffer(fh.read(4), dtype="<i4")
+                name = fh.read(int(ln)).decode("utf-8")
+                _ncall, nval = np.frombuffer(fh.read(8), dtype="<i4")
+                out[name] = np.frombuffer(fh.read(4 * int(nval)), dtype="<f4").copy()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EdgetuneError(f"Not an importance matrix file ({exc}).", where=str(p), fix="create it with llama-imatrix") from None
+    return out
+
+
+def _quiet(verbose: bool):
+    """llama.cpp prints one line per tensor from C; hide it unless asked."""
+    import contextlib
+
+    if verbose:
+        return contextlib.nullcontext()
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        return suppress_stdout_stderr(disable=False)
+    except (ImportError, TypeError):
+        return contextlib.nullcontext()
+
+
+def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None = None, verbose: bool = False) -> Path:
+    """Quantize ``in_gguf`` (f32/f16/bf16 GGUF) to ``out_gguf`` with llama.cpp; returns the path."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependencyError("llama-cpp-python", "llama", "Quantizing a GGUF") from None
+    q = normalize_qtype(qtype)
+    src = Path(in_gguf)
+    if not src.exists():
+        raise EdgetuneError(f"GGUF not found: {src}", where=str(src))
+    if q in NEEDS_IMATRIX and imatrix is None:
+        raise EdgetuneError(f"{q} needs an importance matrix.", fix="pass --imatrix FILE (made with llama-imatrix)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[q])
+    params.nthread = nthread or min(4, os.cpu_count() or 1)
+    keep = []  # ctypes buffers must outlive the call
+    if imatrix is not None:
+        data = load_imatrix(imatrix)
+        if not data:
+            raise EdgetuneError("The importance matrix has no entries.", where=str(imatrix))
+        arr = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()  # NULL-name terminated
+        for i, (name, values) in enumerate(data.items()):
+            buf = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(buf)
+            arr[i].name = name.encode()
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[len(data)].name = None
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    out = Path(out_gguf)
+    with atomic_path(out) as tmp, _quiet(verbose):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise EdgetuneError(
+                f"llama.cpp failed to quantize {src.name} to {q} (code {rc}).",
+                where=str(src),
+                fix="quantize from an f16/bf16/f32 GGUF written by 'edgetune export gguf'",
+            )
+    del keep
+    return out
+
+
+def quant_drift(f16_gguf, quant_ggufs: dict[str, Path], model_dir=None):
+    """Top-1 agreement and mean KL of each quantized GGUF against the f16 export (llama.cpp both)."""
+    from .verify import PROMPTS, compare_ggufs, load_llama
+
+    llm = load_llama(f16_gguf, logits_all=False)
+    try:
+        lists = [llm.tokenize(p.encode(), add_bos=True, special=True) for p in PROMPTS]
+    finally:
+        llm.close()
+    return compare_ggufs(f16_gguf, quant_ggufs, lists)
