@@ -278,28 +278,27 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
             fix=f"add {c.modelfile_quant} to export.quants or set ollama.quant to one of {c.cfg.export.quants}",
         )
     o = c.cfg.ollama
-    system = o.system if o.system is not None else _dominant_system(c.run_dir / "data" / "train.jsonl")
-    params = {k: getattr(o, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "num_ctx") if getattr(o, k) is not None}
-    kwargs: dict[str, Any] = {"model_dir": c.run_dir / "fused", "system": system}
-    if o.template:
-        kwargs["template"] = o.template
-    if params:
-        kwargs["parameters"] = params
-    path = write_modelfile(gguf, c.run_dir / "ollama", c.model_name, **kwargs)
-    modelfile = Path(path) if path else c.run_dir / "ollama" / "Modelfile"
-    if modelfile.is_dir():
-        modelfile = modelfile / "Modelfile"
+    kwargs: dict[str, Any] = {
+        "model_dir": c.run_dir / "fused",
+        "system": o.system,  # None: the training data's dominant system prompt
+        "train_data": c.run_dir / "data" / "train.jsonl",
+        "template_file": o.template,
+        **{k: getattr(o, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "num_ctx")},
+    }
+    modelfile = Path(write_modelfile(gguf, c.run_dir / "ollama", c.model_name, **kwargs))
     check = check_modelfile(modelfile, c.run_dir / "fused")
-    ok = _check_ok(check)
-    if not ok:
+    if not _check_ok(check):
         raise EdgetuneError(
             "The Modelfile's template does not render the same tokens as the training chat template.",
             where=str(modelfile),
             fix=f"see `edgetune ollama check {modelfile} --model-dir {c.run_dir / 'fused'}`",
         )
-    summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": "pass", "system": system}
+    n_conv = len(getattr(check, "conversations", []) or [])
+    summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": f"pass ({n_conv} conversations token-identical)"}
     if o.create:
-        summary["create"] = _ollama_create(c.model_name, modelfile)
+        create = _api("edgetune.export.ollama", "ollama_create", "ollama")
+        res = create(modelfile, c.model_name)
+        summary["create"] = {"ran": res.ran, "command": res.command, "message": res.message, "answer": res.answer}
     return summary
 
 
@@ -312,39 +311,6 @@ def _check_ok(check: Any) -> bool:
         if hasattr(check, attr):
             return bool(getattr(check, attr))
     return True  # a checker that raises on failure and returns a report otherwise
-
-
-def _ollama_create(name: str, modelfile: Path) -> str:
-    import shutil
-    import subprocess
-
-    if not shutil.which("ollama"):
-        return "skipped: ollama is not on PATH"
-    proc = subprocess.run(["ollama", "create", name, "-f", str(modelfile)], capture_output=True, text=True)
-    if proc.returncode:
-        raise EdgetuneError(f"`ollama create` failed: {proc.stderr.strip()[-500:]}", where=str(modelfile))
-    return "created"
-
-
-def _dominant_system(train_jsonl: Path) -> str | None:
-    """The system prompt most training examples carry: what the model learned to expect."""
-    if not train_jsonl.is_file():
-        return None
-    from collections import Counter
-
-    seen: Counter = Counter()
-    n = 0
-    with open(train_jsonl, encoding="utf-8") as fh:
-        for line in fh:
-            n += 1
-            with contextlib.suppress(Exception):
-                msgs = json.loads(line).get("messages") or []
-                if msgs and msgs[0].get("role") == "system":
-                    seen[msgs[0].get("content")] += 1
-    if not seen:
-        return None
-    text, count = seen.most_common(1)[0]
-    return text if count * 2 > n else None
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -471,8 +437,21 @@ def _register_run(c: Ctx, resume: bool) -> dict:
         "versions": _versions(),
         "git_commit": git_commit(),
     }
-    entry, created = registry.register(c.model_name, body, arts, fingerprint)
+    texts = {}
+    if "Modelfile" in arts:
+        # the registry copy of the Modelfile points at the registry copy of its GGUF
+        texts["Modelfile"] = _rebase_modelfile(arts.pop("Modelfile").read_text(encoding="utf-8"), c.gguf_path(c.modelfile_quant).name)
+    entry, created = registry.register(c.model_name, body, arts, fingerprint, texts=texts)
     return {"ref": entry.ref, "path": str(entry.path), "created": created}
+
+
+def _rebase_modelfile(text: str, gguf_name: str) -> str:
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.upper().startswith("FROM "):
+            lines[i] = f"FROM ./{gguf_name}\n"
+            break
+    return "".join(lines)
 
 
 def _size(p: Path) -> int:

@@ -140,8 +140,10 @@ def register(
     artifacts: dict[str, Path],
     fingerprint: str,
     root: Path | None = None,
+    texts: dict[str, str] | None = None,
 ) -> tuple[Entry, bool]:
-    """Add a new version of ``name`` holding ``artifacts`` (relative name -> file or folder).
+    """Add a new version of ``name`` holding ``artifacts`` (relative name -> file or folder)
+    and ``texts`` (relative name -> file content, e.g. a Modelfile rewritten for its new place).
 
     Returns ``(entry, created)``; ``created`` is False when an entry with the same fingerprint
     already exists (the same finished run registered again).
@@ -162,6 +164,9 @@ def register(
                     _place(f, tmp / rel / f.relative_to(src))
             else:
                 _place(src, tmp / rel)
+        for rel, text in (texts or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text, encoding="utf-8")
         while True:
             taken = [int(m.group(1)) for d in model_dir.iterdir() if (m := re.fullmatch(r"v(\d+)", d.name))]
             version = max(taken, default=0) + 1
