@@ -450,7 +450,8 @@ def _gguf_fields(path: Path) -> dict[str, Any]:
     """GGUF key/values (cached per file and mtime: GGUFReader takes seconds on a 50k-token vocab)."""
     key = (str(path.resolve()), path.stat().st_mtime_ns)
     if key not in _GGUF_CACHE:
-        _GGUF_CACHE.clear()
+        if len(_GGUF_CACHE) >= 4:
+            _GGUF_CACHE.pop(next(iter(_GGUF_CACHE)))
         _GGUF_CACHE[key] = _read_gguf_fields(path)
     return _GGUF_CACHE[key]
 
