@@ -107,7 +107,7 @@ def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir):
 
 def test_killed_training_resumes_without_redoing_data(tmp_path, tiny_llama_dir):
     """SIGKILL `edgetune run` mid-training; the same command then resumes from the checkpoint."""
-    recipe = _recipe(tmp_path, tiny_llama_dir, iters=400, save_every=5)
+    recipe = _recipe(tmp_path, tiny_llama_dir, iters=60, save_every=3)
     run_dir = tmp_path / "runs" / "tiny"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from edgetune.cli import main; main()", "run", str(recipe), "--to", "train"]
@@ -129,8 +129,8 @@ def test_killed_training_resumes_without_redoing_data(tmp_path, tiny_llama_dir):
 
     result = pipeline.run(pipeline.load_recipe(recipe), to_stage="train")
     assert result.skipped == ["data"] and result.ran == ["train"]
-    assert result.stage("train")["resumed"] is True and result.stage("train")["steps"] == 400
+    assert result.stage("train")["resumed"] is True and result.stage("train")["steps"] == 60
     assert (run_dir / "data" / "train.jsonl").stat().st_mtime_ns == data_mtime
     metrics = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in metrics if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 400  # continued, not restarted or duplicated
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # continued, not restarted or duplicated
