@@ -155,3 +155,45 @@ def quant_drift(f16_gguf, quant_ggufs: dict[str, Path], model_dir=None):
     finally:
         llm.close()
     return compare_ggufs(f16_gguf, quant_ggufs, lists)
+
+
+def output_name(model_dir: Path) -> str:
+    """``<name>`` for ``<name>-<type>.gguf``: the run's name when exporting RUN/fused."""
+    model_dir = Path(model_dir).resolve()
+    return model_dir.parent.name if model_dir.name in ("fused", "model", "hf") else model_dir.name
+
+
+def export_model(
+    model_dir,
+    out_dir=None,
+    quants: list[str] | None = None,
+    *,
+    outtype: str = "f16",
+    imatrix=None,
+    verify: bool = True,
+    name: str | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """One shot: convert ``model_dir`` to ``<name>-<outtype>.gguf`` then quantize to each of ``quants``.
+
+    Returns ``{"files": {type: path}, "verify": VerifyReport | None, "drift": [DriftRow]}``; the
+    drift rows compare each quantized file with the unquantized export.
+    """
+    from .gguf import convert
+
+    model_dir = Path(model_dir)
+    qs = [normalize_qtype(q) for q in (quants or [])]
+    name = name or output_name(model_dir)
+    out_dir = Path(out_dir) if out_dir else model_dir.parent / "gguf"
+    base = out_dir / f"{name}-{outtype}.gguf"
+    convert(model_dir, base, outtype, verify=verify, show_progress=show_progress)
+    files = {outtype: base}
+    for q in qs:
+        if q == outtype:
+            continue
+        files[q] = quantize(base, out_dir / f"{name}-{q}.gguf", q, imatrix=imatrix)
+    drift_rows = []
+    quantized = {q: p for q, p in files.items() if q != outtype}
+    if verify and quantized:
+        drift_rows = quant_drift(base, quantized)
+    return {"files": files, "verify": convert.last_report if verify else None, "drift": drift_rows}

@@ -269,3 +269,52 @@ def gguf_outtype(path) -> str:
         if len(t.shape) >= 2:
             counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
     return max(counts, key=counts.get) if counts else "f32"
+
+
+DEMO_PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time",
+]
+
+
+def greedy(llm, prompt: str, max_tokens: int = 24) -> list[int]:
+    llm.reset()
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if llm.token_eos() == tok or len(out) >= max_tokens:
+            break
+        out.append(int(tok))
+    return out
+
+
+@dataclass
+class AdapterReport:
+    row: DriftRow
+    greedy_equal: int
+    prompts: int
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (fused, base+adapter) text
+
+    @property
+    def passed(self) -> bool:
+        return self.greedy_equal == self.prompts
+
+
+def verify_adapter(base_gguf, adapter_gguf, fused_gguf, prompts: list[str] | None = None, max_tokens: int = 24) -> AdapterReport:
+    """Base GGUF + adapter GGUF against the fused GGUF: logit drift and greedy generations."""
+    prompts = prompts or DEMO_PROMPTS
+    results = {}
+    for label, path, lora in (("fused", fused_gguf, None), ("base+adapter", base_gguf, adapter_gguf)):
+        llm = load_llama(path, lora_path=lora)
+        try:
+            lists = [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts]
+            results[label] = (gguf_logits(llm, lists), [greedy(llm, p, max_tokens) for p in prompts], llm)
+            texts = [llm.detokenize(g).decode("utf-8", "replace") for g in results[label][1]]
+            results[label] = results[label][:2] + (texts,)
+        finally:
+            llm.close()
+    ref, test = results["fused"][0], results["base+adapter"][0]
+    row = combine([drift(r, t, "x") for r, t in zip(ref, test)], "base+adapter vs fused")
+    eq = sum(a == b for a, b in zip(results["fused"][1], results["base+adapter"][1]))
+    return AdapterReport(row, eq, len(prompts), list(zip(results["fused"][2], results["base+adapter"][2])))

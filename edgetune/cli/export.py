@@ -1,0 +1,183 @@
+"""``edgetune export``: GGUF conversion, quantization, GGUF LoRA adapters (thin; work in edgetune.export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import output_option
+
+QUANT_HELP = "llama.cpp quant types, comma-separated or repeated (q4_k_m, q5_k_m, q6_k, q8_0, …)."
+
+
+def _split(values) -> list[str]:
+    out: list[str] = []
+    for v in values or ():
+        out += [x.strip() for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _print_verify(report) -> None:
+    from ..console import console
+
+    if report is None:
+        return
+    console.print(report.summary(), highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if report.rows:
+        console.print(report.table())
+
+
+def _print_drift(rows, title) -> None:
+    from ..console import console
+    from ..export.verify import drift_table
+
+    if rows:
+        console.print(drift_table(rows, title=title))
+
+
+class ExportGroup(click.Group):
+    """A group whose first argument may be a MODEL_DIR instead of a subcommand (the one-shot form)."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ExportGroup)
+def export():
+    """Convert to GGUF, quantize, or export a GGUF LoRA adapter.
+
+    \b
+    One shot (convert + quantize, files named <name>-<type>.gguf):
+      edgetune export MODEL_DIR --quant q4_k_m,q8_0 [-o OUT_DIR]
+    Step by step:
+      edgetune export gguf MODEL_DIR -o OUT.gguf --type f16
+      edgetune export quantize IN.gguf --type q4_k_m --type q8_0
+      edgetune export adapter --base BASE_DIR --adapter ADAPTER_DIR -o adapter.gguf
+
+    Every step verifies its output against llama.cpp unless --no-verify is given.
+    """
+
+
+def _verify_option(f):
+    return click.option("--verify/--no-verify", default=None, help="Check the GGUF against the source model (default: on).")(f)
+
+
+@export.command("model", hidden=True)
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--quant", "-q", "quants", multiple=True, help=QUANT_HELP + " Default from the config (q4_k_m).")
+@click.option("--type", "outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default=None, help="Unquantized GGUF type (default f16).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, help="Importance matrix for low-bit quants.")
+@click.option("--name", default=None, help="File name stem (default: the model folder's, or the run's for RUN/fused).")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default: gguf/ beside MODEL_DIR).")
+@click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its export section.")
+@_verify_option
+def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, verify):
+    """Convert MODEL_DIR to GGUF and quantize it (the one-shot form)."""
+    from ..config import ExportConfig, load_config, override
+    from ..console import console, out
+    from ..export.quantize import export_model
+
+    cfg = load_config(recipe).export if recipe else ExportConfig()
+    cfg = override(cfg, outtype=outtype, quants=_split(quants) or None, imatrix=imatrix, verify=verify)
+    res = export_model(model_dir, out_dir, cfg.quants, outtype=cfg.outtype, imatrix=cfg.imatrix, verify=cfg.verify, name=name)
+    _print_verify(res["verify"])
+    _print_drift(res["drift"], f"quantized vs {cfg.outtype} (llama.cpp)")
+    for q, p in res["files"].items():
+        out.print(f"{q}\t{p}\t{Path(p).stat().st_size / 2**20:.1f} MiB", highlight=False)
+    console.print(f"[green]wrote {len(res['files'])} GGUF file(s)[/]")
+
+
+@export.command("gguf")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@output_option(required=False, help_="Output .gguf (default: gguf/<name>-<type>.gguf beside MODEL_DIR).")
+@click.option("--type", "outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
+@_verify_option
+def gguf_cmd(model_dir, output, outtype, verify):
+    """Convert an HF model folder to a GGUF file."""
+    from ..console import console, out
+    from ..export.gguf import convert
+    from ..export.quantize import output_name
+
+    dst = Path(output) if output else Path(model_dir).parent / "gguf" / f"{output_name(Path(model_dir))}-{outtype}.gguf"
+    p = convert(model_dir, dst, outtype, verify=verify is not False)
+    _print_verify(convert.last_report)
+    out.print(str(p), highlight=False)
+    console.print(f"[green]wrote[/] {p} ({p.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@export.command("quantize")
+@click.argument("in_gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--type", "-t", "qtypes", multiple=True, required=True, help=QUANT_HELP)
+@output_option(required=False, help_="Output .gguf (one type) or folder (several). Default: beside IN_GGUF.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, help="Importance matrix (llama-imatrix output).")
+@_verify_option
+def quantize_cmd(in_gguf, qtypes, output, imatrix, verify):
+    """Quantize a GGUF with llama.cpp; report top-1 agreement and mean KL against IN_GGUF."""
+    from ..console import console, out
+    from ..errors import EdgetuneError
+    from ..export.quantize import normalize_qtype, quant_drift, quantize
+
+    types = [normalize_qtype(q) for q in _split(qtypes)]
+    src = Path(in_gguf)
+    stem = src.stem
+    for suffix in ("-f16", "-bf16", "-f32"):
+        stem = stem.removesuffix(suffix)
+    files = {}
+    for q in types:
+        if output and len(types) == 1 and str(output).endswith(".gguf"):
+            dst = Path(output)
+        elif output:
+            dst = Path(output) / f"{stem}-{q}.gguf"
+        else:
+            dst = src.parent / f"{stem}-{q}.gguf"
+        if dst.resolve() == src.resolve():
+            raise EdgetuneError("The output would overwrite the input.", where=str(dst), fix="choose another -o")
+        files[q] = quantize(src, dst, q, imatrix=imatrix)
+        out.print(f"{q}\t{files[q]}\t{files[q].stat().st_size / 2**20:.1f} MiB", highlight=False)
+    if verify is not False:
+        _print_drift(quant_drift(src, files), f"quantized vs {src.name} (llama.cpp)")
+    console.print(f"[green]wrote {len(files)} file(s)[/]")
+
+
+@export.command("adapter")
+@click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Base model folder (HF).")
+@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), required=True, help="LoRA adapter folder (PEFT or mlx-lm).")
+@output_option(required=True, help_="Output adapter .gguf")
+@click.option("--base-gguf", type=click.Path(exists=True, dir_okay=False), default=None, help="Existing f16 GGUF of the base, reused by the verification.")
+@_verify_option
+def adapter_cmd(base_dir, adapter_dir, output, base_gguf, verify):
+    """Write a LoRA adapter as a GGUF adapter (llama.cpp --lora, llama-cpp-python lora_path, Ollama ADAPTER)."""
+    from ..console import console, out
+    from ..export.adapter import export_adapter
+
+    p = export_adapter(base_dir, adapter_dir, output)
+    if verify is not False:
+        from ..export.verify import drift_table
+
+        rep = verify_adapter_export(base_dir, adapter_dir, p, base_gguf=base_gguf)
+        console.print(drift_table([rep.row], title="base GGUF + adapter GGUF vs fused GGUF"))
+        console.print(f"greedy output identical on {rep.greedy_equal}/{rep.prompts} prompts", highlight=False)
+    out.print(str(p), highlight=False)
+    console.print(f"[green]wrote[/] {p} ({p.stat().st_size / 2**20:.2f} MiB)", highlight=False)
+
+
+def verify_adapter_export(base_dir, adapter_dir, adapter_gguf, *, base_gguf=None):
+    """Fuse + convert in a temp folder, then compare base GGUF + adapter GGUF with the fused GGUF."""
+    import tempfile
+
+    from ..export.gguf import convert
+    from ..export.verify import verify_adapter
+    from ..fuse import fuse
+
+    with tempfile.TemporaryDirectory(prefix="edgetune-verify-") as td:
+        td = Path(td)
+        if base_gguf is None:
+            base_gguf = convert(base_dir, td / "base-f16.gguf", "f16", verify=False, show_progress=False)
+        fused = fuse(base_dir, adapter_dir, td / "fused", show_progress=False)
+        fused_gguf = convert(fused, td / "fused-f16.gguf", "f16", verify=False, show_progress=False)
+        return verify_adapter(base_gguf, adapter_gguf, fused_gguf)
