@@ -121,8 +121,17 @@ class OllamaConfig:
     top_p: float | None = None
     top_k: int | None = None
     repeat_penalty: float | None = None
-    num_ctx: int | None = None
+    num_ctx: int | None = None  # None = the model's context length, capped at 8192 (Ollama preallocates the KV cache)
     create: bool = False  # run `ollama create` when ollama is on PATH
+    check: bool = True  # render TEMPLATE vs the chat template before writing; refuse on a mismatch
+
+    def __post_init__(self):
+        _check_range("ollama", "temperature", self.temperature, 0.0, 2.0)
+        _check_range("ollama", "top_p", self.top_p, 0.0, 1.0)
+        if self.top_k is not None and self.top_k < 0:
+            raise EdgetuneError(f"ollama.top_k must be >= 0, got {self.top_k}.")
+        if self.num_ctx is not None and self.num_ctx < 16:
+            raise EdgetuneError(f"ollama.num_ctx must be >= 16, got {self.num_ctx}.", fix="e.g. num_ctx: 4096")
 
 
 @dataclass
