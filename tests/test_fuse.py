@@ -1,0 +1,159 @@
+"""fuse: PEFT and mlx-lm LoRA/DoRA adapters merged into the base reproduce the adapted model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgetune.errors import EdgetuneError, UnsupportedError
+from edgetune.export.tensors import SafetensorsReader, SafetensorsWriter
+from edgetune.fuse import fuse, load_adapter
+
+IDS = [[1, 504, 3458, 314, 253, 1234, 28, 2, 9690, 17]]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base_dir, out_dir, *, dora=False, r=4, alpha=8, seed=0, **extra):
+    """A PEFT adapter with random (non-zero) A and B, so it changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, use_dora=dora, init_lora_weights=False, **extra)
+    pm = get_peft_model(base, cfg)
+    pm.save_pretrained(str(out_dir))
+    with torch.no_grad():
+        logits = pm(torch.tensor(IDS)).logits[0].numpy()
+    return out_dir, logits
+
+
+def hf_logits(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return m(torch.tensor(IDS)).logits[0].numpy()
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_fuse_matches_adapted_model(tiny_llama_dir, tmp_path, dora):
+    adapter, adapted = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter", dora=dora)
+    out = fuse(tiny_llama_dir, adapter, tmp_path / "fused", show_progress=False)
+    base = hf_logits(tiny_llama_dir)
+    fused = hf_logits(out)
+    # the adapter really changes outputs, and the fused model reproduces them (bf16 rounding only)
+    assert np.abs(adapted - base).max() > 20 * np.abs(adapted - fused).max()
+    assert (adapted.argmax(-1) == fused.argmax(-1)).mean() >= 0.9
+    # a standard HF folder: config, tokenizer, chat template, generation config, record
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / f).exists(), f
+    rec = json.loads((out / "edgetune_fuse.json").read_text())
+    assert rec["dora"] is dora and rec["merged_layers"] == 2 * len(TARGETS)
+    # same dtype as the base (bf16), never quantized
+    assert {r.dtype for r in SafetensorsReader(out).refs.values()} == {"BF16"}
+
+
+def test_rslora_and_rank_pattern(tiny_llama_dir, tmp_path):
+    adapter, adapted = make_peft_adapter(
+        tiny_llama_dir, tmp_path / "a", use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3}
+    )
+    ad = load_adapter(adapter)
+    assert ad.layers["model.layers.0.mlp.down_proj"].A.shape[0] == 2
+    out = fuse(tiny_llama_dir, adapter, tmp_path / "f", show_progress=False)
+    fused = hf_logits(out)
+    base = hf_logits(tiny_llama_dir)
+    assert np.abs(adapted - base).max() > 20 * np.abs(adapted - fused).max()
+
+
+def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
+    """The same adapter in mlx-lm's format: lora_a in×r, lora_b r×out, scale in lora_parameters."""
+    ad = load_adapter(peft_dir)
+    out_dir.mkdir()
+    plan, arrays = [], []
+    for module, layer in ad.layers.items():
+        plan += [(f"{module}.lora_a", "F32", layer.A.T.shape), (f"{module}.lora_b", "F32", layer.B.T.shape)]
+        arrays += [np.ascontiguousarray(layer.A.T), np.ascontiguousarray(layer.B.T)]
+        if dora:
+            plan.append((f"{module}.m", "F32", layer.magnitude.shape))
+            arrays.append(layer.magnitude)
+    with SafetensorsWriter(out_dir / "adapters.safetensors", plan) as w:
+        for (name, _, _), arr in zip(plan, arrays):
+            w.write(name, arr.astype(np.float32))
+    scale = next(iter(ad.layers.values())).scale
+    cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": scale, "dropout": 0.0}}
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    return out_dir
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_mlx_adapter_format(tiny_llama_dir, tmp_path, dora):
+    peft_dir, adapted = make_peft_adapter(tiny_llama_dir, tmp_path / "peft", dora=dora)
+    mlx_dir = _write_mlx_adapter(peft_dir, tmp_path / "mlx", dora=dora)
+    assert load_adapter(mlx_dir).format == "mlx"
+    a = fuse(tiny_llama_dir, peft_dir, tmp_path / "fa", show_progress=False)
+    b = fuse(tiny_llama_dir, mlx_dir, tmp_path / "fb", show_progress=False)
+    ra, rb = SafetensorsReader(a), SafetensorsReader(b)
+    for name in ra.names():
+        assert np.array_equal(ra.load(name), rb.load(name)), name
+
+
+def test_fuse_without_torch(tiny_llama_dir, tmp_path):
+    """The merge path imports no torch (a Mac with only [mlx] can fuse)."""
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edgetune.fuse import fuse\n"
+        f"fuse({str(tiny_llama_dir)!r}, {str(adapter)!r}, {str(tmp_path / 'fused')!r}, show_progress=False)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert (tmp_path / "fused" / "model.safetensors").exists()
+
+
+def test_quantized_base_refused(tiny_llama_dir, tmp_path):
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    q = tmp_path / "q4"
+    shutil.copytree(tiny_llama_dir, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="never merged into quantized"):
+        fuse(q, adapter, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_base_refused(tiny_llama_dir, tokenizer_dir, tmp_path):
+    from conftest import build_tiny_model
+
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    other = build_tiny_model(tmp_path / "other", tokenizer_dir, "llama", hidden_size=32, intermediate_size=64, head_dim=8)
+    with pytest.raises(EdgetuneError, match="shape"):
+        fuse(other, adapter, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_an_adapter(tiny_llama_dir, tmp_path):
+    with pytest.raises(EdgetuneError, match="adapter_config.json"):
+        fuse(tiny_llama_dir, tmp_path, tmp_path / "out")
+
+
+def test_cli_fuse(tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    res = CliRunner().invoke(cli, ["fuse", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "-o", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f" / "model.safetensors").exists()
+    # default base: the adapter's base_model_name_or_path (a local folder here)
+    res = CliRunner().invoke(cli, ["fuse", "--adapter", str(adapter), "-o", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
