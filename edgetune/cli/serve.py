@@ -29,7 +29,8 @@ def serve(model, adapter, host, port, api_key, alias, n_ctx, threads):
     The chat template is the one stored in the GGUF.
     """
     from ..console import console
-    from ..serve import DEFAULT_HOST, DEFAULT_N_CTX, DEFAULT_PORT, is_loopback, serve as run_server
+    from ..serve import DEFAULT_HOST, DEFAULT_N_CTX, DEFAULT_PORT, is_loopback
+    from ..serve import serve as run_server
 
     host = host or DEFAULT_HOST
     port = port or DEFAULT_PORT
@@ -37,9 +38,13 @@ def serve(model, adapter, host, port, api_key, alias, n_ctx, threads):
         console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
                       "machine can use the model.", highlight=False)
     console.print(f"serving {model.name} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
-                  highlight=False)
-    run_server(model, adapter=adapter, host=host, port=port, api_key=api_key, n_ctx=n_ctx or DEFAULT_N_CTX,
-               n_threads=threads, alias=alias)
+                  highlight=False, soft_wrap=True)
+    try:
+        run_server(model, adapter=adapter, host=host, port=port, api_key=api_key, n_ctx=n_ctx or DEFAULT_N_CTX,
+                   n_threads=threads, alias=alias)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown
+        pass
+    console.print("server stopped", highlight=False)
 
 
 @click.command("chat")
