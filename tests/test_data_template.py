@@ -23,7 +23,7 @@ def tok(tokenizer_dir):
 
 def _loss_segments(tok, enc: Encoded) -> list[str]:
     segs, cur = [], []
-    for i, m in zip(enc.input_ids, enc.loss_mask):
+    for i, m in zip(enc.input_ids, enc.loss_mask, strict=True):
         if m:
             cur.append(i)
         elif cur:
@@ -45,10 +45,10 @@ def test_multiturn_mask_covers_exactly_assistant_turns_and_end_of_turn(tok):
     ]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     # every <|im_end|> closing an assistant turn carries loss; the ones closing system/user do not
-    ends = [m for i, m in zip(enc.input_ids, enc.loss_mask) if i == im_end]
+    ends = [m for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if i == im_end]
     assert ends == [0, 0, 1, 0, 1]
     # the token after each assistant <|im_end|> (the "\n" separator) carries no loss
-    for j, (i, m) in enumerate(zip(enc.input_ids, enc.loss_mask)):
+    for j, (i, m) in enumerate(zip(enc.input_ids, enc.loss_mask, strict=True)):
         if i == im_end and m and j + 1 < len(enc.input_ids):
             assert enc.loss_mask[j + 1] == 0
 

@@ -192,7 +192,7 @@ def _dedup(records: list[Record], cfg: DataConfig, res: Result, keys: list[str])
     if cfg.dedup != "off":
         seen: dict[str, Record] = {}
         kept, kept_keys = [], []
-        for rec, k in zip(records, keys):
+        for rec, k in zip(records, keys, strict=True):
             if k in seen:
                 first = seen[k]
                 _reject(res, rec, "duplicate", f"exact duplicate of {first.where}")
@@ -217,13 +217,13 @@ def _dedup(records: list[Record], cfg: DataConfig, res: Result, keys: list[str])
     return records, keys, sigs
 
 
-def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> list[int]:
+def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> tuple[list[int], list[int]]:
     from .stats import prompt_length, token_lengths
 
     with _bar("Tokenizing", len(records)) as adv:
         lengths = token_lengths(tokenizer, records, on_batch=adv)
     keep = []
-    for i, (rec, n) in enumerate(zip(records, lengths)):
+    for i, (rec, n) in enumerate(zip(records, lengths, strict=True)):
         if n < 0:
             _reject(res, rec, "template_error", "the chat template cannot render this record")
             continue
@@ -243,7 +243,7 @@ def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> l
 
 def _split(records: list[Record], keys: list[str], cfg: DataConfig) -> tuple[list[str], int]:
     """Group-aware, deterministic: groups ordered by a seeded hash, cut by record counts."""
-    gkeys = [r.group if cfg.group_by else k for r, k in zip(records, keys)]
+    gkeys = [r.group if cfg.group_by else k for r, k in zip(records, keys, strict=True)]
     sizes: dict[str, int] = {}
     for g in gkeys:
         sizes[g] = sizes.get(g, 0) + 1
@@ -314,7 +314,9 @@ def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
             res.leak_exact += 1
             _reject(res, records[i], "leakage", f"exact duplicate of a train record (split '{assign[i]}')")
     rest = [i for i in held if i not in leaked]
-    if rest and idx["train"]:
+    # After near dedup no two kept records are near-duplicates, so only dedup=exact|off needs the
+    # (second) LSH pass over train.
+    if rest and idx["train"] and cfg.dedup != "near":
         for i, j in sorted(dd.cross_matches(sigs, cfg.near_threshold, idx["train"], rest).items()):
             leaked.add(i)
             res.leak_near += 1
@@ -473,7 +475,8 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
             "seed": cfg.seed, "group_by": cfg.group_by, "groups": res.n_groups,
         },
         "leakage": {
-            "checked": ["exact", f"near (MinHash Jaccard >= {cfg.near_threshold})"],
+            "checked": ["exact", f"near (MinHash Jaccard >= {cfg.near_threshold})"
+                        + (" via global near dedup" if cfg.dedup == "near" else "")],
             "exact_removed": res.leak_exact, "near_removed": res.leak_near, "remaining": 0,
         },
         "tokens": None,

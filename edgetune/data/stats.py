@@ -77,7 +77,7 @@ def token_lengths(tokenizer, records: Sequence[Record], on_batch: Callable[[int]
         for rendered in texts:
             ok = [t if t is not None else "" for t in rendered]
             ids = tokenizer(ok, add_special_tokens=False)["input_ids"] if ok else []
-            chat_lens.append([len(x) if t is not None else -1 for x, t in zip(ids, rendered)])
+            chat_lens.append([len(x) if t is not None else -1 for x, t in zip(ids, rendered, strict=True)])
         plain = [r.text for r in chunk if r.kind == "text"]
         plain_ids = tokenizer(plain)["input_ids"] if plain else []
         ci = ti = 0
