@@ -110,7 +110,7 @@ def test_adapter_moves_greedy_answer_toward_target(tiny_llama_dir, tmp_path):
         with torch.no_grad():
             gen = model.generate(prompt, max_new_tokens=len(target), do_sample=False)[0, prompt.shape[1]:].tolist()
             pred = model(full).logits[0, prompt.shape[1] - 1 : -1].argmax(-1).tolist()
-        return gen, sum(p == t for p, t in zip(pred, target)) / len(target)
+        return gen, sum(p == t for p, t in zip(pred, target, strict=False)) / len(target)
 
     with model.disable_adapter():
         base_gen, base_acc = answer_and_accuracy()

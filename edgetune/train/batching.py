@@ -20,6 +20,7 @@ and on padding. The plan for an epoch depends only on ``(seed, epoch)``, which i
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,18 @@ def plan_epoch(
 def padding_fraction(batches: list[Batch]) -> float:
     slots = sum(b.n_slots for b in batches)
     return 1.0 - sum(b.n_tokens for b in batches) / slots if slots else 0.0
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    def f(step: int) -> float:  # step = number of scheduler steps already taken
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

@@ -59,9 +59,9 @@ def plot_loss(out_dir: Path, rows: list[dict]) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+        ax.plot(*zip(*train, strict=False), label="train loss", lw=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", lw=1.5)
+        ax.plot(*zip(*val, strict=False), "o-", label="val loss", lw=1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
     ax.grid(alpha=0.3)

@@ -13,8 +13,6 @@ import contextlib
 import math
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -25,14 +23,10 @@ import torch.nn.functional as F
 from ..console import console
 from ..errors import EdgetuneError, UnsupportedError
 from . import batching, report
+from .batching import lr_lambda
+from .common import RESUME_KEYS, StopFlag, TrainingInterrupted
 
 STATE_FILE = "trainer_state.pt"
-# settings that change which batches a step sees: a resumed run must not differ in them
-_RESUME_KEYS = ("seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "method", "rank")
-
-
-class TrainingInterrupted(EdgetuneError):
-    pass
 
 
 def resolve_precision(cfg, device: str) -> str:
@@ -47,21 +41,6 @@ def resolve_precision(cfg, device: str) -> str:
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"  # mps: fp32 is the dependable choice for training there
-
-
-def lr_lambda(total: int, warmup: int, kind: str):
-    def f(step: int) -> float:  # step = number of scheduler steps already taken
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 class CompletionLoss(torch.nn.Module):
@@ -128,30 +107,6 @@ def _fix_adapter_config(adapter_dir: Path, model_dir: Path) -> None:
     cfg = json.loads(p.read_text())
     cfg["base_model_name_or_path"] = str(model_dir)
     p.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-class _StopFlag:
-    """First SIGINT/SIGTERM asks the loop to stop at the next step boundary (it then checkpoints);
-    a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
 
 
 def load_model(model_dir: Path, cfg, device: str, precision: str):
@@ -279,7 +234,7 @@ def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_s
     state = None
     if resume and (ckpt_last / STATE_FILE).exists():
         state = torch.load(ckpt_last / STATE_FILE, weights_only=False)
-        changed = [k for k in _RESUME_KEYS if state["cfg"].get(k) != getattr(cfg, k)]
+        changed = [k for k in RESUME_KEYS if state["cfg"].get(k) != getattr(cfg, k)]
         if changed:
             raise EdgetuneError(
                 f"Cannot resume: {', '.join(changed)} differ from the checkpointed run.",
@@ -380,7 +335,7 @@ def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_s
             _fix_adapter_config(tmp, model_dir)
             torch.save(
                 {
-                    "cfg": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+                    "cfg": {k: getattr(cfg, k) for k in RESUME_KEYS},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
                     "step": step, "epoch": epoch, "index": index, "tokens_seen": tokens_seen,
                     "elapsed": elapsed + (time.perf_counter() - t_loop), "rows": rows, "losses": losses,
@@ -444,7 +399,7 @@ def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_s
         transient=False,
     )
     last_val = "-" if best_val is None else f"{rows[-1].get('val_loss', best_val):.3f}"
-    with _StopFlag() as stop, (bar if main else contextlib.nullcontext()):
+    with StopFlag() as stop, (bar if main else contextlib.nullcontext()):
         task = bar.add_task("train", total=total, completed=step, ep=0.0, loss="-", val=last_val, tps="-") if main else None
         while step < total:
             t0 = time.perf_counter()
