@@ -273,6 +273,9 @@ class Family:
     default_system: str | None = None  # regex over the rendering of [user "@U@"]; group 1 = default system
     default_block: str = ""  # Go text emitted when the first message is not a system message
     note: str = ""
+    # (placeholder, regex over the rendering of [user "@U@"]): fixed text the Jinja template
+    # always emits (e.g. Llama 3.1's knowledge-date preamble), copied into the Go template
+    probes: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -287,6 +290,21 @@ FAMILIES: tuple[Family, ...] = (
         default_system=r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n@U@",
         default_block="{{- if ne (index .Messages 0).Role \"system\" }}<|im_start|>system\n@TEXT@<|im_end|>\n{{ end }}\n",
         note="tool calls / tool results are not rendered (the Jinja tool branches have no Go counterpart here)",
+    ),
+    Family(
+        "llama3.1",  # Llama-3.1/3.2/3.3-Instruct: a system header is always sent, with a dated preamble
+        lambda j: "<|start_header_id|>" in j and "Cutting Knowledge Date" in j,
+        "<|start_header_id|>system<|end_header_id|>\n\n@PREAMBLE@"
+        "{{ if eq (index .Messages 0).Role \"system\" }}{{ (index .Messages 0).Content }}{{ end }}<|eot_id|>\n"
+        "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+        "{{- if not (and (eq $i 0) (eq .Role \"system\")) }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>\n{{- end }}\n"
+        "{{- if and $last (ne .Role \"assistant\") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}\n"
+        "{{- end }}",
+        ("<|eot_id|>", "<|eom_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+        probes=(("@PREAMBLE@", r"^<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"),),
+        note="the template's 'Today Date' is frozen at export time; tool calls are not rendered; "
+             "the Jinja template trims each message's content, Ollama passes it unchanged",
     ),
     Family(
         "llama3",  # Meta-Llama-3-8B-Instruct; BOS comes from the tokenizer (add_bos_token)
@@ -766,6 +784,15 @@ def go_template_for(info: ModelInfo) -> tuple[Family, str]:
         if m and m.group(1):
             default_block = fam.default_block.replace("@TEXT@", _go_literal(m.group(1)))
     go = go.replace("@DEFAULT@", default_block)
+    if fam.probes:
+        try:
+            probe = render_jinja(jinja, [{"role": "user", "content": "@U@"}], add_generation_prompt=True,
+                                 bos_token="@BOS@", eos_token=info.eos_token).removeprefix("@BOS@")
+        except TemplateRejected:
+            probe = ""
+        for placeholder, rx in fam.probes:
+            m = re.search(rx, probe, re.S)
+            go = go.replace(placeholder, _go_literal(m.group(1)) if m else "")
     # BOS: llama.cpp adds it when the GGUF says add_bos_token; otherwise the template must carry it.
     if not info.add_bos and info.bos_token:
         try:
