@@ -171,3 +171,30 @@ def test_missing_inputs_are_clear_errors(tmp_path):
         write_modelfile(tmp_path / "nope.gguf", tmp_path, "x")
     with pytest.raises(EdgetuneError, match="Modelfile not found"):
         check_modelfile(tmp_path / "Modelfile")
+
+
+def test_system_defaults_to_training_data_dominant_prompt(tmp_path):
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    data = tmp_path / "train.jsonl"
+    sys_a = 'You turn tickets into JSON.\nKeys: "team", "urgency".'
+    rows = [{"messages": [{"role": "system", "content": sys_a}, {"role": "user", "content": f"t{i}"},
+                          {"role": "assistant", "content": "{}"}]} for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "no system"}, {"role": "assistant", "content": "{}"}]})
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    mf = read_modelfile(write_modelfile(gguf, tmp_path, "x", train_data=data))
+    assert mf.get("system") == sys_a
+    mf = read_modelfile(write_modelfile(gguf, tmp_path, "x", train_data=data, system="explicit wins"))
+    assert mf.get("system") == "explicit wins"
+
+
+def test_ollama_message_handling():
+    """SYSTEM is prepended only when the chat has no system message; consecutive same-role
+    messages are merged with a blank line (Ollama's collate), tool results are not."""
+    from edgetune.export.ollama import ollama_messages
+
+    system, msgs = ollama_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                    {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"}], "S")
+    assert system == "S"
+    assert [(m["Role"], m["Content"]) for m in msgs] == [("system", "S"), ("user", "a\n\nb"), ("tool", "t1"), ("tool", "t2")]
+    system, msgs = ollama_messages([{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}], "S")
+    assert system == "mine" and msgs[0]["Content"] == "mine"

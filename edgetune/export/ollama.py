@@ -593,14 +593,15 @@ def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: 
 
 def ollama_messages(messages: list[dict], system: str | None) -> tuple[str, list[dict]]:
     """Messages as Ollama hands them to a template: SYSTEM prepended when the chat has none,
-    then ``collate`` (consecutive same-role messages merged with a blank line)."""
+    then ``collate`` (consecutive same-role messages, tool results excepted, merged with a blank
+    line). Source: ollama server/routes.go ChatHandler and template/template.go collate."""
     msgs = [dict(m) for m in messages]
     if system and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": system})
     sys_parts = [m["content"] for m in msgs if m["role"] == "system"]
     collated: list[dict] = []
     for m in msgs:
-        if collated and collated[-1]["Role"] == m["role"]:
+        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
             collated[-1]["Content"] += "\n\n" + m["content"]
         else:
             collated.append({"Role": m["role"], "Content": m["content"]})
