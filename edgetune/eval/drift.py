@@ -1,0 +1,90 @@
+"""Quantization drift: per-token KL divergence and top-1 agreement, teacher-forced over references.
+
+Both models read the *same token ids* (the reference model's tokenization of prompt + reference
+answer) and are compared at every reference-answer position. The comparison itself is
+:func:`edgetune.export.verify.drift` — the same function the export stage uses to verify a
+GGUF — so "drift" means one thing across edgetune.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..config import EvalConfig
+from ..console import progress
+from ..errors import EdgetuneError
+from .data import Example
+from .runners import Runner, Spec, make_runner, parse_spec
+
+
+def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], label: str) -> dict[str, Any]:
+    """KL(reference || candidate) and top-1 agreement over every reference-answer token."""
+    from ..export.verify import combine, drift
+
+    for r in (reference, candidate):
+        if not r.supports_logits:
+            raise EdgetuneError(f"{r.spec}: the {r.kind} runner has no logits, so drift cannot be measured.",
+                                fix="compare runners with logits: hf, mlx or gguf")
+    rows = []
+    per_example = []
+    with progress() as bar:
+        task = bar.add_task(f"drift {label}", total=len(examples))
+        for ex in examples:
+            ids, n_prompt = reference.encode(ex.messages, ex.reference)
+            if len(ids) <= n_prompt:
+                bar.advance(task)
+                continue
+            lr = reference.logits(ids)[n_prompt - 1 : len(ids) - 1]
+            lc = candidate.logits(ids)[n_prompt - 1 : len(ids) - 1]
+            # HF checkpoints often pad the output layer past the tokenizer; compare the shared ids
+            v = min(lr.shape[-1], lc.shape[-1])
+            row = drift(np.asarray(lr[:, :v]), np.asarray(lc[:, :v]), ex.id)
+            rows.append(row)
+            per_example.append({"id": ex.id, "tokens": row.positions, "kl": row.mean_kl, "top1": row.top1})
+            bar.advance(task)
+    if not rows:
+        raise EdgetuneError("No reference tokens to compare (empty references?).")
+    total = combine(rows, label)
+    kls = sorted(p["kl"] for p in per_example)
+    return {
+        "reference": reference.spec, "candidate": candidate.spec, "tokens": total.positions,
+        "kl": total.mean_kl, "top1_agreement": total.top1, "max_abs_logit_diff": total.max_abs,
+        "kl_p95_example": float(np.percentile(kls, 95)), "examples": per_example,
+    }
+
+
+def run_drift(reference_spec: str, candidate_specs: list[str], examples: list[Example], cfg: EvalConfig | None = None) -> dict:
+    """Load the reference once and compare each candidate to it (one candidate in memory at a time)."""
+    from .core import runner_options
+
+    cfg = cfg or EvalConfig()
+    opts = runner_options(cfg)
+    ref_spec = parse_spec(reference_spec)
+    ref = make_runner(ref_spec, **opts)
+    out: dict[str, Any] = {"reference": ref_spec.name, "candidates": {}}
+    try:
+        for cs in candidate_specs:
+            spec = parse_spec(cs)
+            cand = make_runner(spec, **opts)
+            try:
+                out["candidates"][spec.name] = drift_pair(ref, cand, examples, spec.name)
+            finally:
+                cand.close()
+    finally:
+        ref.close()
+    return out
+
+
+def drift_many(specs: list[Spec], reference_name: str, examples: list[Example], cfg: EvalConfig) -> dict:
+    """Drift of every evaluated model with logits against the one named ``reference_name``."""
+    from .runners import KINDS
+
+    ref = next((s for s in specs if reference_name in (s.name, s.raw)), None)
+    if ref is None:
+        raise EdgetuneError(f"drift reference {reference_name!r} is not one of the evaluated models.",
+                            fix=f"use one of: {', '.join(s.name for s in specs)}")
+    logit_kinds = {k for k in KINDS if k in ("hf", "mlx", "gguf")}
+    cands = [s.raw for s in specs if s is not ref and s.kind in logit_kinds]
+    return run_drift(ref.raw, cands, examples, cfg)

@@ -1,0 +1,125 @@
+"""transformers runner, with an optional PEFT adapter (``hf:BASE+adapter:ADAPTER_DIR``).
+
+Prompts go through :func:`edgetune.data.template.render_prompt`, the same rendering training
+uses, so the model is evaluated on exactly the prompt format it was tuned on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import EdgetuneError, MissingDependencyError
+from .base import GenParams, Generation, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class HFRunner(Runner):
+    kind = "hf"
+    supports_logits = True
+
+    def __init__(self, target: str, adapter: str | None = None, dtype: str = "float32", device: str | None = None,
+                 chat_template: str | None = None, num_threads: int | None = None):
+        super().__init__(f"hf:{target}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise MissingDependencyError("torch", "torch", "The hf runner") from None
+        from ...data.template import load_tokenizer
+
+        self.path = Path(target).expanduser()
+        if not (self.path / "config.json").is_file():
+            raise EdgetuneError(f"Not an HF model folder (no config.json): {self.path}", where=str(self.path),
+                                fix="pass a folder written by save_pretrained / edgetune fuse")
+        if dtype not in DTYPES:
+            raise EdgetuneError(f"eval dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.torch = torch
+        self.tokenizer = load_tokenizer(self.path, chat_template)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch_dtype, local_files_only=True)
+        self.adapter = None
+        if adapter:
+            self.adapter = Path(adapter).expanduser()
+            if not (self.adapter / "adapter_config.json").is_file():
+                raise EdgetuneError(f"Not a PEFT adapter folder (no adapter_config.json): {self.adapter}",
+                                    where=str(self.adapter), fix="pass the adapter/ folder written by edgetune train")
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise MissingDependencyError("peft", "torch", "Evaluating a PEFT adapter") from None
+            self.model = PeftModel.from_pretrained(self.model, str(self.adapter))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = sorted(e for e in eos if e is not None)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from ...data.template import render_prompt
+
+        return render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        # the rendered template already holds every special token the model expects
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, messages: list[dict], params: GenParams) -> Generation:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        torch = self.torch
+        timer = Timer()
+
+        class _FirstToken(StoppingCriteria):
+            # called once per generated token: the first call is the time to first token
+            def __call__(self, input_ids, scores, **kwargs):
+                timer.first()
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        ids = self.tokenize(self.render(messages, True))
+        inp = torch.tensor([ids], device=self.device)
+        kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=self.eos_ids[0],
+                  eos_token_id=self.eos_ids, stopping_criteria=StoppingCriteriaList([_FirstToken()]))
+        if params.temperature > 0:
+            torch.manual_seed(params.seed)
+            kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **kw)
+        new = out[0, len(ids):].tolist()
+        finish = "length"
+        if new and new[-1] in self.eos_ids:
+            new, finish = new[:-1], "stop"
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        if params.stop:
+            text, hit = cut_at_stop(text, params.stop)
+            finish = "stop" if hit else finish
+        n_gen = len(out[0]) - len(ids)
+        return Generation(text, len(ids), n_gen, timer.ttft, timer.elapsed(), finish)
+
+    def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
+        prompt, full = prefix_and_full(self.render, messages, reference)
+        return join_ids(self.tokenize, prompt, full)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(torch.tensor([ids], device=self.device)).logits[0]
+        return out.float().cpu().numpy()
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "spec": self.spec, "path": str(self.path),
+                "adapter": str(self.adapter) if self.adapter else None, "dtype": str(self.model.dtype)}
+
+    def close(self) -> None:
+        self.model = None
