@@ -342,32 +342,31 @@ def _eval_inputs(c: Ctx) -> dict:
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
     specs = eval_specs(c)
-    report = evaluate(_eval_data(c), list(specs.values()), c.run_dir / "eval", c.cfg.eval, baseline=specs["base"])
-    return {"specs": specs, "metrics": extract_metrics(report, specs, c.run_dir / "eval")}
+    report = evaluate(_eval_data(c), [f"{k}={v}" for k, v in specs.items()], c.run_dir / "eval", c.cfg.eval, baseline="base")
+    gates = report.get("gates") or {}
+    summary = {
+        "specs": specs,
+        "headline": report.get("headline"),
+        "n_examples": report.get("n_examples"),
+        "metrics": extract_metrics(report),
+        "gates_passed": gates.get("passed", True),
+        "report": str(c.run_dir / "eval" / "report.md"),
+    }
+    if not summary["gates_passed"]:
+        # the run stops here: a model that fails its gates is not registered
+        c.manifest["stages"]["eval"]["summary"] = summary
+        from .eval.gates import describe
+
+        failed = "; ".join(describe(f) for f in gates.get("failures", [])) or "see the report"
+        raise EdgetuneError(f"Eval gates failed: {failed}", where=summary["report"], fix="improve the model or relax eval.gates / eval.max_regression")
+    return summary
 
 
-def extract_metrics(report: Any, specs: dict[str, str], eval_dir: Path) -> dict[str, dict[str, float]]:
-    """label -> {metric: value} from whatever the eval stage returned or wrote (report.json)."""
-    if not isinstance(report, dict) and (eval_dir / "report.json").is_file():
-        report = read_json(eval_dir / "report.json")
-    if not isinstance(report, dict):
-        return {}
-    models = report.get("models", report.get("results", report))
-    by_spec: dict[str, dict] = {}
-    if isinstance(models, list):
-        for m in models:
-            if isinstance(m, dict):
-                key = m.get("spec") or m.get("model") or m.get("name")
-                by_spec[str(key)] = m.get("metrics", m.get("aggregate", m))
-    elif isinstance(models, dict):
-        for key, m in models.items():
-            if isinstance(m, dict):
-                by_spec[str(key)] = m.get("metrics", m.get("aggregate", m))
+def extract_metrics(report: dict) -> dict[str, dict[str, float]]:
+    """model name -> its flat numeric metrics (task metrics unprefixed, regression set prefixed)."""
     out = {}
-    for label, spec in specs.items():
-        m = by_spec.get(spec) or by_spec.get(label)
-        if isinstance(m, dict):
-            out[label] = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for m in report.get("models", []):
+        out[m["name"]] = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return out
 
 
@@ -441,6 +440,8 @@ def _register_run(c: Ctx, resume: bool) -> dict:
     if "Modelfile" in arts:
         # the registry copy of the Modelfile points at the registry copy of its GGUF
         texts["Modelfile"] = _rebase_modelfile(arts.pop("Modelfile").read_text(encoding="utf-8"), c.gguf_path(c.modelfile_quant).name)
+    for rel, text in texts.items():
+        hashes[rel] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "size": len(text.encode())}
     entry, created = registry.register(c.model_name, body, arts, fingerprint, texts=texts)
     return {"ref": entry.ref, "path": str(entry.path), "created": created}
 

@@ -62,7 +62,7 @@ def quickstart(overrides, from_stage):
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
     return str(v)
 
 
@@ -83,13 +83,13 @@ def print_summary(result, seconds: float) -> None:
         out.print(f"  Modelfile    {modelfile}  (template check: {st('ollama').get('check', '?')})")
     metrics = st("eval").get("metrics") or {}
     if metrics:
-        names = _metric_columns(metrics)
+        cols = _metric_columns(metrics, st("eval").get("headline"))
         table = Table(title="eval on the held-out test split", title_justify="left")
-        table.add_column("model")
-        for n in names:
-            table.add_column(n, justify="right")
+        table.add_column("model", no_wrap=True)
+        for _, header in cols:
+            table.add_column(header, justify="right", no_wrap=True)
         for label, m in metrics.items():
-            table.add_row(label, *[_fmt(m.get(n, "")) for n in names])
+            table.add_row(label, *[_fmt(m.get(k, "")) for k, _ in cols])
         out.print(table)
         if "eval" in done:
             out.print(f"  report: {result.run_dir / 'eval' / 'report.md'}")
@@ -115,19 +115,23 @@ def _quant_of(path: str, gguf: dict) -> str | None:
     return None
 
 
-# the task metrics people read first; others follow in the report
-_PREFERRED = ("json_valid", "field_accuracy", "exact_match", "accuracy", "macro_f1", "rouge_l", "nll", "tokens_per_s")
+_SHORT = {"json_fields": "fields", "json_valid": "json", "exact_match": "exact", "tokens_per_s": "tok/s",
+          "regression.pass_rate": "regression"}
 
 
-def _metric_columns(metrics: dict) -> list[str]:
+def _metric_columns(metrics: dict, headline: str | None) -> list[tuple[str, str]]:
+    """(metric key, column header): the headline task metric, per-field scores, validity, speed."""
     present: list[str] = []
     for m in metrics.values():
-        for k in m:
-            if k not in present:
-                present.append(k)
-    first = [p for p in _PREFERRED if p in present]
-    rest = [k for k in present if k not in first]
-    return (first + rest)[:6]
+        present += [k for k in m if k not in present]
+    want = [headline] if headline else []
+    want += [k for k in present if k.startswith("per_field.")]
+    want += ["json_valid", "exact_match", "accuracy", "rouge_l", "regression.pass_rate", "tokens_per_s"]
+    cols: list[tuple[str, str]] = []
+    for k in want:
+        if k and k in present and k not in [c[0] for c in cols]:
+            cols.append((k, _SHORT.get(k, k.split(".", 1)[1] if k.startswith("per_field.") else k)))
+    return cols[:7]
 
 
 @click.command("plan")
