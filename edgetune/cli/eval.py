@@ -1,0 +1,151 @@
+"""``edgetune eval`` (several models side by side) and ``edgetune eval drift``: thin wrappers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import json_option
+
+
+def _load_cfg(recipe):
+    from ..config import EvalConfig, load_config
+
+    return load_config(recipe).eval if recipe else EvalConfig()
+
+
+@click.group("eval", invoke_without_command=True)
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Eval examples (JSONL etc.; last assistant turn = reference).")
+@click.option("--model", "-m", "models", multiple=True, metavar="SPEC",
+              help="[NAME=]hf:DIR[+adapter:DIR] | mlx:DIR[+adapter:DIR] | gguf:FILE[+adapter:LORA.gguf] | ollama:NAME | openai:[MODEL@]URL. Repeat to compare.")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default="eval-report", show_default=True,
+              help="Folder for report.json / report.md / report.html.")
+@click.option("--baseline", default=None, help="Model name (or spec) deltas and --max-regression compare against. Default: the first.")
+@click.option("--metric", "metrics", multiple=True, help="Metric(s) to compute (default: chosen from the references).")
+@click.option("--max-tokens", type=int, default=None, help="Generation budget per answer (default 256).")
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default).")
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Extra stop string (repeatable).")
+@click.option("--limit", type=int, default=None, help="Evaluate at most N examples.")
+@click.option("--regression/--no-regression", default=None, help="Also run the shipped general-capability set (default on).")
+@click.option("--nll/--no-nll", default=None, help="Mean NLL / perplexity of references where the runner has logits (default on).")
+@click.option("--schema", type=click.Path(dir_okay=False), default=None, help="JSON schema for json_schema (default: inferred).")
+@click.option("--regex", default=None, help="Pattern for the regex metric.")
+@click.option("--min", "mins", multiple=True, metavar="METRIC=VALUE", help="Gate: every non-baseline model must reach VALUE.")
+@click.option("--max-regression", "max_reg", multiple=True, metavar="METRIC=DELTA", help="Gate: at most DELTA worse than the baseline.")
+@click.option("--judge", default=None, metavar="SPEC", help="Pairwise LLM-as-judge vs the baseline, both orders (off by default).")
+@click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
+@click.option("--n-ctx", type=int, default=None, help="llama.cpp context for gguf models (default 2048).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype.")
+@click.option("--chat-template", default=None, help="Template file or family for models without one.")
+@click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
+@json_option
+@click.pass_context
+def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
+               regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, dtype, chat_template,
+               recipe, as_json):
+    """Evaluate models side by side on the same examples; measure quantization drift.
+
+    \b
+    edgetune eval --data test.jsonl -m base=hf:models/base/x -m tuned=hf:models/base/x+adapter:runs/r/adapter \\
+        -m q4=gguf:runs/r/gguf/model-q4_k_m.gguf --min json_fields=0.8 --max-regression regression.pass_rate=0.1
+
+    Exit code 1 when a gate fails (the failing numbers are printed).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..config import override
+    from ..console import console, out
+    from ..errors import EdgetuneError
+    from ..eval import evaluate
+    from ..eval.gates import describe, parse_gate_args
+
+    cfg = _load_cfg(recipe)
+    data_path = data_path or cfg.data
+    if not data_path:
+        raise EdgetuneError("No eval data.", fix="pass --data test.jsonl")
+    if not models:
+        raise EdgetuneError("No models to evaluate.", fix="pass --model SPEC, e.g. -m hf:models/base/smollm2-135m-instruct")
+    gates = {**cfg.gates, **parse_gate_args(mins, "--min")}
+    max_regression = {**cfg.max_regression, **parse_gate_args(max_reg, "--max-regression")}
+    cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                   seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
+                   regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, dtype=dtype,
+                   chat_template=chat_template, baseline=baseline, gates=gates, max_regression=max_regression)
+    report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline)
+    if as_json:
+        out.print_json(json.dumps({"models": report["models"], "deltas": report["deltas"], "gates": report["gates"],
+                                   "drift": report.get("drift")}, default=str))
+    else:
+        out.print(summary_table(report))
+        console.print(f"report: {out_dir}/report.md, report.html, report.json")
+    gates_res = report["gates"]
+    if not gates_res["passed"]:
+        console.print("[bold red]gate failed:[/]")
+        for c in gates_res["failures"]:
+            console.print(f"  {describe(c)}", highlight=False)
+        sys.exit(1)
+
+
+def summary_table(report: dict):
+    from rich.table import Table
+
+    from ..eval.report import fmt, fmt_delta
+
+    head = report["headline"]
+    keys = [head] + [k for k in ("json_valid", "accuracy", "macro_f1", "exact_match", "rouge_l", "nll", "ttft_s",
+                                 "tokens_per_s", "regression.pass_rate") if k != head]
+    keys = [k for k in keys if any(k in m["metrics"] for m in report["models"])]
+    t = Table(title=f"eval ({report['n_examples'].get('task', 0)} examples, baseline {report['baseline']})")
+    t.add_column("model")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for m in report["models"]:
+        d = report["deltas"].get(m["name"], {})
+        cells = []
+        for k in keys:
+            c = fmt(k, m["metrics"].get(k))
+            if k in d and k == head:
+                c += f" ({fmt_delta(k, d[k])})"
+            cells.append(c)
+        t.add_row(m["name"], *cells)
+    return t
+
+
+@eval_group.command("drift")
+@click.option("--reference", "-r", required=True, metavar="SPEC", help="Reference model, e.g. hf:runs/r/fused.")
+@click.option("--candidate", "-c", "candidates", multiple=True, required=True, metavar="SPEC", help="Model(s) to compare, e.g. gguf:q4.gguf.")
+@click.option("--data", "data_path", type=click.Path(), required=True, help="Examples whose reference answers are scored.")
+@click.option("--limit", type=int, default=None, help="At most N examples.")
+@click.option("--output", "-o", "out_file", type=click.Path(dir_okay=False), default=None, help="Write drift.json here.")
+@click.option("--n-ctx", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None)
+@json_option
+def drift_cmd(reference, candidates, data_path, limit, out_file, n_ctx, dtype, as_json):
+    """Per-token KL divergence and top-1 agreement of CANDIDATE vs REFERENCE, teacher-forced over the
+    reference answers: the standard measure of what quantization cost."""
+    from rich.table import Table
+
+    from ..config import EvalConfig, override
+    from ..console import out
+    from ..eval.data import load_examples
+    from ..eval.drift import run_drift
+    from ..io import write_json
+
+    cfg = override(EvalConfig(), n_ctx=n_ctx, dtype=dtype, limit=limit)
+    examples = load_examples(data_path, cfg.limit)
+    res = run_drift(reference, list(candidates), examples, cfg)
+    if out_file:
+        write_json(out_file, res)
+    if as_json:
+        out.print_json(json.dumps(res))
+        return
+    t = Table(title=f"drift vs {res['reference']} ({len(examples)} examples)")
+    for col in ("candidate", "tokens", "mean KL (nats)", "top-1 agreement", "max |Δlogit|"):
+        t.add_column(col, justify="right" if col != "candidate" else "left")
+    for name, d in res["candidates"].items():
+        t.add_row(name, str(d["tokens"]), f"{d['kl']:.4f}", f"{100 * d['top1_agreement']:.1f}%", f"{d['max_abs_logit_diff']:.3f}")
+    out.print(t)
