@@ -95,3 +95,9 @@ def test_csv_rows_report_the_empty_cell():
     rep = validate(CORPUS / "table.csv", DataConfig())
     assert rep.usable == 3
     assert rep.problems == [f"{CORPUS / 'table.csv'}:5 [output]: missing field 'output'"]
+
+
+def test_hub_id_offline_is_a_clear_unreadable_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rep = validate("nobody/no-such-dataset-xyz", DataConfig())
+    assert rep.exit_code == 2 and "not a local path" in rep.fatal

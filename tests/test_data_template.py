@@ -97,3 +97,43 @@ def test_missing_template_is_refused_unless_given(tokenizer_dir, tmp_path):
         load_tokenizer(tmp_path, chat_template="no-such-family")
     with pytest.raises(EdgetuneError, match="not found"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_prefix_inconsistent_template_still_masks_each_assistant_turn(tokenizer_dir):
+    """A Qwen3-style template drops earlier turns' reasoning, so prefixes are not prefixes."""
+    tok = load_tokenizer(tokenizer_dir)
+    tok.chat_template = (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ '<|im_start|>assistant\\n' + m['content'].split('</think>')[-1].lstrip() + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    conv = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "<think>hidden</think> Answer one."},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "<think>more</think> Answer two."},
+    ]
+    enc = encode_example(tok, {"messages": conv})
+    assert enc.input_ids == list(tok.apply_chat_template(conv, tokenize=True, return_dict=False))
+    assert _loss_segments(tok, enc) == ["Answer one.<|im_end|>", "<think>more</think> Answer two.<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "gemma", "mistral", "phi3", "zephyr"])
+def test_known_families_mask_assistant_content_and_turn_end(tokenizer_dir, family):
+    from edgetune.data.template import KNOWN_TEMPLATES
+
+    tok = load_tokenizer(tokenizer_dir, chat_template=family)
+    assert tok.chat_template == KNOWN_TEMPLATES[family]
+    conv = CONV[1:] if family == "mistral" else CONV
+    enc = encode_example(tok, {"messages": conv})
+    assert enc.input_ids == list(tok.apply_chat_template(conv, tokenize=True, return_dict=False))
+    segs = _loss_segments(tok, enc)
+    answers = [m["content"] for m in conv if m["role"] == "assistant"]
+    assert len(segs) == len(answers)
+    for seg, ans in zip(segs, answers, strict=True):
+        assert seg.strip().startswith(ans.strip()) and len(seg.strip()) > len(ans.strip())  # + end-of-turn
+    assert not any(u["content"] in "".join(segs) for u in conv if u["role"] != "assistant")
+    if family == "gemma":
+        assert "Be brief.\n\nHi there" in render_prompt(tok, CONV[:2])

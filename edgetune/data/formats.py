@@ -40,7 +40,7 @@ class Problem(Exception):
         super().__init__(message)
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     messages: list[dict]  # [{"role", "content"}]; for text: [] ; for preference: the prompt turns
     kind: str  # chat | completion | text | preference

@@ -9,6 +9,7 @@ first bad line with a pyarrow traceback, while a user needs *every* bad line rep
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ BOM = b"\xef\xbb\xbf"
 JSON_COLUMNS = ("messages", "conversations", "chosen", "rejected", "prompt", "tools")
 
 
+class RawLine(str):
+    """A JSONL line kept as text (about a third of the parsed dict's memory); parsed again only
+    if the record ends up in rejects.jsonl."""
+
+
 @dataclass
 class RawItem:
     source: str
@@ -34,6 +40,7 @@ class RawItem:
     obj: Any = None
     problem: Problem | None = None
     raw: str | None = None  # the undecodable/unparseable text (shortened) for rejects.jsonl
+    line_text: RawLine | None = None  # JSONL: the line itself (what rejects.jsonl shows)
 
 
 def _unreadable(msg: str, where: str, fix: str) -> EdgetuneError:
@@ -42,6 +49,29 @@ def _unreadable(msg: str, where: str, fix: str) -> EdgetuneError:
 
 def is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists())
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """``owner/name`` that is not a local path: a Hugging Face Hub dataset id."""
+    s = str(path)
+    return not Path(s).expanduser().exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) is not None
+
+
+def iter_hub(repo_id: str) -> Iterator[RawItem]:
+    """Rows of a Hub dataset (all splits, sorted). Only when the user passes an id and has network."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(repo_id)
+    except Exception as exc:  # offline, unknown id, auth: all mean "cannot read this input"
+        raise _unreadable(
+            f"{repo_id!r} is not a local path, and loading it as a Hub dataset failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            repo_id, "check the id and your network (HF_HUB_OFFLINE=1 blocks the Hub), or pass a local path",
+        ) from None
+    for split in sorted(loaded):
+        yield from _rows_from_dataset(loaded[split], f"hub:{repo_id}[{split}]", 1)
 
 
 def list_sources(path: str | Path) -> list[Path]:
@@ -126,7 +156,7 @@ def iter_jsonl(path: Path) -> Iterator[RawItem]:
             except RecursionError:
                 yield RawItem(src, lineno, problem=Problem("bad_json", "JSON nested too deeply"), raw=_shorten(text))
                 continue
-            yield RawItem(src, lineno, obj=obj)
+            yield RawItem(src, lineno, obj=obj, line_text=RawLine(text.strip()))
 
 
 def iter_json(path: Path) -> Iterator[RawItem]:

@@ -27,7 +27,7 @@ from ..io import atomic_path, sha256_dir, sha256_file, write_json
 from . import dedup as dd
 from .clean import PII_KINDS, clean_text, redact_pii
 from .formats import Problem, Record, normalise
-from .load import iter_source, list_sources
+from .load import RawLine, is_hub_id, iter_hub, iter_source, list_sources
 
 # Reasons that are a problem with the record itself (validate exits 1); the others are policy.
 RECORD_PROBLEMS = {
@@ -52,7 +52,7 @@ class Reject:
         d = {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail}
         if self.field:
             d["field"] = self.field
-        d["record"] = self.record
+        d["record"] = json.loads(self.record) if isinstance(self.record, RawLine) else self.record
         return d
 
     def line_text(self) -> str:
@@ -106,9 +106,10 @@ def _source_hash(p: Path) -> str:
 
 def _read(path, cfg: DataConfig, res: Result) -> list[Record]:
     records: list[Record] = []
-    for src in list_sources(path):
+    hub = is_hub_id(path)
+    for src in [path] if hub else list_sources(path):
         n = 0
-        for item in iter_source(src):
+        for item in iter_hub(str(path)) if hub else iter_source(src):
             n += 1
             if item.problem is not None:
                 p = item.problem
@@ -119,7 +120,8 @@ def _read(path, cfg: DataConfig, res: Result) -> list[Record]:
             except Problem as p:
                 res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.obj))
                 continue
-            rec.source, rec.line, rec.raw = item.source, item.line, item.obj
+            rec.source, rec.line = item.source, item.line
+            rec.raw = item.line_text if item.line_text is not None else item.obj
             if cfg.group_by:
                 g = item.obj.get(cfg.group_by)
                 if g is None or g == "":
@@ -128,7 +130,7 @@ def _read(path, cfg: DataConfig, res: Result) -> list[Record]:
                 rec.group = g if isinstance(g, str) else json.dumps(g, sort_keys=True, ensure_ascii=False)
             res.formats[rec.fmt] += 1
             records.append(rec)
-        res.sources.append({"path": str(src), "sha256": _source_hash(src), "rows": n})
+        res.sources.append({"path": f"hub:{src}" if hub else str(src), "sha256": None if hub else _source_hash(src), "rows": n})
         res.rows_read += n
     return records
 

@@ -39,12 +39,12 @@ KNOWN_TEMPLATES: dict[str, str] = {
     # Gemma / Gemma 2 (no system role: a system message is prepended to the first user turn)
     "gemma": (
         "{{ bos_token }}"
-        "{% set sys = '' %}"
+        "{% set ns = namespace(sys='') %}"
         "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{% set sys = message['content'] + '\n\n' %}"
+        "{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\n\n' %}"
         "{% else %}"
         "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-        "{{ '<start_of_turn>' + role + '\n' + (sys if loop.index0 == 1 and role == 'user' else '')"
+        "{{ '<start_of_turn>' + role + '\n' + (ns.sys if loop.index0 == 1 and role == 'user' else '')"
         " + message['content'] | trim + '<end_of_turn>\n' }}"
         "{% endif %}"
         "{% endfor %}"
@@ -176,7 +176,6 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any) -> 
     """Character spans in ``full`` of each assistant turn: content + end-of-turn token."""
     spans: list[tuple[int, int]] = []
     cursor = 0
-    eot = getattr(tokenizer, "eos_token", None)
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
@@ -194,23 +193,40 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any) -> 
             end = start + len(full[start:end].rstrip())
         else:
             # Prefix-inconsistent template (e.g. one that drops reasoning from earlier turns):
-            # fall back to locating the content in the full rendering.
-            content = str(msg.get("content") or "")
-            start = full.find(content, cursor) if content else -1
-            if start < 0:
+            # render the conversation with this turn's content replaced by a sentinel; what the
+            # real rendering has between the sentinel's prefix and suffix is this turn's text.
+            span = _sentinel_span(tokenizer, messages, i, full, tools, cursor)
+            if span is None:
                 raise EdgetuneError(
                     f"Cannot locate assistant turn {i} in the rendered chat template.",
-                    fix="this template rewrites earlier turns; pass --chat-template with a prefix-stable template",
+                    fix="this template rewrites turns in a way edgetune cannot map; pass --chat-template with a prefix-stable template",
                 )
-            end = start + len(content)
-            rest = full[end:]
-            stripped = rest.lstrip(" ")
-            if eot and stripped.startswith(eot):
-                end += len(rest) - len(stripped) + len(eot)
+            start, end = span
         if end > start:
             spans.append((start, end))
         cursor = max(cursor, end)
     return spans
+
+
+SENTINEL = "\u2063EDGETUNE_SPAN\u2063"
+
+
+def _sentinel_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, int] | None:
+    probe = [dict(m) for m in messages]
+    probe[i]["content"] = SENTINEL
+    rendered = _render(tokenizer, probe, False, tools)
+    if rendered.count(SENTINEL) != 1:
+        return None
+    pre, post = rendered.split(SENTINEL)
+    if not (full.startswith(pre) and full.endswith(post)) or len(pre) + len(post) > len(full) or len(pre) < cursor:
+        return None
+    start, end = len(pre), len(full) - len(post)
+    # the end-of-turn marker right after the content (any special token, e.g. <|im_end|>) is a target
+    specials = sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True)
+    eot = next((t for t in specials if t and full.startswith(t, end)), None)
+    if eot:
+        end += len(eot)
+    return start, end
 
 
 def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Encoded:
