@@ -140,13 +140,16 @@ def test_pii_redaction_counts_per_kind(tmp_path):
     assert out == ("mail [EMAIL] or call [PHONE] / [PHONE], card [CARD], ssn [SSN], server [IP]; "
                    "order 1234567890123 and year 2024 stay")
     assert dict(counts) == {"email": 1, "phone": 2, "card": 1, "ssn": 1, "ip": 1}
-    rows = [{"messages": [{"role": "user", "content": f"I am x{i}@corp.com, ip 10.0.0.{i}"},
-                          {"role": "assistant", "content": f"Noted ticket {i}."}]} for i in range(20)]
+    rng = random.Random(8)
+    rows = [chat(i, rng) for i in range(20)]
+    for i, r in enumerate(rows):
+        r["messages"][1]["content"] += f" I am x{i}@corp.com, ip 10.0.0.{i}"
     src = write_jsonl(tmp_path / "pii.jsonl", rows)
     card = prepare(src, tmp_path / "o", DataConfig(redact_pii=True))
     assert card["cleaning"]["pii_redacted"]["email"] == 20 and card["cleaning"]["pii_redacted"]["ip"] == 20
-    body = "".join((tmp_path / "o" / f"{s}.jsonl").read_text() for s in ("train", "valid", "test"))
-    assert "@corp.com" not in body and "[EMAIL], ip [IP]" in body
+    body = "".join(f.read_text() for f in (tmp_path / "o").glob("*.jsonl") if f.name != "rejects.jsonl")
+    assert card["counts"]["records_out"] == 20
+    assert "@corp.com" not in body and body.count("[EMAIL], ip [IP]") == 20
 
 
 @pytest.mark.parametrize("policy,kept,reason", [("drop", 20, "overlength"), ("truncate", 21, None), ("keep", 22, None)])
@@ -247,3 +250,27 @@ def test_cli_module_imports_nothing_heavy():
     code = "import sys, edgetune.cli.data; print(sorted(m for m in ('torch','transformers','datasets','datasketch','mlx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.mlx
+def test_mlx_lm_reads_the_prepared_splits(tokenizer_dir, tmp_path):
+    """The splits are in mlx-lm's layout: its own loader tokenizes them to our ids."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    rng = random.Random(7)
+    tok = load_tokenizer(tokenizer_dir)
+    for name, rows in {
+        "chat": [chat(i, rng) for i in range(30)],
+        "completion": [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(30)],
+        "text": [{"text": f"some text {i}"} for i in range(30)],
+    }.items():
+        out = tmp_path / name
+        prepare(write_jsonl(tmp_path / f"{name}.jsonl", rows), out, DataConfig(valid_ratio=0.2, test_ratio=0.0))
+        assert not (out / "test.jsonl").exists()
+        train, valid, test = load_local_dataset(out, tok, SimpleNamespace(mask_prompt=False))
+        assert len(train) == 24 and len(valid) == 6 and len(test) == 0
+        mine = [encode_example(tok, r).input_ids for r in read_jsonl(out / "train.jsonl")]
+        assert [list(train.process(train[i])[0]) for i in range(len(train))] == mine

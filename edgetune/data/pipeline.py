@@ -448,7 +448,10 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
         )
     files = {}
     for name in ("train", "valid", "test"):
-        files[f"{name}.jsonl"] = _write_split(out / f"{name}.jsonl", res.splits[name], res.layout)
+        if res.splits[name]:
+            files[f"{name}.jsonl"] = _write_split(out / f"{name}.jsonl", res.splits[name], res.layout)
+        else:  # mlx-lm treats a missing split as empty but crashes on an empty file
+            (out / f"{name}.jsonl").unlink(missing_ok=True)
     files["rejects.jsonl"] = _write_rejects(out / "rejects.jsonl", res)
     card: dict[str, Any] = {
         "edgetune_version": __version__,
