@@ -41,6 +41,7 @@ class RawItem:
     problem: Problem | None = None
     raw: str | None = None  # the undecodable/unparseable text (shortened) for rejects.jsonl
     line_text: RawLine | None = None  # JSONL: the line itself (what rejects.jsonl shows)
+    nbytes: int = 0  # JSONL: bytes consumed (drives the reading progress bar)
 
 
 def _unreadable(msg: str, where: str, fix: str) -> EdgetuneError:
@@ -156,7 +157,7 @@ def iter_jsonl(path: Path) -> Iterator[RawItem]:
             except RecursionError:
                 yield RawItem(src, lineno, problem=Problem("bad_json", "JSON nested too deeply"), raw=_shorten(text))
                 continue
-            yield RawItem(src, lineno, obj=obj, line_text=RawLine(text.strip()))
+            yield RawItem(src, lineno, obj=obj, line_text=RawLine(text.strip()), nbytes=len(line))
 
 
 def iter_json(path: Path) -> Iterator[RawItem]:

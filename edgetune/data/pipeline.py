@@ -107,32 +107,41 @@ def _source_hash(p: Path) -> str:
 def _read(path, cfg: DataConfig, res: Result) -> list[Record]:
     records: list[Record] = []
     hub = is_hub_id(path)
-    for src in [path] if hub else list_sources(path):
-        n = 0
-        for item in iter_hub(str(path)) if hub else iter_source(src):
-            n += 1
-            if item.problem is not None:
-                p = item.problem
-                res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.raw))
-                continue
-            try:
-                rec = normalise(item.obj, cfg.format)
-            except Problem as p:
-                res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.obj))
-                continue
-            rec.source, rec.line = item.source, item.line
-            rec.raw = item.line_text if item.line_text is not None else item.obj
-            if cfg.group_by:
-                g = item.obj.get(cfg.group_by)
-                if g is None or g == "":
-                    _reject(res, rec, "missing_group_field", f"no '{cfg.group_by}' value to group by", cfg.group_by)
-                    continue
-                rec.group = g if isinstance(g, str) else json.dumps(g, sort_keys=True, ensure_ascii=False)
-            res.formats[rec.fmt] += 1
-            records.append(rec)
-        res.sources.append({"path": f"hub:{src}" if hub else str(src), "sha256": None if hub else _source_hash(src), "rows": n})
-        res.rows_read += n
+    sources = [path] if hub else list_sources(path)
+    jsonl_bytes = 0 if hub else sum(s.stat().st_size for s in sources if s.is_file() and s.suffix.lower() in (".jsonl", ".ndjson"))
+    with _bar("Reading (bytes)", jsonl_bytes if jsonl_bytes > 20 << 20 else 0) as adv:
+        for src in sources:
+            _read_source(src, hub, path, cfg, res, records, adv)
     return records
+
+
+def _read_source(src, hub: bool, path, cfg: DataConfig, res: Result, records: list[Record], adv) -> None:
+    n = 0
+    for item in iter_hub(str(path)) if hub else iter_source(src):
+        n += 1
+        if item.nbytes:
+            adv(item.nbytes)
+        if item.problem is not None:
+            p = item.problem
+            res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.raw))
+            continue
+        try:
+            rec = normalise(item.obj, cfg.format)
+        except Problem as p:
+            res.rejects.append(Reject(item.source, item.line, p.code, p.message, p.field, item.obj))
+            continue
+        rec.source, rec.line = item.source, item.line
+        rec.raw = item.line_text if item.line_text is not None else item.obj
+        if cfg.group_by:
+            g = item.obj.get(cfg.group_by)
+            if g is None or g == "":
+                _reject(res, rec, "missing_group_field", f"no '{cfg.group_by}' value to group by", cfg.group_by)
+                continue
+            rec.group = g if isinstance(g, str) else json.dumps(g, sort_keys=True, ensure_ascii=False)
+        res.formats[rec.fmt] += 1
+        records.append(rec)
+    res.sources.append({"path": f"hub:{src}" if hub else str(src), "sha256": None if hub else _source_hash(src), "rows": n})
+    res.rows_read += n
 
 
 def _clean_messages(msgs: list[dict], fn) -> list[dict]:
