@@ -69,10 +69,12 @@ def recipes_dir() -> Path:
 
 
 def find_recipe(recipe: str | Path) -> Path:
-    """A recipe file path, or the name of a shipped recipe (``quickstart``, ``mac-lora-7b`` …)."""
+    """A recipe file, a run folder (its run.yaml), or a shipped recipe name (``quickstart``, ``mac-lora-7b`` …)."""
     p = Path(recipe)
     if p.is_file():
         return p
+    if p.is_dir() and (p / "run.yaml").is_file():  # a run folder: continue it with its own settings
+        return p / "run.yaml"
     shipped = recipes_dir() / f"{Path(str(recipe)).stem}.yaml"
     if not p.suffix and shipped.is_file():
         return shipped
@@ -466,7 +468,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("export", _export_inputs, _export_outputs, _export_run),
     Stage("ollama", _ollama_inputs, lambda c: [c.run_dir / "ollama" / "Modelfile"], _ollama_run),
     Stage("eval", _eval_inputs, lambda c: [c.run_dir / "eval" / "report.json"], _eval_run),
-    Stage("register", _register_inputs, lambda c: [], _register_run),
+    Stage("register", _register_inputs, lambda c: [Path(c.manifest["stages"].get("register", {}).get("summary", {}).get("path") or c.run_dir / "-")], _register_run),
 )
 # what each stage's output hash covers (None: the stage's summary is its output)
 OUTPUT_PATHS: dict[str, Callable[[Ctx], list[Path]]] = {

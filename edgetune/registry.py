@@ -29,6 +29,7 @@ from .errors import EdgetuneError
 from .paths import home
 
 MANIFEST = "manifest.yaml"
+LAST_VERSION = ".last_version"
 BASE_DIR = "base"  # <home>/base holds base models (the demo model), never registry entries
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -125,6 +126,14 @@ def find_by_fingerprint(name: str, fingerprint: str, root: Path | None = None) -
     return None
 
 
+def _last_version(model_dir: Path) -> int:
+    """High-water mark: a removed version's number is never handed out again."""
+    try:
+        return int((model_dir / LAST_VERSION).read_text(encoding="utf-8").strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def _place(src: Path, dst: Path) -> None:
     """Put a file into the registry without doubling disk use: hard link, else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +178,7 @@ def register(
             (tmp / rel).write_text(text, encoding="utf-8")
         while True:
             taken = [int(m.group(1)) for d in model_dir.iterdir() if (m := re.fullmatch(r"v(\d+)", d.name))]
-            version = max(taken, default=0) + 1
+            version = max(taken + [_last_version(model_dir)]) + 1
             body = {
                 "name": name,
                 "version": version,
@@ -186,6 +195,7 @@ def register(
             except FileExistsError:
                 continue
             os.replace(tmp, final)
+            (model_dir / LAST_VERSION).write_text(str(max(version, _last_version(model_dir))), encoding="utf-8")
             return Entry(name, version, final, body), True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,7 +203,7 @@ def register(
 
 
 def remove(ref: str, root: Path | None = None) -> list[Entry]:
-    """Remove one version (``name:v2``) or every version of a model (``name``)."""
+    """Remove one version (``name:v2``; later versions keep counting up) or a whole model (``name``)."""
     name, version = parse_ref(ref)
     root = Path(root) if root else home()
     targets = [get(ref, root)] if version is not None else list_entries(name, root)
@@ -203,7 +213,6 @@ def remove(ref: str, root: Path | None = None) -> list[Entry]:
         trash = e.path.with_name(f".rm.{e.path.name}")
         os.replace(e.path, trash)  # disappear atomically, then delete
         shutil.rmtree(trash, ignore_errors=True)
-    model_dir = root / name
-    if model_dir.is_dir() and not any(p for p in model_dir.iterdir() if not p.name.startswith(".")):
-        shutil.rmtree(model_dir, ignore_errors=True)
+    if version is None:  # the whole model is gone: its folder (and version counter) too
+        shutil.rmtree(root / name, ignore_errors=True)
     return targets

@@ -34,7 +34,7 @@ def test_versions_increase_and_nothing_is_overwritten(tmp_path):
     m = yaml.safe_load((e2.path / "manifest.yaml").read_text())
     assert m["name"] == "demo" and m["version"] == 2 and m["method"] == "dora" and m["created"]
     assert [e.ref for e in registry.list_entries()] == ["demo:v1", "demo:v2"]
-    assert not [p for p in (home() / "demo").iterdir() if p.name.startswith(".")], "temp folders left behind"
+    assert not [p for p in (home() / "demo").iterdir() if p.name.startswith((".new", ".rm"))], "temp folders left behind"
 
 
 def test_same_fingerprint_is_registered_once(tmp_path):
@@ -54,6 +54,13 @@ def test_version_after_removal_never_reuses_a_number(tmp_path):
     (home() / "demo" / "v4").mkdir()
     e5, _ = registry.register("demo", {}, _artifacts(tmp_path, "d"), "d")
     assert e5.version == 5
+    # removing every version one by one still does not reset the numbering
+    for ref in ("demo:v2", "demo:v3", "demo:v5"):
+        registry.remove(ref)
+    (home() / "demo" / "v4").rmdir()
+    assert registry.list_entries() == []
+    e6, _ = registry.register("demo", {}, _artifacts(tmp_path, "e"), "e")
+    assert e6.version == 6
 
 
 def test_get_and_parse_ref(tmp_path):
