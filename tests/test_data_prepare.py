@@ -274,3 +274,26 @@ def test_mlx_lm_reads_the_prepared_splits(tokenizer_dir, tmp_path):
         assert len(train) == 24 and len(valid) == 6 and len(test) == 0
         mine = [encode_example(tok, r).input_ids for r in read_jsonl(out / "train.jsonl")]
         assert [list(train.process(train[i])[0]) for i in range(len(train))] == mine
+
+
+def test_outputs_do_not_depend_on_python_hash_seed(tmp_path):
+    """Sets and dicts inside dedup must not leak PYTHONHASHSEED into the outputs."""
+    import os
+    import subprocess
+    import sys
+
+    rng = random.Random(9)
+    rows = [chat(i, rng) for i in range(200)]
+    for i in range(0, 40, 2):  # near-duplicates, so the LSH path decides something
+        r = json.loads(json.dumps(rows[i]))
+        r["messages"][2]["content"] += " extra"
+        rows.append(r)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    code = ("import sys; from edgetune.config import DataConfig; from edgetune.data import prepare; "
+            "prepare(sys.argv[1], sys.argv[2], DataConfig(dedup='near'))")
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / seed)], check=True, env=env)
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl", "rejects.jsonl", "data_card.json"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+    assert json.loads((tmp_path / "1" / "data_card.json").read_text())["dedup"]["near_removed"] == 20
