@@ -44,8 +44,8 @@ CHAT = [
 # a tiny random model with logits near 0 and a real model with logits in the tens get the same
 # strictness): max |Δlogit| allowed, and how close the HF top-2 may be for a top-1 flip to count
 # as a near-tie rather than a bug. bf16 rounds weights to 8 mantissa bits, f16 to 11.
-REL_TOLERANCE = {"f32": 0.005, "f16": 0.05, "bf16": 0.25}
-REL_NEAR_TIE = {"f32": 0.002, "f16": 0.02, "bf16": 0.1}
+REL_TOLERANCE = {"f32": 0.005, "f16": 0.1, "bf16": 0.25}
+REL_NEAR_TIE = {"f32": 0.002, "f16": 0.05, "bf16": 0.1}
 TOLERANCE = REL_TOLERANCE  # kept for callers that import the table
 
 
