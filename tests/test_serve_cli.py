@@ -13,15 +13,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from edgetune.serve import free_port
+from test_serve import greedy_chat, make_lora_gguf
+
+from edgetune.serve import free_port, load_llm
 
 EDGETUNE = shutil.which("edgetune", path=str(Path(sys.executable).parent)) or "edgetune"
 
 
-def test_serve_command_answers_and_stops(demo_gguf_path):
+def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path):
+    adapter = make_lora_gguf(tmp_path / "lora.gguf")
     port = free_port()
     env = {**os.environ, "EDGETUNE_API_KEY": "k3y"}
-    proc = subprocess.Popen([EDGETUNE, "serve", str(demo_gguf_path), "--port", str(port), "--n-ctx", "512", "--threads", "2"],
+    proc = subprocess.Popen([EDGETUNE, "serve", str(demo_gguf_path), "--adapter", str(adapter), "--port", str(port),
+                             "--n-ctx", "512", "--threads", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}/v1"
@@ -37,11 +41,16 @@ def test_serve_command_answers_and_stops(demo_gguf_path):
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.3)
         assert models["data"][0]["id"] == demo_gguf_path.stem
-        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}).encode()
+        q = "What is the capital of France?"
+        body = json.dumps({"messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0}).encode()
         req = urllib.request.Request(base + "/chat/completions", data=body,
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer k3y"})
         with urllib.request.urlopen(req, timeout=60) as resp:
-            assert json.loads(resp.read())["choices"][0]["message"]["role"] == "assistant"
+            served = json.loads(resp.read())["choices"][0]["message"]["content"]
+        # the server applied the adapter: its greedy answer is the adapted model's, not the base's
+        # (first 6 tokens: later ones may flip between batch sizes on this deliberately noisy adapter)
+        assert served == greedy_chat(load_llm(demo_gguf_path, adapter=adapter, n_ctx=512, n_threads=2), q, 6)
+        assert served != greedy_chat(load_llm(demo_gguf_path, n_ctx=512, n_threads=2), q, 6)
     finally:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
