@@ -198,3 +198,21 @@ def test_ollama_message_handling():
     assert [(m["Role"], m["Content"]) for m in msgs] == [("system", "S"), ("user", "a\n\nb"), ("tool", "t1"), ("tool", "t2")]
     system, msgs = ollama_messages([{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}], "S")
     assert system == "mine" and msgs[0]["Content"] == "mine"
+
+
+def test_legacy_prompt_response_template_is_rendered_like_ollama(tmp_path):
+    """A user --template in Ollama's older .System/.Prompt/.Response style: executed per exchange,
+    the last one cut after {{ .Response }}, and checked for every chat that asks for an answer."""
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    tfile = tmp_path / "legacy.tmpl"
+    tfile.write_text("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                     "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
+                     "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n")
+    text, result = build_modelfile(gguf, tmp_path, "x", template_file=tfile, system="S")
+    assert result.ok, result.diff
+    asked = [c for c in result.conversations if c.status == "identical"]
+    assert len(asked) >= 5 and all(c.status == "skipped" for c in result.conversations if "training" in c.name)
+    # a broken legacy template (no newline after the user turn) is caught
+    tfile.write_text(tfile.read_text().replace("{{ .Prompt }}<|im_end|>\n", "{{ .Prompt }}<|im_end|>"))
+    _, bad = build_modelfile(gguf, tmp_path, "x", template_file=tfile)
+    assert not bad.ok and "part at character" in bad.diff

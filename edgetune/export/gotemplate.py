@@ -534,6 +534,53 @@ def _exec(nodes, dot, scope, out):
                     scope.frames.pop()
 
 
+def _mentions_field(pipe, name: str) -> bool:
+    def walk(node) -> bool:
+        if node[0] == "field":
+            return name in node[1]
+        if node[0] == "paren":
+            return _mentions_field(node[1], name)
+        if node[0] == "chain":
+            return walk(node[1])
+        return False
+
+    return any(walk(arg) for cmd in pipe[1] for arg in cmd)
+
+
+def cut_after(nodes: list[Node], name: str) -> list[Node]:
+    """Ollama's legacy-template trick for the last turn (template.go ``deleteNode``): keep the tree
+    up to and including the first action that prints ``.Response``, delete everything after it
+    (block conditions are not inspected, only the actions inside blocks)."""
+    cut = False
+
+    def walk(ns: list[Node]) -> list[Node]:
+        nonlocal cut
+        kept = []
+        for n in ns:
+            if cut:
+                continue
+            if n.kind in ("out", "set"):
+                if _mentions_field(n.value, name):
+                    cut = True
+                kept.append(n)
+            elif n.kind in ("if", "range", "with"):
+                m = Node(n.kind, n.value, n.var, n.declare)
+                m.body = walk(n.body)
+                m.orelse = walk(n.orelse)
+                kept.append(m)
+            else:
+                kept.append(n)
+        return kept
+
+    return walk(nodes)
+
+
+def render_tree(tree: list[Node], data: dict[str, Any]) -> str:
+    out: list[str] = []
+    _exec(tree, data, _Scope(data), out)
+    return "".join(out)
+
+
 def render(src: str, data: dict[str, Any]) -> str:
     """Render Go-template ``src`` with ``data`` (Ollama passes ``System``, ``Messages``, ``Tools``…)."""
     tree = parse(src)

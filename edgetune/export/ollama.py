@@ -610,17 +610,41 @@ def ollama_messages(messages: list[dict], system: str | None) -> tuple[str, list
 
 def render_ollama(template: str, messages: list[dict], system: str | None = None) -> str:
     """Render a Modelfile TEMPLATE for a chat the way Ollama's /api/chat does."""
-    if not gotemplate.uses_field(template, "Messages"):
-        raise EdgetuneError(
-            "This TEMPLATE does not iterate .Messages (a legacy .System/.Prompt/.Response template); "
-            "edgetune can only check templates that iterate .Messages.",
-            fix="write the template with {{ range .Messages }} … {{ end }}",
-        )
     sys_text, msgs = ollama_messages(messages, system)
     try:
-        return gotemplate.render(template, {"System": sys_text, "Messages": msgs, "Tools": None, "Response": "", "Prompt": ""})
+        if gotemplate.uses_field(template, "Messages"):
+            return gotemplate.render(template, {"System": sys_text, "Messages": msgs, "Tools": None, "Response": "", "Prompt": ""})
+        return _render_legacy(template, sys_text, msgs)
     except gotemplate.GoTemplateError as exc:
         raise EdgetuneError(f"The TEMPLATE cannot be rendered: {exc}", fix="fix the Go template") from None
+
+
+def _render_legacy(template: str, system: str, msgs: list[dict]) -> str:
+    """A .System/.Prompt/.Response template: executed once per user/assistant exchange, the last
+    one cut after ``{{ .Response }}`` (Ollama template.go ``Execute``, legacy branch)."""
+    tree = gotemplate.parse(template)
+    out: list[str] = []
+    prompt = response = ""
+
+    def execute():
+        nonlocal system, prompt, response
+        out.append(gotemplate.render_tree(tree, {"System": system, "Prompt": prompt, "Response": response}))
+        system = prompt = response = ""
+
+    for m in msgs:
+        if m["Role"] == "system":
+            if prompt or response:
+                execute()
+            system = m["Content"]
+        elif m["Role"] == "user":
+            if response:
+                execute()
+            prompt = m["Content"]
+        elif m["Role"] == "assistant":
+            response = m["Content"]
+    last = gotemplate.cut_after(tree, "Response")
+    out.append(gotemplate.render_tree(last, {"System": system, "Prompt": prompt, "Response": response}))
+    return "".join(out)
 
 
 # Conversations the check renders: single and multi-turn, with and without a system prompt,
@@ -720,8 +744,13 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
     convs = list(conversations or CONVERSATIONS)
     if system:  # also what Ollama sends when the Modelfile's SYSTEM is injected
         convs += [(f"{n} (Modelfile SYSTEM)", c) for n, c in convs if c[0]["role"] != "system"]
+    legacy = not gotemplate.uses_field(go_template, "Messages")
     for name, conv in convs:
         injected = system if name.endswith("(Modelfile SYSTEM)") else None
+        if legacy and conv[-1]["role"] == "assistant":
+            results.append(ConversationCheck(name, "skipped", reason="a legacy .Prompt/.Response template leaves "
+                                             "the last assistant turn open (Ollama continues it)"))
+            continue
         ref_msgs = ([{"role": "system", "content": injected}] if injected else []) + conv
         agp = conv[-1]["role"] != "assistant"
         try:
