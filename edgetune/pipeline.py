@@ -593,15 +593,12 @@ def run(
             c.log(f"[bold]▶ {stage.name:<8}[/] {STAGE_HELP[stage.name]}" + (" [yellow](resuming)[/]" if resume else ""))
             started = time.time()
             c.manifest["stages"][stage.name] = {"status": "running", "inputs_hash": inputs_hash, "started": _now()}
-            # a re-run stage invalidates everything after it
-            for later in STAGES[i + 1 :]:
-                if later in c.manifest["stages"] and c.manifest["stages"][later].get("status") == "done":
-                    c.manifest["stages"][later]["status"] = "stale"
             _save_manifest(c)
             try:
                 summary = stage.run(c, resume)
             except BaseException as exc:
-                interrupted = isinstance(exc, KeyboardInterrupt)
+                # Ctrl-C / SIGTERM, or training's own graceful stop (it checkpoints, then exits 130)
+                interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
                 c.manifest["stages"][stage.name].update(
                     status="interrupted" if interrupted else "failed",
                     seconds=round(time.time() - started, 1),
