@@ -216,3 +216,17 @@ def test_legacy_prompt_response_template_is_rendered_like_ollama(tmp_path):
     tfile.write_text(tfile.read_text().replace("{{ .Prompt }}<|im_end|>\n", "{{ .Prompt }}<|im_end|>"))
     _, bad = build_modelfile(gguf, tmp_path, "x", template_file=tfile)
     assert not bad.ok and "part at character" in bad.diff
+
+
+def test_default_system_with_template_delimiters_is_escaped(tmp_path):
+    """A chat template whose built-in system prompt contains '{{' gets it as a Go string literal."""
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "smollm2")
+    hf = make_hf_dir(tmp_path / "hf", "smollm2")
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = cfg["chat_template"].replace("You are a helpful AI assistant named SmolLM",
+                                                        'Fill {{ name }} and "quotes" \\\\ here')
+    assert "{{ name }}" in cfg["chat_template"]
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text, result = build_modelfile(gguf, tmp_path, "x", model_dir=hf)
+    assert result.ok and result.n_identical >= 5, result.diff
+    assert '{{ "Fill {{ name }} and \\"quotes\\"' in parse_modelfile(text).get("template")

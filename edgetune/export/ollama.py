@@ -935,16 +935,24 @@ def build_modelfile(gguf_path, out_dir, name: str, *, model_dir=None, adapter_gg
     return format_modelfile(commands, header), result
 
 
-def write_modelfile(gguf_path, out_dir, name: str, **kwargs) -> Path:
+def write_modelfile(gguf_path, out_dir, name: str, *, model_dir=None, adapter_gguf=None, system: str | None = None,
+                    train_data=None, template_file=None, temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, repeat_penalty: float | None = None, num_ctx: int | None = None,
+                    check: bool = True) -> Path:
     """Write ``out_dir/Modelfile`` for ``gguf_path`` (atomically) and return its path.
 
-    The chat template, stop tokens, generation defaults and license come from ``model_dir`` (the HF
-    folder) when given, else from the GGUF's metadata. The TEMPLATE is checked against the chat
-    template before anything is written (``check=False`` to skip). Keyword arguments: ``model_dir``,
-    ``adapter_gguf``, ``system``, ``train_data``, ``template_file``, ``temperature``, ``top_p``,
-    ``top_k``, ``repeat_penalty``, ``num_ctx``, ``check``.
+    ``FROM`` is ``gguf_path`` (relative when it lies under ``out_dir``); with ``adapter_gguf`` it is
+    the base GGUF and an ``ADAPTER`` line follows. The chat template, stop tokens, generation
+    defaults and license come from ``model_dir`` (the HF folder) when given, else from the GGUF's
+    metadata. ``system=None`` takes the dominant system prompt of ``train_data`` (a prepared JSONL
+    split) when given. The TEMPLATE is checked against the chat template before anything is written
+    and a mismatch raises (``check=False`` skips it; a ``template_file`` is checked but not refused).
     """
-    text, _ = build_modelfile(gguf_path, out_dir, name, **kwargs)
+    text, _ = build_modelfile(
+        gguf_path, out_dir, name, model_dir=model_dir, adapter_gguf=adapter_gguf, system=system, train_data=train_data,
+        template_file=template_file, temperature=temperature, top_p=top_p, top_k=top_k,
+        repeat_penalty=repeat_penalty, num_ctx=num_ctx, check=check,
+    )
     return write_text(Path(out_dir) / "Modelfile", text)
 
 
