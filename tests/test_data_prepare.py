@@ -55,6 +55,9 @@ def test_every_format_normalises_to_messages():
     tools = [{"type": "function", "function": {"name": "f"}}]
     c = normalise({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools})
     assert c.to_row("chat")["tools"] == tools
+    parts = normalise({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                                    {"role": "assistant", "content": "c"}]})
+    assert parts.messages[0]["content"] == "ab"
     forced = normalise({"prompt": "P", "completion": "C"}, "completion")
     assert forced.kind == "completion"
 

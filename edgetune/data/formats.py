@@ -147,6 +147,10 @@ def _messages(turns: Any, key: str, role_key: str = "role", content_key: str = "
             content = ""
         if content is None:
             raise Problem("missing_field", f"{f}.{content_key} is missing", f"{f}.{content_key}")
+        if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+        ):  # OpenAI-style content parts, text only
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise Problem("wrong_type", f"{f}.{content_key} must be a string, got {type(content).__name__}", f"{f}.{content_key}")
         if not content.strip() and not t.get("tool_calls"):
