@@ -300,3 +300,15 @@ def test_outputs_do_not_depend_on_python_hash_seed(tmp_path):
     for name in ("train.jsonl", "valid.jsonl", "test.jsonl", "rejects.jsonl", "data_card.json"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
     assert json.loads((tmp_path / "1" / "data_card.json").read_text())["dedup"]["near_removed"] == 20
+
+
+def test_shared_system_prompt_does_not_make_short_examples_near_duplicates(tmp_path):
+    system = "Triage the support message. Reply with JSON only: category, urgency, product. " * 3
+    products = ["cloudsync", "paywell", "taskboard", "mailpilot", "homehub"]
+    rows = [{"messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"I received the wrong item instead of the {p} app!"},
+        {"role": "assistant", "content": json.dumps({"category": "shipping", "product": p})},
+    ]} for p in products]
+    card = prepare(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o", DataConfig(dedup="near"))
+    assert card["dedup"]["near_removed"] == 0 and card["counts"]["records_out"] == 5

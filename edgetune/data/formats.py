@@ -67,6 +67,16 @@ class Record:
             parts += [f"chosen: {_flat(self.chosen)}", f"rejected: {_flat(self.rejected)}"]
         return "\n".join(parts)
 
+    def near_text(self) -> str:
+        """The text near-duplicates are judged on: without system turns, which are usually one
+        shared prompt and would make every short example look alike."""
+        if self.kind == "text":
+            return self.text or ""
+        parts = [f"{m['role']}: {m['content']}" for m in self.messages if m["role"] != "system"]
+        if self.kind == "preference":
+            parts += [f"chosen: {_flat(self.chosen)}", f"rejected: {_flat(self.rejected)}"]
+        return "\n".join(parts)
+
     def to_row(self, layout: str) -> dict:
         """The mlx-lm layout row: ``messages`` / ``prompt``+``completion`` / ``text`` / preference."""
         if layout == "text":

@@ -214,7 +214,7 @@ def _dedup(records: list[Record], cfg: DataConfig, res: Result, keys: list[str])
             kept_keys.append(k)
         records, keys = kept, kept_keys
     with _bar("MinHash", len(records)) as adv:
-        sigs = dd.signatures([r.dedup_text() for r in records], on_batch=adv)
+        sigs = dd.signatures([r.near_text() for r in records], on_batch=adv)
     if cfg.dedup == "near":
         dup_of = dd.near_duplicates(sigs, cfg.near_threshold)
         if dup_of:
