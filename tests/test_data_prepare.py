@@ -303,7 +303,8 @@ def test_outputs_do_not_depend_on_python_hash_seed(tmp_path):
 
 
 def test_shared_system_prompt_does_not_make_short_examples_near_duplicates(tmp_path):
-    system = "Triage the support message. Reply with JSON only: category, urgency, product. " * 3
+    # long and varied (60 distinct rules): its shingles would dominate the Jaccard if counted
+    system = "Triage the support message. " + " ".join(f"rule {i}: {WORDS[i % len(WORDS)]}." for i in range(60))
     products = ["cloudsync", "paywell", "taskboard", "mailpilot", "homehub"]
     rows = [{"messages": [
         {"role": "system", "content": system},
