@@ -101,3 +101,38 @@ def test_hub_id_offline_is_a_clear_unreadable_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rep = validate("nobody/no-such-dataset-xyz", DataConfig())
     assert rep.exit_code == 2 and "not a local path" in rep.fatal
+
+
+def test_seeded_garbage_never_raises_anything_but_edgetune_errors(tmp_path):
+    """Random bytes and random JSON shapes: every line ends up reported, nothing crashes."""
+    import random
+
+    from edgetune.errors import EdgetuneError
+
+    rng = random.Random(0)
+    atoms = [None, True, 0, -1.5, "", " ", "x", [], {}, [1], {"a": 1}, "\u200b", "\x00"]
+    keys = ["messages", "conversations", "role", "content", "from", "value", "text", "prompt", "completion",
+            "instruction", "input", "output", "chosen", "rejected", "tools"]
+
+    def junk(depth=0):
+        r = rng.random()
+        if depth > 3 or r < 0.3:
+            return rng.choice(atoms)
+        if r < 0.6:
+            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    with open(tmp_path / "fuzz.jsonl", "wb") as f:
+        for i in range(300):
+            if i % 5 == 0:
+                f.write(bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))).replace(b"\n", b"") + b"\n")
+            else:
+                f.write(json.dumps(junk()).encode() + b"\n")
+    rep = validate(tmp_path / "fuzz.jsonl", DataConfig())
+    assert rep.exit_code in (1, 2) and rep.rows >= 290
+    assert rep.usable + len(rep.problems) + rep.duplicates["exact"] == rep.rows
+    try:
+        prepare(tmp_path / "fuzz.jsonl", tmp_path / "o", DataConfig())
+    except EdgetuneError:
+        pass
+    assert (tmp_path / "o" / "rejects.jsonl").exists()
