@@ -62,7 +62,7 @@ def test_family_from_gguf_metadata(tmp_path, name):
     out = tmp_path / "ollama"
     mf_path = write_modelfile(gguf, out, f"test-{name}", system='Be brief. Say "ok" {{ not a template }}')
     mf = read_modelfile(mf_path)
-    assert mf.get("model") == str(gguf.resolve())
+    assert mf.get("model") == "../model.gguf"  # sibling of the Modelfile folder: relative
     result = check_modelfile(mf_path)
     assert result.family == META[name]["family"]
     identical = [c for c in result.conversations if c.status == "identical"]
@@ -164,6 +164,11 @@ def test_adapter_relative_paths_and_overrides(tmp_path):
     assert mf.get("model") == "./gguf/base.gguf" and mf.get("adapter") == "./gguf/adapter.gguf"
     assert mf.parameters["temperature"] == ["0"] and mf.parameters["num_ctx"] == ["2048"] and mf.parameters["top_k"] == ["40"]
     assert check_modelfile(path).ok  # FROM resolved relative to the Modelfile, as Ollama does
+    # a Modelfile in a sibling folder of the GGUFs (run/ollama next to run/gguf) refers to ../gguf
+    path = write_modelfile(gguf, out / "ollama", "x", adapter_gguf=adapter)
+    mf = read_modelfile(path)
+    assert mf.get("model") == "../gguf/base.gguf" and mf.get("adapter") == "../gguf/adapter.gguf"
+    assert check_modelfile(path).ok
 
 
 def test_missing_inputs_are_clear_errors(tmp_path):

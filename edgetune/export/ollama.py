@@ -859,11 +859,16 @@ def _default_system_from_data(train_data) -> str | None:
 
 
 def _rel_or_abs(target: Path, base: Path) -> str:
+    """FROM/ADAPTER path: relative (Ollama resolves it against the Modelfile's folder) when the file
+    is inside the Modelfile's folder or a sibling folder of it (run/gguf next to run/ollama), so a
+    moved run folder keeps working; absolute otherwise."""
     target, base = target.resolve(), base.resolve()
-    try:
-        return "./" + target.relative_to(base).as_posix()
-    except ValueError:
-        return target.as_posix()
+    for prefix, root in (("./", base), ("../", base.parent)):
+        try:
+            return prefix + target.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return target.as_posix()
 
 
 def build_modelfile(gguf_path, out_dir, name: str, *, model_dir=None, adapter_gguf=None, system: str | None = None,
