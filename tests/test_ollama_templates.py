@@ -235,3 +235,16 @@ def test_default_system_with_template_delimiters_is_escaped(tmp_path):
     text, result = build_modelfile(gguf, tmp_path, "x", model_dir=hf)
     assert result.ok and result.n_identical >= 5, result.diff
     assert '{{ "Fill {{ name }} and \\"quotes\\"' in parse_modelfile(text).get("template")
+
+
+@pytest.mark.slow
+def test_demo_model_modelfile_passes_check(tmp_path, demo_model_dir, demo_gguf_path):
+    """The demo model (HF folder + its GGUF): token-identical, generation defaults carried over."""
+    path = write_modelfile(demo_gguf_path, tmp_path, "smollm2-demo", model_dir=demo_model_dir)
+    result = check_modelfile(path, demo_model_dir)
+    assert result.ok and result.n_identical >= 5 and {c.compared for c in result.conversations} == {"tokens"}
+    gen = json.loads((demo_model_dir / "generation_config.json").read_text())
+    params = read_modelfile(path).parameters
+    if "temperature" in gen:
+        assert float(params["temperature"][0]) == pytest.approx(gen["temperature"])
+    assert params["stop"][:2] == ["<|im_end|>", "<|im_start|>"]
