@@ -68,7 +68,10 @@ def cli():
 
 def main(argv=None):
     try:
-        cli.main(args=argv, prog_name="edgetune", standalone_mode=False)
+        # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: pass it on.
+        rc = cli.main(args=argv, prog_name="edgetune", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except EdgetuneError as exc:
         from ..console import console
 
