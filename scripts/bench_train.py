@@ -1,0 +1,175 @@
+"""Benchmark: edgetune's torch LoRA path vs a plain transformers Trainer + PEFT run, on CPU.
+
+Both fine-tune the demo model (SmolLM2-135M-Instruct) with the same LoRA settings (r 16, alpha 32,
+dropout 0.05, all attention + MLP linears), lr 2e-4 cosine with 5% warmup, batch 8, max sequence
+256, on the same examples for one epoch, completion-only loss. Each run is a child process (so its
+peak RSS is its own), plain first, then edgetune. Reported: real (non-pad) tokens per second of
+training, peak RSS, and the validation loss of each adapter measured by the same function here.
+
+    python scripts/bench_train.py --examples 96 --threads 2
+
+The plain run uses library defaults (transformers 5 loads the saved dtype; Trainer pads each batch
+to its longest example and computes the LM head for every token). No edgetune code is imported by
+the plain child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "edgetune" / "resources" / "demo" / "support_tickets.jsonl"
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def plain_encode(tok, row, seq):
+    """Completion-only labels the way a plain HF script does it: prompt prefix masked with -100."""
+    msgs = row["messages"]
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    f = tok(full, add_special_tokens=False)["input_ids"][:seq]
+    labels = ([-100] * len(p) + f[len(p):])[: len(f)]
+    return {"input_ids": f, "attention_mask": [1] * len(f), "labels": labels}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def run_plain(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    rows = [json.loads(x) for x in Path(a.data, "train.jsonl").read_text().splitlines()]
+    enc = [plain_encode(tok, r, a.seq) for r in rows]
+    ds = Dataset.from_list(enc)
+    model = AutoModelForCausalLM.from_pretrained(a.model)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    steps = -(-len(enc) // a.batch)
+    args = TrainingArguments(
+        output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch, max_steps=steps,
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    tr = Trainer(model=model, args=args, train_dataset=ds,
+                 data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    t0 = time.perf_counter()
+    out = tr.train()
+    dt = time.perf_counter() - t0
+    model.save_pretrained(str(Path(a.out) / "adapter"))
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    tokens = sum(len(e["input_ids"]) for e in enc)
+    return {"run": "plain Trainer+PEFT", "steps": out.global_step, "train_s": dt, "tokens": tokens,
+            "tok_s": tokens / dt, "last_train_loss": losses[-1] if losses else None,
+            "dtype": str(next(model.parameters()).dtype), "peak_rss_gb": peak_rss_gb()}
+
+
+def run_edgetune(a) -> dict:
+    import torch
+
+    from edgetune.config import TrainConfig
+    from edgetune.train import train
+
+    torch.set_num_threads(a.threads)
+    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch, max_seq_len=a.seq, epochs=1.0,
+                      eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42)
+    r = train(a.model, a.data, a.out, cfg)
+    return {"run": "edgetune", "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
+            "tok_s": r.tokens_seen / r.extra["train_time_s"], "last_train_loss": r.final_train_loss,
+            "precision": r.precision, "padding_fraction": r.padding_fraction, "peak_rss_gb": peak_rss_gb()}
+
+
+def val_loss(model_dir: str, adapter: Path, valid: list[dict], seq: int, threads: int) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter).eval()
+    tot = n = 0.0
+    with torch.no_grad():
+        for row in valid:
+            e = plain_encode(tok, row, seq)
+            ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+            logits = model(ids).logits[0, :-1]
+            tgt = labels[0, 1:]
+            tot += torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100, reduction="sum").item()
+            n += int((tgt != -100).sum())
+    return tot / n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "models" / "base" / "smollm2-135m-instruct"))
+    ap.add_argument("--examples", type=int, default=96, help="training examples (one epoch)")
+    ap.add_argument("--valid", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=["plain", "edgetune"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.only:
+        res = run_plain(a) if a.only == "plain" else run_edgetune(a)
+        print("BENCH " + json.dumps(res))
+        return
+
+    rows = [json.loads(x) for x in DEMO_DATA.read_text().splitlines()]
+    train_rows, valid_rows = rows[: a.examples], rows[a.examples : a.examples + a.valid]
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    data = work / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    results = []
+    for which in ("plain", "edgetune"):
+        out = work / which
+        cmd = [sys.executable, __file__, "--only", which, "--model", a.model, "--data", str(data), "--out", str(out),
+               "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
+        print(f"running {which} ...", file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+        line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
+        if p.returncode or not line:
+            sys.exit(f"{which} failed:\n{p.stderr[-4000:]}")
+        res = json.loads(line[-1][6:])
+        res["val_loss"] = val_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads)
+        results.append(res)
+    plain, et = results
+    with os.popen("uptime") as fh:
+        load = fh.read().strip()
+    print(f"\nexamples {len(train_rows)} (1 epoch), valid {len(valid_rows)}, batch {a.batch}, max seq {a.seq}, "
+          f"threads {a.threads}; load: {load}")
+    print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")
+    for r in results:
+        print(f"{r['run']:22s} {r['steps']:5d} {r['train_s']:8.1f} {r['tokens']:7d} {r['tok_s']:8.1f} "
+              f"{r['val_loss']:9.4f} {r['peak_rss_gb']:11.2f}")
+    ratio = et["tok_s"] / plain["tok_s"]
+    dloss = (et["val_loss"] - plain["val_loss"]) / plain["val_loss"]
+    print(f"\nspeed-up (tokens/s): {ratio:.2f}x   val loss difference: {dloss:+.1%}")
+    print(json.dumps({"plain": plain, "edgetune": et, "speedup": ratio, "val_loss_rel_diff": dloss}))
+
+
+if __name__ == "__main__":
+    main()
