@@ -269,27 +269,51 @@ def _pre_signature(pre: dict | None) -> str:
     return "+".join(parts)
 
 
-def _hf_fast_tokenizer(model_dir: Path):
-    """The tokenizer transformers actually builds for this folder, or None.
+_TOKENIZER_PROBE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+if getattr(tok, "backend_tokenizer", None) is None:
+    print(json.dumps(None))
+else:
+    print(json.dumps({"json": tok.backend_tokenizer.to_str(), "hello": tok("hello world").input_ids}))
+"""
+
+
+def _hf_effective_tokenizer(model_dir: Path) -> dict | None:
+    """The tokenizer transformers actually builds for this folder: ``{"json", "hello"}`` or None.
 
     Not tokenizer.json as written: transformers 5 picks a tokenizer class from the model type and
     that class may replace parts of the file (e.g. a qwen2 folder gets Qwen2's pre-tokenizer
     regex). The GGUF must reproduce what the trained model saw, so we read the effective one.
+    transformers imports torch (~350 MB), so when it is not loaded yet the probe runs in a child
+    process and the conversion itself stays at numpy + one tensor of memory.
     """
+    import subprocess
+    import sys
+
+    if "transformers" in sys.modules:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception:  # noqa: BLE001 - no usable fast tokenizer: fall back to the files
+            return None
+        if getattr(tok, "backend_tokenizer", None) is None:
+            return None
+        return {"json": tok.backend_tokenizer.to_str(), "hello": tok("hello world").input_ids}
     try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return tok if getattr(tok, "backend_tokenizer", None) is not None else None
-    except Exception:  # noqa: BLE001 - no usable fast tokenizer: fall back to the files
+        res = subprocess.run([sys.executable, "-c", _TOKENIZER_PROBE, str(model_dir)], capture_output=True, text=True, timeout=300)
+        return json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 and res.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
         return None
 
 
-def _hf_adds_bos_eos(tok, bos: int | None, eos: int | None) -> tuple[bool, bool] | None:
-    """Ask the HF tokenizer itself whether it adds BOS/EOS (post-processor), not a config flag."""
-    if tok is None:
+def _hf_adds_bos_eos(hello_ids: list[int] | None, bos: int | None, eos: int | None) -> tuple[bool, bool] | None:
+    """Whether the HF tokenizer itself adds BOS/EOS (its post-processor), not a config flag."""
+    if hello_ids is None:
         return None
-    ids = tok("hello world").input_ids
+    ids = hello_ids
     return (bos is not None and bool(ids) and ids[0] == bos, eos is not None and bool(ids) and ids[-1] == eos)
 
 
@@ -309,9 +333,9 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
     import gguf
 
     tj_path = model_dir / "tokenizer.json"
-    hf_tok = _hf_fast_tokenizer(model_dir)
+    hf_tok = _hf_effective_tokenizer(model_dir)
     if hf_tok is not None:
-        tok_json = json.loads(hf_tok.backend_tokenizer.to_str())
+        tok_json = json.loads(hf_tok["json"])
     else:
         tok_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.exists() else None
     model = (tok_json or {}).get("model", {})
@@ -373,7 +397,7 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
         )
 
     sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
-    adds = _hf_adds_bos_eos(hf_tok, sv.special_token_ids.get("bos"), sv.special_token_ids.get("eos"))
+    adds = _hf_adds_bos_eos(hf_tok["hello"] if hf_tok else None, sv.special_token_ids.get("bos"), sv.special_token_ids.get("eos"))
     if adds is not None:
         sv.add_special_token["bos"], sv.add_special_token["eos"] = adds
     sv.add_to_gguf(w, quiet=True)
