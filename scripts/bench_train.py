@@ -68,7 +68,7 @@ def run_plain(a) -> dict:
     steps = -(-len(enc) // a.batch)
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch, max_steps=steps,
-        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=1, save_strategy="no",
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=int(round(0.05 * steps)), logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True,
     )
     tr = Trainer(model=model, args=args, train_dataset=ds,
