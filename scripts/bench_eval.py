@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     sec = {"direct": 0.0, "runner": 0.0}
     ratios, mismatches = [], 0
     for r in range(args.rounds):
-        for p, e in zip(prompts, examples):
-            order = [("direct", lambda: direct(p)), ("runner", lambda: through_runner(e.messages))]
+        for p, e in zip(prompts, examples, strict=True):
+            order = [("direct", lambda p=p: direct(p)), ("runner", lambda e=e: through_runner(e.messages))]
             if r % 2:
                 order.reverse()
             res = {name: fn() for name, fn in order}

@@ -157,7 +157,7 @@ def test_openai_runner_against_edgetune_serve(demo_gguf_path):
         named = make_runner(f"openai:smol@{srv.base_url}")
         assert named.generate(MSGS, GenParams(max_tokens=3)).completion_tokens <= 3
     with pytest.raises(EdgetuneError, match="Cannot reach"):
-        make_runner(f"openai:smol@http://127.0.0.1:9/v1").generate(MSGS, GenParams(max_tokens=2))
+        make_runner("openai:smol@http://127.0.0.1:9/v1").generate(MSGS, GenParams(max_tokens=2))
 
 
 # Lines recorded from Ollama's /api/chat streaming protocol (docs/api.md, "Chat request (streaming)").

@@ -114,7 +114,7 @@ def aggregate(rows: list[dict], metric_names: list[str], examples: list[Example]
         agg["extra_fields_rate"] = M.mean(float(r.get("extra_fields", 0) > 0) for r in rows)
     cats = sorted({e.category for e in examples if e.category})
     if cats and any("pass_rate" in r["scores"] for r in rows):
-        agg["per_category"] = {c: M.mean(r["scores"].get("pass_rate") for r, e in zip(rows, examples) if e.category == c)
+        agg["per_category"] = {c: M.mean(r["scores"].get("pass_rate") for r, e in zip(rows, examples, strict=True) if e.category == c)
                                for c in cats}
     return agg
 

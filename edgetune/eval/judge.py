@@ -71,7 +71,7 @@ def judge_models(judge_spec: str | Runner, examples: list[Example], outputs: dic
             invalid = first = total = 0
             with progress() as bar:
                 task = bar.add_task(f"judge {name} vs {base_name}", total=len(examples))
-                for ex, row, brow in zip(examples, rows, base_rows):
+                for ex, row, brow in zip(examples, rows, base_rows, strict=False):
                     prompt = next((m["content"] for m in reversed(ex.messages) if m["role"] == "user"), "")
                     r = judge_pair(judge, prompt, ex.reference, row["output"], brow["output"])
                     counts[r["outcome"]] += 1

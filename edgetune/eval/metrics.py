@@ -240,12 +240,12 @@ def classification(predictions: list[str | None], references: list[str]) -> dict
     n = len(references)
     if n == 0:
         return {"accuracy": 0.0, "macro_f1": 0.0}
-    acc = sum(p == r for p, r in zip(predictions, references)) / n
+    acc = sum(p == r for p, r in zip(predictions, references, strict=True)) / n
     f1s = []
     for lab in sorted(set(references)):
-        tp = sum(p == lab and r == lab for p, r in zip(predictions, references))
-        fp = sum(p == lab and r != lab for p, r in zip(predictions, references))
-        fn = sum(p != lab and r == lab for p, r in zip(predictions, references))
+        tp = sum(p == lab and r == lab for p, r in zip(predictions, references, strict=True))
+        fp = sum(p == lab and r != lab for p, r in zip(predictions, references, strict=True))
+        fn = sum(p != lab and r == lab for p, r in zip(predictions, references, strict=True))
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)

@@ -196,7 +196,7 @@ def charts(report: dict) -> dict[str, str]:
     if lat:
         fig, axes = plt.subplots(1, len(lat), figsize=(4 * len(lat), 3))
         axes = np.atleast_1d(axes)
-        for ax, (k, lab) in zip(axes, lat):
+        for ax, (k, lab) in zip(axes, lat, strict=False):
             ax.bar(names, [m["metrics"].get(k) or 0 for m in models], color="tab:gray")
             ax.set_title(lab, fontsize=9)
             ax.tick_params(axis="x", rotation=20, labelsize=8)

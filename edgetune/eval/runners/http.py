@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 from ...errors import EdgetuneError, MissingDependencyError
-from .base import GenParams, Generation, Runner, Timer, cut_at_stop
+from .base import Generation, GenParams, Runner, Timer, cut_at_stop
 
 DEFAULT_OLLAMA = "http://127.0.0.1:11434"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgetuneError, MissingDependencyError
-from .base import GenParams, Generation, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
+from .base import Generation, GenParams, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
 
 
 class MLXRunner(Runner):
