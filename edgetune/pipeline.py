@@ -540,12 +540,27 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, prev)
 
 
+def check_export_plan(cfg: RunConfig) -> None:
+    """Fail before training, not after it, on export settings that cannot work."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from .export.quantize import normalize_qtype
+
+        for q in cfg.export.quants:
+            normalize_qtype(q)
+    if cfg.ollama.quant and cfg.ollama.quant not in [cfg.export.outtype, *cfg.export.quants]:
+        raise EdgetuneError(
+            f"ollama.quant = {cfg.ollama.quant} is not exported (export.quants = {cfg.export.quants}).",
+            fix=f"add {cfg.ollama.quant} to export.quants or set ollama.quant to one of them",
+        )
+
+
 def prepare_run(cfg: RunConfig) -> Ctx:
     """Resolve paths, write RUN/run.yaml (before any stage runs) and load or start the manifest."""
     model_dir = require_model(resolve_model(cfg.model), cfg.model)
     data_path = resolve_data(cfg.data.path)
     if not data_path.exists():
         raise EdgetuneError(f"Training data not found: {data_path}", where=str(data_path), fix="fix data.path in the recipe")
+    check_export_plan(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "run.yaml", f"# effective settings of this run (edgetune run {run_dir})\n" + dump_yaml(cfg))

@@ -94,6 +94,11 @@ def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir):
         pipeline.run(pipeline.load_recipe(recipe), to_stage="nope")
     with pytest.raises(EdgetuneError, match="Training data not found"):
         pipeline.run(pipeline.load_recipe(recipe, [f"data.path={tmp_path / 'missing.jsonl'}"]))
+    with pytest.raises(EdgetuneError, match="Unknown quantization type"):
+        pipeline.run(pipeline.load_recipe(recipe, ["export.quants=q4_k_mm"]))
+    with pytest.raises(EdgetuneError, match="ollama.quant = q8_0 is not exported"):
+        pipeline.run(pipeline.load_recipe(recipe, ["ollama.quant=q8_0"]))
+    assert not (tmp_path / "runs").exists(), "bad settings must fail before anything is written"
     with pytest.raises(EdgetuneError, match="Base model folder not found"):
         pipeline.run(pipeline.load_recipe(recipe, [f"model={tmp_path / 'no-model'}"]))
     # a stage that fails leaves status 'failed' with the message, and earlier stages done
