@@ -147,9 +147,6 @@ class Ctx:
     manifest: dict
     log: Callable[[str], None] = console.print
 
-    def out(self, stage: str) -> dict:
-        return self.manifest["stages"].get(stage, {}).get("outputs", {})
-
     def output_hash(self, stage: str) -> str | None:
         return self.manifest["stages"].get(stage, {}).get("output_hash")
 
