@@ -45,10 +45,15 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.parametrize("model_type", sorted(ARCH_OVERRIDES))
 def test_every_architecture_converts_and_matches_hf(tiny_models, tmp_path, model_type):
-    if model_type == "phi3":
-        pytest.xfail("llama.cpp's phi3 loader needs a SentencePiece vocab (<0x0A> byte token); the tiny model has BPE")
     model_dir = tiny_models(model_type)
-    out = gg.convert(model_dir, tmp_path / "m.gguf", "f16", verify=True, show_progress=False)
+    try:
+        out = gg.convert(model_dir, tmp_path / "m.gguf", "f16", verify=True, show_progress=False)
+    except EdgetuneError as exc:
+        if model_type == "phi3" and "could not load" in exc.message:
+            # llama-cpp-python 0.3.36 refuses the tiny phi3 GGUF in its vocab loader
+            # ("unordered_map::at", with BPE and with SentencePiece vocabs alike); unresolved.
+            pytest.xfail("llama.cpp does not load the tiny phi3 GGUF (vocab loader: unordered_map::at)")
+        raise
     report = gg.convert.last_report
     print(report.summary())
     assert out.exists() and report.passed, report.tokenizer_mismatches
@@ -152,3 +157,53 @@ def test_bf16_bits_roundtrip():
 
     ref = torch.tensor(x).to(torch.bfloat16).float().numpy()
     assert np.array_equal(back, ref)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_llama(tmp_path_factory):
+    """A tiny llama with a SentencePiece BPE tokenizer (byte fallback) trained here in < 1 s."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    lines = [p.replace("\n", " ") for p in PROMPTS] + ["The quick brown fox jumps over the lazy dog."] * 5
+    corpus.write_text("\n".join(lines * 20), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    src = d / "src"
+    src.mkdir()
+    (d / "sp.model").rename(src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    ))
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok_dir = d / "tok"
+    tok.save_pretrained(str(tok_dir))
+    return build_tiny_model(d / "model", tok_dir, "llama", initializer_range=0.3, pad_token_id=0)
+
+
+def test_sentencepiece_tokenizer(sentencepiece_llama, tmp_path):
+    """SentencePiece vocab (tokens, scores, byte tokens) round-trips on plain text; logits match.
+
+    Known llama.cpp limitation, asserted so it stays visible: with HF's Metaspace
+    prepend_scheme="first", HF adds no "▁" after a special token or before leading spaces, while
+    llama.cpp's SPM tokenizer does. Those prompts are excluded here (verification reports them).
+    """
+    from edgetune.export.verify import verify_gguf
+
+    out = gg.convert(sentencepiece_llama, tmp_path / "sp.gguf", "f16", verify=False, show_progress=False)
+    report = verify_gguf(sentencepiece_llama, out)
+    bad = {m.split(" (special")[0] for m in report.tokenizer_mismatches}
+    plain = [p for p in PROMPTS if not p.startswith(" ") and "<|" not in p]
+    assert not any(repr(p[:30]) in bad for p in plain), report.tokenizer_mismatches
+    row = report.rows[0]
+    assert row.flips_outside_ties == 0 and row.max_abs <= report.tolerance
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(out))
+    assert bytes(r.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    types = list(r.fields["tokenizer.ggml.token_type"].data)
+    assert 6 in [int(r.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in types[:300]]  # BYTE tokens

@@ -317,6 +317,25 @@ def _hf_adds_bos_eos(hello_ids: list[int] | None, bos: int | None, eos: int | No
     return (bos is not None and bool(ids) and ids[0] == bos, eos is not None and bool(ids) and ids[-1] == eos)
 
 
+def _metaspace_prefix(tok_json: dict) -> bool:
+    """Does the tokenizer prepend "▁" to the text (SentencePiece add_dummy_prefix)?"""
+    def walk(node):
+        if not isinstance(node, dict):
+            return []
+        found = [node]
+        for key in ("pretokenizers", "normalizers"):
+            for child in node.get(key) or []:
+                found += walk(child)
+        return found
+
+    for n in walk(tok_json.get("pre_tokenizer")) + walk(tok_json.get("normalizer")):
+        if n.get("type") == "Metaspace":
+            return n.get("prepend_scheme", "always") != "never" and n.get("add_prefix_space", True)
+        if n.get("type") == "Prepend" and n.get("prepend") == "▁":
+            return True
+    return False
+
+
 def _added_tokens(model_dir: Path, tok_json: dict | None) -> dict[int, tuple[str, bool]]:
     added: dict[int, tuple[str, bool]] = {}
     for t in (tok_json or {}).get("added_tokens", []):
@@ -368,6 +387,37 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
         w.add_token_types(types)
         kind = f"BPE ({pre})"
         merges = True
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        # SentencePiece BPE as transformers saves it (tokenizer.json, no tokenizer.model): llama.cpp's
+        # SPM tokenizer merges by score, and SentencePiece orders BPE pieces by merge order, so
+        # score = -id reproduces its priorities (checked by the tokenizer verification).
+        rev = {i: t for t, i in model["vocab"].items()}
+        unk = model.get("unk_token")
+        tokens, scores, types = [], [], []
+        for i in range(n_vocab):
+            if i in added:
+                text, special = added[i]
+                typ = TT.CONTROL if special else TT.USER_DEFINED
+                if text == unk:
+                    typ = TT.UNKNOWN
+            elif i in rev:
+                text = rev[i]
+                typ = TT.BYTE if len(text) == 6 and text.startswith("<0x") and text.endswith(">") else TT.NORMAL
+                if text == unk:
+                    typ = TT.UNKNOWN
+            else:
+                text, typ = f"[PAD{i}]", TT.UNUSED
+            tokens.append(text)
+            scores.append(-1000.0 if typ in (TT.CONTROL, TT.USER_DEFINED, TT.UNUSED) else -float(i))
+            types.append(typ)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(_metaspace_prefix(tok_json))
+        kind = "SentencePiece (tokenizer.json)"
+        merges = False
     elif (model_dir / "tokenizer.model").exists():
         vocab = gguf.vocab.SentencePieceVocab(model_dir)
         tokens, scores, types = [], [], []

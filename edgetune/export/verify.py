@@ -158,10 +158,22 @@ def drift_text(rows: list[DriftRow]) -> str:
 
 
 def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool = True):
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError("llama-cpp-python", "llama", "Verifying a GGUF with llama.cpp") from None
 
     kw = {"lora_path": str(lora_path)} if lora_path else {}
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
+    try:
+        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
+    except ValueError as exc:
+        raise EdgetuneError(
+            f"llama.cpp could not load {Path(gguf_path).name}{' with adapter ' + Path(lora_path).name if lora_path else ''}: {exc}",
+            where=str(gguf_path),
+            fix="run with verbose llama.cpp logs to see why (the file may target an architecture this llama.cpp build lacks)",
+        ) from None
 
 
 def gguf_logits(llm, token_lists: list[list[int]]) -> list[np.ndarray]:
