@@ -64,7 +64,7 @@ def tiny_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 def test_base_vs_tuned_vs_gguf_report_with_drift(tiny_llama_dir, tiny_adapter, tiny_gguf, task3, tmp_path):
-    cfg = EvalConfig(max_tokens=6, regression=False, drift_reference="base")
+    cfg = EvalConfig(max_tokens=6, regression=False, drift_reference="base", dtype="float32")
     specs = [f"base=hf:{tiny_llama_dir}", f"tuned=hf:{tiny_llama_dir}+adapter:{tiny_adapter}", f"f32=gguf:{tiny_gguf}"]
     report = evaluate(task3, specs, tmp_path / "eval", cfg)
     assert [m["name"] for m in report["models"]] == ["base", "tuned", "f32"]

@@ -39,7 +39,7 @@ def _load_cfg(recipe):
 @click.option("--judge", default=None, metavar="SPEC", help="Pairwise LLM-as-judge vs the baseline, both orders (off by default).")
 @click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
 @click.option("--n-ctx", type=int, default=None, help="llama.cpp context for gguf models (default 2048).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype (default auto: the checkpoint's own).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
@@ -122,7 +122,8 @@ def summary_table(report: dict):
 @click.option("--limit", type=int, default=None, help="At most N examples.")
 @click.option("--output", "-o", "out_file", type=click.Path(dir_okay=False), default=None, help="Write drift.json here.")
 @click.option("--n-ctx", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True,
+              help="hf reference dtype (float32 keeps the reference's own rounding out of the drift).")
 @json_option
 def drift_cmd(reference, candidates, data_path, limit, out_file, n_ctx, dtype, as_json):
     """Per-token KL divergence and top-1 agreement of CANDIDATE vs REFERENCE, teacher-forced over the

@@ -21,7 +21,7 @@ class HFRunner(Runner):
     kind = "hf"
     supports_logits = True
 
-    def __init__(self, target: str, adapter: str | None = None, dtype: str = "float32", device: str | None = None,
+    def __init__(self, target: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None,
                  chat_template: str | None = None, num_threads: int | None = None):
         super().__init__(f"hf:{target}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
