@@ -102,7 +102,7 @@ def test_cli_gates_exit_1_with_failing_numbers(tiny_llama_dir, task3, tmp_path):
     text = res.output + (res.stderr if hasattr(res, "stderr") else "")
     assert "gate failed" in text and "required >= 1.01" in text and "json_fields = 0" in text
     assert (tmp_path / "r" / "report.md").read_text().count("❌") == 1
-    res = CliRunner().invoke(eval_group, base + ["--min", "json_valid=0", "--json"])
+    res = CliRunner().invoke(eval_group, base + ["--min", "json_valid=0", "--json", "--batch-size", "2"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["gates"]["passed"] is True
 

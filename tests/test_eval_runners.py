@@ -224,3 +224,14 @@ def test_ollama_host_forms():
     assert ollama_base_url("0.0.0.0") == "http://127.0.0.1:11434"
     assert ollama_base_url("example.org:8080") == "http://example.org:8080"
     assert ollama_base_url("https://ollama.local/") == "https://ollama.local:11434"
+
+
+def test_hf_batched_generation_matches_one_by_one(tiny_llama_dir):
+    r = make_runner(f"hf:{tiny_llama_dir}", dtype="float32")
+    convs = [MSGS, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a long river in Africa, please."}]]
+    params = GenParams(max_tokens=5)
+    batched = r.generate_batch(convs, params)
+    single = [r.generate(c, params) for c in convs]
+    assert [g.text for g in batched] == [g.text for g in single]  # left padding changes nothing
+    assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
+    assert [g.prompt_tokens for g in batched] == [g.prompt_tokens for g in single]

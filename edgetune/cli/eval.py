@@ -39,13 +39,14 @@ def _load_cfg(recipe):
 @click.option("--judge", default=None, metavar="SPEC", help="Pairwise LLM-as-judge vs the baseline, both orders (off by default).")
 @click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
 @click.option("--n-ctx", type=int, default=None, help="llama.cpp context for gguf models (default 2048).")
+@click.option("--batch-size", type=int, default=None, help="Generate N conversations at once where the runtime batches (hf).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype (default auto: the checkpoint's own).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
 @click.pass_context
 def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
-               regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, dtype, chat_template,
+               regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
                recipe, as_json):
     """Evaluate models side by side on the same examples; measure quantization drift.
 
@@ -73,7 +74,7 @@ def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, t
     max_regression = {**cfg.max_regression, **parse_gate_args(max_reg, "--max-regression")}
     cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
-                   regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, dtype=dtype,
+                   regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,
                    chat_template=chat_template, baseline=baseline, gates=gates, max_regression=max_regression)
     report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline)
     if as_json:

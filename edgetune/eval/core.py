@@ -57,7 +57,8 @@ def load_schema(cfg: EvalConfig, examples: list[Example]) -> dict | None:
 
 
 def run_set(runner: Runner, name: str, set_name: str, examples: list[Example], metric_names: list[str],
-            params: GenParams, *, schema: dict | None, regex: str | None, labels: list[str] | None) -> dict:
+            params: GenParams, *, schema: dict | None, regex: str | None, labels: list[str] | None,
+            batch_size: int = 1) -> dict:
     """Generate and score one model on one example set; returns per-example rows + aggregates."""
     rows: list[dict] = []
     nll_pairs: list[tuple[float, int]] = []
@@ -65,27 +66,36 @@ def run_set(runner: Runner, name: str, set_name: str, examples: list[Example], m
     with progress(_TokS(), transient=False) as bar:
         task = bar.add_task(f"{name} · {set_name}", total=len(examples), tok_s=0.0)
         toks = secs = 0.0
-        for ex in examples:
-            gen = runner.generate(ex.messages, params)
-            scores = M.score_example(gen.text, ex.reference, metric_names, schema=schema, regex=regex)
-            if ex.check:
-                scores["pass_rate"] = run_check(gen.text, ex.check)
-            row = {"id": ex.id, "output": gen.text, "gen": gen.as_dict(), "scores": scores}
-            if labels is not None:
-                row["label"] = M.predict_label(gen.text, labels)
-            if "json_fields" in metric_names:
-                ok, ref = M.parse_json(ex.reference)
-                row["fields"] = M.json_field_scores(gen.text, ref if ok else ex.reference)
-                row["extra_fields"] = M.json_extra_fields(gen.text, ref if ok else None)
-            if want_nll:
-                s, n = runner.score(ex.messages, ex.reference)
-                nll_pairs.append((s, n))
-                row["nll"] = s / n if n else None
-            rows.append(row)
-            toks += gen.completion_tokens
-            secs += gen.total_s
-            bar.update(task, advance=1, tok_s=toks / secs if secs else 0.0)
+        for start in range(0, len(examples), max(batch_size, 1)):
+            chunk = examples[start : start + max(batch_size, 1)]
+            gens = runner.generate_batch([e.messages for e in chunk], params) if len(chunk) > 1 else \
+                [runner.generate(chunk[0].messages, params)]
+            for ex, gen in zip(chunk, gens, strict=True):
+                row = _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, nll_pairs)
+                rows.append(row)
+                toks += gen.completion_tokens
+                secs += gen.total_s / len(chunk)
+                bar.update(task, advance=1, tok_s=toks / secs if secs else 0.0)
     return {"rows": rows, "aggregate": aggregate(rows, metric_names, examples, labels, nll_pairs if want_nll else None)}
+
+
+def _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, nll_pairs) -> dict:
+    """Scores (and reference NLL) of one generation against its example."""
+    scores = M.score_example(gen.text, ex.reference, metric_names, schema=schema, regex=regex)
+    if ex.check:
+        scores["pass_rate"] = run_check(gen.text, ex.check)
+    row = {"id": ex.id, "output": gen.text, "gen": gen.as_dict(), "scores": scores}
+    if labels is not None:
+        row["label"] = M.predict_label(gen.text, labels)
+    if "json_fields" in metric_names:
+        ok, ref = M.parse_json(ex.reference)
+        row["fields"] = M.json_field_scores(gen.text, ref if ok else ex.reference)
+        row["extra_fields"] = M.json_extra_fields(gen.text, ref if ok else None)
+    if want_nll:
+        s, n = runner.score(ex.messages, ex.reference)
+        nll_pairs.append((s, n))
+        row["nll"] = s / n if n else None
+    return row
 
 
 def _TokS():
@@ -184,7 +194,8 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
         try:
             results = {}
             for set_name, exs, mets, params, labs in sets_def:
-                res = run_set(runner, spec.name, set_name, exs, mets, params, schema=schema, regex=cfg.regex, labels=labs)
+                res = run_set(runner, spec.name, set_name, exs, mets, params, schema=schema, regex=cfg.regex, labels=labs,
+                              batch_size=cfg.batch_size)
                 results[set_name] = res
                 per_example[set_name][spec.name] = res["rows"]
             models.append({"name": spec.name, "spec": spec.raw, "runner": runner.info(),

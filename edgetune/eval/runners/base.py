@@ -61,6 +61,10 @@ class Runner:
     def generate(self, messages: list[dict], params: GenParams) -> Generation:  # pragma: no cover
         raise NotImplementedError
 
+    def generate_batch(self, batch: list[list[dict]], params: GenParams) -> list[Generation]:
+        """Several conversations; runtimes that batch (hf) override this."""
+        return [self.generate(m, params) for m in batch]
+
     # -- teacher forcing
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
         """Token ids of prompt + reference answer (with the template's end-of-turn), and the

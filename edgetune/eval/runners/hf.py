@@ -72,6 +72,14 @@ class HFRunner(Runner):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, messages: list[dict], params: GenParams) -> Generation:
+        return self.generate_batch([messages], params)[0]
+
+    def generate_batch(self, batch: list[list[dict]], params: GenParams) -> list[Generation]:
+        """Greedy/sampled generation for several conversations at once (left-padded).
+
+        With more than one conversation the timing is the batch's: every row reports the batch's
+        time to first token and total time (what a caller waiting on the batch experiences).
+        """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         torch = self.torch
@@ -83,9 +91,12 @@ class HFRunner(Runner):
                 timer.first()
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-        ids = self.tokenize(self.render(messages, True))
-        inp = torch.tensor([ids], device=self.device)
-        kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=self.eos_ids[0],
+        prompts = [self.tokenize(self.render(m, True)) for m in batch]
+        width = max(len(p) for p in prompts)
+        pad = self.eos_ids[0] if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        inp = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=pad,
                   eos_token_id=self.eos_ids, stopping_criteria=StoppingCriteriaList([_FirstToken()]))
         if params.temperature > 0:
             torch.manual_seed(params.seed)
@@ -95,17 +106,25 @@ class HFRunner(Runner):
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.no_grad():
-            out = self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **kw)
-        new = out[0, len(ids):].tolist()
-        finish = "length"
-        if new and new[-1] in self.eos_ids:
-            new, finish = new[:-1], "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        if params.stop:
-            text, hit = cut_at_stop(text, params.stop)
-            finish = "stop" if hit else finish
-        n_gen = len(out[0]) - len(ids)
-        return Generation(text, len(ids), n_gen, timer.ttft, timer.elapsed(), finish)
+            out = self.model.generate(input_ids=inp, attention_mask=mask, **kw)
+        elapsed = timer.elapsed()
+        gens = []
+        for row, p in zip(out.tolist(), prompts, strict=True):
+            new = row[width:]
+            finish = "length"
+            for i, t in enumerate(new):  # rows that finished early are padded after their end-of-turn
+                if t in self.eos_ids:
+                    new, finish = new[: i + 1], "stop"
+                    break
+            n_gen = len(new)
+            if finish == "stop":
+                new = new[:-1]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if params.stop:
+                text, hit = cut_at_stop(text, params.stop)
+                finish = "stop" if hit else finish
+            gens.append(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish))
+        return gens
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
         prompt, full = prefix_and_full(self.render, messages, reference)
