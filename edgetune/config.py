@@ -109,6 +109,11 @@ class ExportConfig:
 
     def __post_init__(self):
         _check_choice("export", "outtype", self.outtype, ("f16", "bf16", "f32", "q8_0"))
+        from .export.quantize import QTYPES  # the llama.cpp quant names live with the quantizer
+
+        self.quants = [str(q).strip().lower().replace("-", "_") for q in self.quants]
+        for q in self.quants:
+            _check_choice("export", "quants", q, tuple(QTYPES))
 
 
 @dataclass

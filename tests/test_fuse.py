@@ -85,7 +85,7 @@ def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
             plan.append((f"{module}.m", "F32", layer.magnitude.shape))
             arrays.append(layer.magnitude)
     with SafetensorsWriter(out_dir / "adapters.safetensors", plan) as w:
-        for (name, _, _), arr in zip(plan, arrays):
+        for (name, _, _), arr in zip(plan, arrays, strict=False):
             w.write(name, arr.astype(np.float32))
     scale = next(iter(ad.layers.values())).scale
     cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": scale, "dropout": 0.0}}

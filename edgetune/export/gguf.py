@@ -425,7 +425,7 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
             tokens.append(text)
             scores.append(score)
             types.append(typ)
-        for i, (text, special) in added.items():
+        for i, (_text, special) in added.items():
             if i < len(types) and special:
                 types[i] = TT.CONTROL
         for i in range(len(tokens), n_vocab):

@@ -248,7 +248,7 @@ def verify_gguf(model_dir, gguf_path, *, outtype: str | None = None) -> VerifyRe
     if outtype in REL_TOLERANCE:  # quantized types (q8_0 written directly) are reported, not gated
         report.tolerance = max(1e-3, REL_TOLERANCE[outtype] * spread)
     tie = REL_NEAR_TIE.get(outtype, 0.0) * spread
-    rows = [drift(r, t, f"p{i}", tie) for i, (r, t) in enumerate(zip(ref, test))]
+    rows = [drift(r, t, f"p{i}", tie) for i, (r, t) in enumerate(zip(ref, test, strict=False))]
     report.rows = [combine(rows, f"{outtype} vs HF")]
     return report
 
@@ -267,7 +267,7 @@ def compare_ggufs(ref_gguf, test_ggufs: dict[str, Path], token_lists: list[list[
             test = gguf_logits(llm, token_lists)
         finally:
             llm.close()
-        rows.append(combine([drift(r, t, label) for r, t in zip(ref, test)], label))
+        rows.append(combine([drift(r, t, label) for r, t in zip(ref, test, strict=False)], label))
     return rows
 
 
@@ -327,6 +327,6 @@ def verify_adapter(base_gguf, adapter_gguf, fused_gguf, prompts: list[str] | Non
         finally:
             llm.close()
     ref, test = results["fused"][0], results["base+adapter"][0]
-    row = combine([drift(r, t, "x") for r, t in zip(ref, test)], "base+adapter vs fused")
-    eq = sum(a == b for a, b in zip(results["fused"][1], results["base+adapter"][1]))
-    return AdapterReport(row, eq, len(prompts), list(zip(results["fused"][2], results["base+adapter"][2])))
+    row = combine([drift(r, t, "x") for r, t in zip(ref, test, strict=False)], "base+adapter vs fused")
+    eq = sum(a == b for a, b in zip(results["fused"][1], results["base+adapter"][1], strict=False))
+    return AdapterReport(row, eq, len(prompts), list(zip(results["fused"][2], results["base+adapter"][2], strict=False)))
