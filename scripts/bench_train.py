@@ -2,11 +2,15 @@
 
 Both fine-tune the demo model (SmolLM2-135M-Instruct) with the same LoRA settings (r 16, alpha 32,
 dropout 0.05, all attention + MLP linears), lr 2e-4 cosine with 5% warmup, batch 8, max sequence
-256, on the same examples for one epoch, completion-only loss. Each run is a child process (so its
+256, for the same number of optimizer steps (a step is 8 padded examples for the plain run, 8 packed
+rows of up to 256 tokens for edgetune), completion-only loss. Each run is a child process (so its
 peak RSS is its own), plain first, then edgetune. Reported: real (non-pad) tokens per second of
 training, peak RSS, and the validation loss of each adapter measured by the same function here.
 
-    python scripts/bench_train.py --examples 96 --threads 2
+    python scripts/bench_train.py --steps 6 --threads 1
+
+(On a shared 2-core machine use --threads 1: OpenMP threads competing with other processes ran
+~10x slower than one thread in our measurements.)
 
 The plain run uses library defaults (transformers 5 loads the saved dtype; Trainer pads each batch
 to its longest example and computes the LM head for every token). No edgetune code is imported by
@@ -63,22 +67,29 @@ def run_plain(a) -> dict:
     rows = [json.loads(x) for x in Path(a.data, "train.jsonl").read_text().splitlines()]
     enc = [plain_encode(tok, r, a.seq) for r in rows]
     ds = Dataset.from_list(enc)
-    model = AutoModelForCausalLM.from_pretrained(a.model)
+    kw = {} if a.plain_dtype == "auto" else {"dtype": getattr(torch, a.plain_dtype)}
+    model = AutoModelForCausalLM.from_pretrained(a.model, **kw)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
-    steps = -(-len(enc) // a.batch)
+    steps = a.steps
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch, max_steps=steps,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=int(round(0.05 * steps)), logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True,
     )
-    tr = Trainer(model=model, args=args, train_dataset=ds,
-                 data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    seen = {"tokens": 0}
+
+    def counting_collate(features):  # exact count of the real tokens the Trainer trains on
+        seen["tokens"] += sum(len(f["input_ids"]) for f in features)
+        return collate(features)
+
+    tr = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collate)
     t0 = time.perf_counter()
     out = tr.train()
     dt = time.perf_counter() - t0
     model.save_pretrained(str(Path(a.out) / "adapter"))
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    tokens = sum(len(e["input_ids"]) for e in enc)
+    tokens = seen["tokens"]
     return {"run": "plain Trainer+PEFT", "steps": out.global_step, "train_s": dt, "tokens": tokens,
             "tok_s": tokens / dt, "last_train_loss": losses[-1] if losses else None,
             "dtype": str(next(model.parameters()).dtype), "peak_rss_gb": peak_rss_gb()}
@@ -91,7 +102,7 @@ def run_edgetune(a) -> dict:
     from edgetune.train import train
 
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch, max_seq_len=a.seq, epochs=1.0,
+    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch, max_seq_len=a.seq, iters=a.steps,
                       eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42)
     r = train(a.model, a.data, a.out, cfg)
     return {"run": "edgetune", "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
@@ -122,7 +133,9 @@ def val_loss(model_dir: str, adapter: Path, valid: list[dict], seq: int, threads
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models" / "base" / "smollm2-135m-instruct"))
-    ap.add_argument("--examples", type=int, default=96, help="training examples (one epoch)")
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps for each run")
+    ap.add_argument("--plain-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="dtype the plain run loads the model in (auto = transformers default: the saved dtype)")
     ap.add_argument("--valid", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -138,7 +151,8 @@ def main():
         return
 
     rows = [json.loads(x) for x in DEMO_DATA.read_text().splitlines()]
-    train_rows, valid_rows = rows[: a.examples], rows[a.examples : a.examples + a.valid]
+    n_train = a.steps * a.batch * 3  # enough for one epoch of either run (edgetune packs ~2 per row)
+    train_rows, valid_rows = rows[:n_train], rows[n_train : n_train + a.valid]
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = work / "data"
     data.mkdir()
@@ -147,7 +161,8 @@ def main():
     for which in ("plain", "edgetune"):
         out = work / which
         cmd = [sys.executable, __file__, "--only", which, "--model", a.model, "--data", str(data), "--out", str(out),
-               "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
+               "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads), "--steps", str(a.steps),
+               "--plain-dtype", a.plain_dtype]
         print(f"running {which} ...", file=sys.stderr, flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
         line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
@@ -159,7 +174,7 @@ def main():
     plain, et = results
     with os.popen("uptime") as fh:
         load = fh.read().strip()
-    print(f"\nexamples {len(train_rows)} (1 epoch), valid {len(valid_rows)}, batch {a.batch}, max seq {a.seq}, "
+    print(f"\nsteps {a.steps}, valid {len(valid_rows)}, batch {a.batch}, max seq {a.seq}, plain dtype {a.plain_dtype}, "
           f"threads {a.threads}; load: {load}")
     print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")
     for r in results:
