@@ -5,6 +5,8 @@ Both arms run greedy on the same llama.cpp context, the same rendered prompts an
 token budget; calls alternate (direct, runner, direct, runner, …) so load on a shared machine
 hits both alike, and the context is reset before every call so each pays the full prefill.
 Throughput = generated tokens / wall time of the call (prefill included). Target: ≤ 5 % overhead.
+On a shared, loaded machine llama.cpp's own decode time swings by 2x between calls; the
+best-of-rounds figure (fastest call per prompt and arm) is the one to read there.
 
     python scripts/bench_eval.py [--gguf FILE] [--n 8] [--rounds 3] [--max-tokens 48] [--json out.json]
 """
@@ -61,8 +63,10 @@ def main(argv=None) -> int:
     tok = {"direct": 0, "runner": 0}
     sec = {"direct": 0.0, "runner": 0.0}
     ratios, mismatches = [], 0
+    best: dict[tuple[str, int], float] = {}  # (arm, prompt) -> fastest call: robust to load spikes
+    ntok: dict[tuple[str, int], int] = {}
     for r in range(args.rounds):
-        for p, e in zip(prompts, examples, strict=True):
+        for i, (p, e) in enumerate(zip(prompts, examples, strict=True)):
             order = [("direct", lambda p=p: direct(p)), ("runner", lambda e=e: through_runner(e.messages))]
             if r % 2:
                 order.reverse()
@@ -70,15 +74,21 @@ def main(argv=None) -> int:
             for name, (n, s, _) in res.items():
                 tok[name] += n
                 sec[name] += s
+                best[(name, i)] = min(best.get((name, i), float("inf")), s)
+                ntok[(name, i)] = n
             mismatches += res["direct"][2].strip() != res["runner"][2].strip()
             if res["direct"][0] and res["runner"][0]:
                 ratios.append((res["direct"][0] / res["direct"][1]) / (res["runner"][0] / res["runner"][1]))
     tps = {k: tok[k] / sec[k] for k in tok}
+    tps_best = {k: sum(ntok[(k, i)] for i in range(len(prompts))) / sum(best[(k, i)] for i in range(len(prompts)))
+                for k in tok}
     result = {
         "gguf": args.gguf, "prompts": len(prompts), "rounds": args.rounds, "max_tokens": args.max_tokens,
         "tokens": tok, "seconds": {k: round(v, 3) for k, v in sec.items()},
         "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
         "overhead_pct": round(100 * (tps["direct"] / tps["runner"] - 1), 2),
+        "tokens_per_s_best_of_rounds": {k: round(v, 2) for k, v in tps_best.items()},
+        "overhead_pct_best_of_rounds": round(100 * (tps_best["direct"] / tps_best["runner"] - 1), 2),
         "overhead_pct_median_pairwise": round(100 * (statistics.median(ratios) - 1), 2) if ratios else None,
         "text_mismatches": mismatches,
     }
