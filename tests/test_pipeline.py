@@ -94,7 +94,7 @@ def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir):
         pipeline.run(pipeline.load_recipe(recipe), to_stage="nope")
     with pytest.raises(EdgetuneError, match="Training data not found"):
         pipeline.run(pipeline.load_recipe(recipe, [f"data.path={tmp_path / 'missing.jsonl'}"]))
-    with pytest.raises(EdgetuneError, match="Unknown quantization type"):
+    with pytest.raises(EdgetuneError, match="export.quants = 'q4_k_mm' is not one of"):
         pipeline.run(pipeline.load_recipe(recipe, ["export.quants=q4_k_mm"]))
     with pytest.raises(EdgetuneError, match="ollama.quant = q8_0 is not exported"):
         pipeline.run(pipeline.load_recipe(recipe, ["ollama.quant=q8_0"]))

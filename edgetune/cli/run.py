@@ -95,17 +95,18 @@ def print_summary(result, seconds: float) -> None:
             out.print(f"  report: {result.run_dir / 'eval' / 'report.md'}")
     reg = st("register")
     if reg.get("ref"):
-        out.print(f"  registry: {reg['ref']} → {reg['path']}" + ("" if reg.get("created", True) else " (already registered)"))
+        out.print(f"  registry: {reg['ref']} → {reg['path']}" + ("" if reg.get("created", True) else " (already registered)"),
+                  soft_wrap=True)
     name = result.cfg.ollama.name or result.cfg.name
     if modelfile:
         out.print("\nTry it:")
-        out.print(f"  ollama create {name} -f {modelfile}")
+        out.print(f"  ollama create {name} -f {modelfile}", soft_wrap=True)
         out.print(f"  ollama run {name} \"Hi, my PayWell invoice is wrong and I need it fixed today!\"" if result.cfg.model == "demo"
-                  else f"  ollama run {name}")
+                  else f"  ollama run {name}", soft_wrap=True)
     quant_path = gguf.get(st("ollama").get("gguf") and _quant_of(st("ollama")["gguf"], gguf)) if gguf else None
     if quant_path or gguf:
         target = quant_path or next(iter(gguf.values()))
-        out.print(f"  edgetune chat {target}")
+        out.print(f"  edgetune chat {target}", soft_wrap=True)
 
 
 def _quant_of(path: str, gguf: dict) -> str | None:
