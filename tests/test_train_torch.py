@@ -88,21 +88,30 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
     assert not torch.allclose(ref, tuned, atol=1e-4)
 
 
-def test_adapter_moves_greedy_answer_toward_target(tiny_llama_dir, tmp_path):
+def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path):
+    from conftest import build_tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from edgetune.data.template import load_tokenizer, render_prompt
 
+    # With the usual 0.02 init the tied output layer of a hidden-64 model cannot express a confident
+    # answer (RMS-normed hidden x embeddings of norm ~0.16: logits within about +-1.3, loss floor ~9.5),
+    # so whether greedy decoding flipped was down to the hardware's rounding (it did on CPU, not on an
+    # H200). A 0.2 init lets LoRA reach a low loss (12.6 -> 2.7 in 60 steps on CPU): a decisive test.
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer_dir, "llama", initializer_range=0.2)
     q, a = QA[0]
     data = write_data(tmp_path / "d", [chat(q, a)])
     cfg = fast_cfg(iters=60, batch_size=1, learning_rate=2e-2, dropout=0.0, warmup_ratio=0.0,
                    lr_scheduler="constant", eval_every=0, save_every=1000)
-    train(tiny_llama_dir, data, tmp_path / "run", cfg)
-    tok = load_tokenizer(tiny_llama_dir)
+    train(model_dir, data, tmp_path / "run", cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    tok = load_tokenizer(model_dir)
     prompt = tok(render_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False, return_tensors="pt").input_ids
     target = tok(a, add_special_tokens=False).input_ids
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       tmp_path / "run" / "adapter")
     full = torch.tensor([prompt[0].tolist() + target])
 
@@ -117,7 +126,7 @@ def test_adapter_moves_greedy_answer_toward_target(tiny_llama_dir, tmp_path):
     tuned_gen, tuned_acc = answer_and_accuracy()
     assert tuned_gen != base_gen
     assert tuned_gen[0] == target[0] and base_gen[0] != target[0]
-    assert tuned_acc >= 0.6 > base_acc
+    assert tuned_acc >= 0.8 and base_acc <= 0.2, (tuned_acc, base_acc)
 
 
 def test_packed_rows_do_not_attend_across_examples(tiny_llama_dir):
@@ -241,7 +250,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_llama_dir, small_data, tmp_pat
         "r = train(sys.argv[1], sys.argv[2], sys.argv[3], cfg)\n"
         "print('RESULT', torch.distributed.get_rank(), r.extra['world_size'], r.final_train_loss)\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # CPU processes over gloo even where a GPU exists (two ranks on one GPU is an NCCL error)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
            str(script), str(tiny_llama_dir), str(small_data), str(tmp_path / "run")]
