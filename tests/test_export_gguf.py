@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -46,14 +47,7 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 @pytest.mark.parametrize("model_type", sorted(ARCH_OVERRIDES))
 def test_every_architecture_converts_and_matches_hf(tiny_models, tmp_path, model_type):
     model_dir = tiny_models(model_type)
-    try:
-        out = gg.convert(model_dir, tmp_path / "m.gguf", "f16", verify=True, show_progress=False)
-    except EdgetuneError as exc:
-        if model_type == "phi3" and "could not load" in exc.message:
-            # llama-cpp-python 0.3.36 refuses the tiny phi3 GGUF in its vocab loader
-            # ("unordered_map::at", with BPE and with SentencePiece vocabs alike); unresolved.
-            pytest.xfail("llama.cpp does not load the tiny phi3 GGUF (vocab loader: unordered_map::at)")
-        raise
+    out = gg.convert(model_dir, tmp_path / "m.gguf", "f16", verify=True, show_progress=False)
     report = gg.convert.last_report
     print(report.summary())
     assert out.exists() and report.passed, report.tokenizer_mismatches
@@ -207,3 +201,16 @@ def test_sentencepiece_tokenizer(sentencepiece_llama, tmp_path):
     assert bytes(r.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
     types = list(r.fields["tokenizer.ggml.token_type"].data)
     assert 6 in [int(r.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in types[:300]]  # BYTE tokens
+
+
+def test_phi3_name_is_not_written_where_llama_cpp_would_look_up_missing_tokens(tmp_path, tokenizer_dir):
+    # llama.cpp looks up <s>, </s>, <unk> by text for models named phi3/phi-3; SmolLM2's vocab has none
+    d = tmp_path / "Phi-3-support-ft"
+    shutil.copytree(tokenizer_dir, d)
+    assert gg._gguf_name(d) == "Phi_3-support-ft"
+    # a vocabulary that has them keeps its name
+    t = json.loads((d / "tokenizer.json").read_text())
+    t["added_tokens"] += [{"id": 90000 + i, "content": c} for i, c in enumerate(("<s>", "</s>", "<unk>"))]
+    (d / "tokenizer.json").write_text(json.dumps(t))
+    assert gg._gguf_name(d) == "Phi-3-support-ft"
+    assert gg._gguf_name(tmp_path / "smollm2-ft") == "smollm2-ft"

@@ -347,6 +347,30 @@ def _added_tokens(model_dir: Path, tok_json: dict | None) -> dict[int, tuple[str
     return added
 
 
+def _gguf_name(model_dir: Path) -> str:
+    """general.name for the GGUF: the folder name, unless llama.cpp would choke on it.
+
+    llama.cpp sets Phi-3 token attributes when general.name contains "phi3" or "phi-3" and looks
+    up ``<s>``, ``</s>`` and ``<unk>`` by text, throwing ``unordered_map::at`` when the vocabulary
+    lacks one (a Phi-4-mini style vocab, or any other tokenizer on a folder named phi3-...).
+    Such a name is written with an underscore ("phi_3") so the file loads.
+    """
+    import re
+
+    name = model_dir.name
+    if not re.search(r"phi-?3", name, re.IGNORECASE):
+        return name
+    tj = model_dir / "tokenizer.json"
+    if tj.exists():
+        t = json.loads(tj.read_text(encoding="utf-8"))
+        v = (t.get("model") or {}).get("vocab") or {}
+        vocab = set(v) if isinstance(v, dict) else {e[0] for e in v}  # BPE/WordPiece dict, Unigram list
+        vocab |= {a.get("content") for a in t.get("added_tokens", [])}
+        if not {"<s>", "</s>", "<unk>"} <= vocab:
+            return re.sub(r"(?i)phi(-?)3", lambda m: m.group(0)[:3] + "_3", name)
+    return name
+
+
 def add_tokenizer(w, model_dir: Path, n_vocab: int) -> str:
     """Write tokenizer metadata; returns the kind written ("gpt2 BPE (pre)" or "SentencePiece")."""
     import gguf
@@ -602,7 +626,7 @@ def convert(
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, arch.gguf_arch)
         try:
-            w.add_name(model_dir.name)
+            w.add_name(_gguf_name(model_dir))
             w.add_type(gguf.GGUFType.MODEL)
             arch.hparams(cfg, w)
             w.add_vocab_size(n_vocab)
