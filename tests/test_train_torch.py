@@ -287,3 +287,21 @@ def test_demo_model_loss_falls_on_demo_data(demo_model_dir, tmp_path):
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert sum(r["loss"] for r in rows[-2:]) < sum(r["loss"] for r in rows[:2])
     assert vals[-1] < vals[0] and res.best_val_loss == min(vals)
+
+
+def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    from edgetune.train.torch_backend import FastDropout
+
+    x = torch.ones(1000, 1001, dtype=torch.bfloat16)  # odd size: the int64 draw is sliced
+    d = FastDropout(0.05)
+    torch.manual_seed(0)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002, dropped
+    assert abs(y.float().mean().item() - 1.0) < 0.01
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)  # the default generator drives it: seeding and resume hold
+    assert not torch.equal(d(x), y)
+    d.eval()
+    assert d(x) is x
