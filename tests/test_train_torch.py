@@ -221,6 +221,10 @@ def test_unsupported_and_bad_inputs_fail_before_loading(tiny_llama_dir, small_da
         train(small_data, small_data, tmp_path / "o", fast_cfg())
     with pytest.raises(EdgetuneError):
         TrainConfig(method="prefix")
+    pref = write_data(tmp_path / "pref", [chat("Hi", "Hello"), {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+    with pytest.raises(UnsupportedError, match="DPO") as exc:
+        train(tiny_llama_dir, pref, tmp_path / "o", fast_cfg())
+    assert exc.value.where.endswith("train.jsonl:2")
 
 
 def test_cli_dry_run_prints_memory_estimate(tiny_llama_dir, small_data, tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgetuneError
+from ..errors import EdgetuneError, UnsupportedError
 
 # Known chat-template families, for base models that ship without one (``--chat-template NAME``).
 # One row per family; source: each family's reference tokenizer_config.json on the HF hub.
@@ -301,6 +301,12 @@ def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, trun
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         enc = Encoded(ids, [1] * len(ids))
+    elif "chosen" in row and "rejected" in row:
+        raise UnsupportedError(
+            "Preference rows (prompt/chosen/rejected) need a DPO/ORPO trainer; edgetune trains SFT only so far.",
+            fix="for SFT, turn each row into {\"messages\": [user prompt, assistant chosen]}; "
+                "for DPO use TRL's DPOTrainer on the prepared split, then fuse/export its adapter with edgetune",
+        )
     else:
         raise EdgetuneError(
             f"Row has none of 'messages', 'prompt'+'completion', 'text' (keys: {', '.join(map(str, row))}).",
