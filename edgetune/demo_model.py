@@ -142,7 +142,7 @@ def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: b
             saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
             saved_tok = AutoTokenizer.from_pretrained(tmp)
             expected, got = greedy_answers(reference, tok), greedy_answers(saved, saved_tok)
-            for a, b in zip(expected, got):
+            for a, b in zip(expected, got, strict=True):
                 if a != b:
                     raise EdgetuneError(
                         "The saved demo model does not reproduce the GGUF model's greedy answer "

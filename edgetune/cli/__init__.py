@@ -8,6 +8,7 @@ options, calls a plain function of the library and prints the result.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -44,10 +45,12 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
+            reason = str(exc)  # `exc` is unbound once the except block ends
+
             # A command whose module is missing or broken must not take --help down with it.
             @click.command(name, help=COMMANDS[name][2])
             def _unavailable():
-                raise click.ClickException(f"'{name}' is unavailable: {exc}")
+                raise click.ClickException(f"'{name}' is unavailable: {reason}")
 
             return _unavailable
 
@@ -67,6 +70,8 @@ def cli():
 
 
 def main(argv=None):
+    # transformers' "Loading weights" tqdm bars would interleave with our rich progress and tables
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: pass it on.
         rc = cli.main(args=argv, prog_name="edgetune", standalone_mode=False)
