@@ -367,7 +367,7 @@ def _gguf_name(model_dir: Path) -> str:
         vocab = set(v) if isinstance(v, dict) else {e[0] for e in v}  # BPE/WordPiece dict, Unigram list
         vocab |= {a.get("content") for a in t.get("added_tokens", [])}
         if not {"<s>", "</s>", "<unk>"} <= vocab:
-            return re.sub(r"(?i)phi(-?)3", lambda m: m.group(0)[:3] + "_3", name)
+            return re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:3] + "_3", name)
     return name
 
 

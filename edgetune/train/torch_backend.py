@@ -199,7 +199,7 @@ class FastDropout(torch.nn.Module):
 
 
 def speed_up_lora(model, device: str, use_amp: bool) -> None:
-    """CPU-side savings in PEFT's LoRA layers that do not change what is computed.
+    """Savings in PEFT's LoRA layers that keep what is computed (dropout: same distribution, other draws).
 
     - Under autocast, PEFT's cast of every activation to the fp32 adapter dtype (and autocast's
       cast straight back to bf16 for the matmul) is skipped: two full copies per adapted layer.
