@@ -94,16 +94,16 @@ def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, t
 def summary_table(report: dict):
     from rich.table import Table
 
-    from ..eval.report import fmt, fmt_delta
+    from ..eval.report import fmt, fmt_delta, short_name
 
     head = report["headline"]
     keys = [head] + [k for k in ("json_valid", "accuracy", "macro_f1", "exact_match", "rouge_l", "nll", "ttft_s",
                                  "tokens_per_s", "regression.pass_rate") if k != head]
     keys = [k for k in keys if any(k in m["metrics"] for m in report["models"])]
     t = Table(title=f"eval ({report['n_examples'].get('task', 0)} examples, baseline {report['baseline']})")
-    t.add_column("model")
+    t.add_column("model", no_wrap=True)
     for k in keys:
-        t.add_column(k, justify="right")
+        t.add_column(short_name(k), justify="right", no_wrap=k == head)
     for m in report["models"]:
         d = report["deltas"].get(m["name"], {})
         cells = []

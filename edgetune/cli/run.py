@@ -116,12 +116,10 @@ def _quant_of(path: str, gguf: dict) -> str | None:
     return None
 
 
-_SHORT = {"json_fields": "fields", "json_valid": "json", "exact_match": "exact", "tokens_per_s": "tok/s",
-          "regression.pass_rate": "regression"}
-
-
 def _metric_columns(metrics: dict, headline: str | None) -> list[tuple[str, str]]:
     """(metric key, column header): the headline task metric, per-field scores, validity, speed."""
+    from ..eval.report import short_name
+
     present: list[str] = []
     for m in metrics.values():
         present += [k for k in m if k not in present]
@@ -131,7 +129,7 @@ def _metric_columns(metrics: dict, headline: str | None) -> list[tuple[str, str]
     cols: list[tuple[str, str]] = []
     for k in want:
         if k and k in present and k not in [c[0] for c in cols]:
-            cols.append((k, _SHORT.get(k, k.split(".", 1)[1] if k.startswith("per_field.") else k)))
+            cols.append((k, short_name(k)))
     return cols[:7]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -86,6 +87,8 @@ def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_js
     from ..train import train as run_train
 
     result = run_train(model, data_dir, output, cfg, resume=resume, chat_template=chat_template)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under `accelerate launch` every process returns the same result: rank 0 reports it
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
     else:

@@ -38,6 +38,18 @@ def fmt(metric: str, v: Any) -> str:
     return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+# Column headers for terminal tables (80 columns): the report files keep the full metric names.
+SHORT = {"json_fields": "fields", "json_valid": "json", "exact_match": "exact", "tokens_per_s": "tok/s",
+         "regression.pass_rate": "regression", "ttft_s": "ttft", "macro_f1": "F1", "rouge_l": "ROUGE-L",
+         "accuracy": "acc"}
+
+
+def short_name(metric: str) -> str:
+    if metric in SHORT:
+        return SHORT[metric]
+    return metric.split(".", 1)[1] if metric.startswith("per_field.") else metric
+
+
 def fmt_delta(metric: str, d: float | None) -> str:
     if d is None:
         return "–"

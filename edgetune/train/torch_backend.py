@@ -14,7 +14,6 @@ import math
 import os
 import random
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,6 @@ from .batching import lr_lambda
 from .common import RESUME_KEYS, StopFlag, TrainingInterrupted
 
 STATE_FILE = "trainer_state.pt"
-
-# PEFT reads transformers' deprecated alias while wrapping the model; the warning is theirs, not the user's
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def resolve_precision(cfg, device: str) -> str:
