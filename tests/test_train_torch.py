@@ -309,3 +309,42 @@ def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation():
     assert not torch.equal(d(x), y)
     d.eval()
     assert d(x) is x
+
+
+def test_cpu_lora_fast_path_computes_what_peft_computes(tiny_llama_dir):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.train.torch_backend import FastDropout, add_adapter, speed_up_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft_model = add_adapter(base, TrainConfig(dropout=0.1), ["q_proj", "v_proj", "down_proj"])
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapter matter
+    fast = copy.deepcopy(peft_model)
+    speed_up_lora(fast, "cpu", use_amp=False)
+    patched = [m for m in fast.modules() if "forward" in vars(m)]
+    assert len(patched) == 2 * 3  # 2 layers x 3 targets
+    assert all(isinstance(m.lora_dropout["default"], FastDropout) for m in patched)
+    ids = torch.randint(0, 1000, (2, 12))
+    peft_model.eval(), fast.eval()
+    with torch.no_grad():
+        ref, got = peft_model(ids).logits, fast(ids).logits
+        assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+        with fast.disable_adapter():
+            assert not torch.allclose(fast(ids).logits, got, atol=1e-2)  # the adapter is really applied
+    # training mode: PEFT's formula base(x) + B(A(dropout(x))) * scaling, with the same dropout draws
+    fast.train()
+    m = patched[0]
+    x = torch.randn(3, 5, m.in_features)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = m(x)
+        torch.manual_seed(1)
+        dropped = m.lora_dropout["default"](x)  # FastDropout.forward: zeroed and rescaled by 1/(1-p)
+        want = m.base_layer(x) + m.lora_B["default"](m.lora_A["default"](dropped)) * m.scaling["default"]
+        assert (dropped == 0).any() and torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(m(x), got, atol=1e-4)  # fresh draws each call

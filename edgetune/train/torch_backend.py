@@ -182,16 +182,42 @@ class FastDropout(torch.nn.Module):
         self.threshold = int(round(self.p * 65536)) - 32768
         self.scale = 1.0 / (1.0 - self.p)
 
+    def zero_dropped(self, x):
+        """``x`` with the dropped entries zeroed and the kept ones *not* rescaled by 1/(1-p)."""
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        return x.masked_fill(bits.view(torch.int16)[:n].view(x.shape) < self.threshold, 0)
+
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        n = x.numel()
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        r = bits.view(torch.int16)[:n].view(x.shape)
-        return x.masked_fill(r < self.threshold, 0) * self.scale
+        return self.zero_dropped(x) * self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _scale_on_rank_side(m, name: str) -> None:
+    """Give a plain PEFT LoRA Linear a forward that scales the rank-r activations, not full rows.
+
+    PEFT computes ``base(x) + B(A(dropout(x))) * scaling``: dropout's 1/(1-p) multiplies the whole
+    input and the scaling the whole output, forward and backward. ``B(A(x') * s)`` is the same value
+    (B has no bias) with both factors folded into one multiply of r columns.
+    """
+    original = m.forward
+    lora_a, lora_b, drop = m.lora_A[name], m.lora_B[name], m.lora_dropout[name]
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or m.disable_adapters or m.merged or list(m.active_adapters) != [name]:
+            return original(x, *args, **kwargs)
+        s = m.scaling[name]
+        if m.training and isinstance(drop, FastDropout) and drop.p > 0:
+            h = lora_a(drop.zero_dropped(x)) * (s * drop.scale)
+        else:
+            h = lora_a(drop(x)) * s
+        return m.base_layer(x) + lora_b(h)
+
+    m.forward = forward
 
 
 def speed_up_lora(model, device: str, use_amp: bool) -> None:
@@ -199,16 +225,25 @@ def speed_up_lora(model, device: str, use_amp: bool) -> None:
 
     - Under autocast, PEFT's cast of every activation to the fp32 adapter dtype (and autocast's
       cast straight back to bf16 for the matmul) is skipped: two full copies per adapted layer.
-    - On CPU, ``nn.Dropout`` in the adapters is replaced by :class:`FastDropout`.
+    - On CPU, ``nn.Dropout`` in the adapters is replaced by :class:`FastDropout`, and plain LoRA
+      layers (not DoRA) apply the dropout and LoRA scales to rank-r activations
+      (:func:`_scale_on_rank_side`). Demo model, batch 8 x 256, one thread: 229 -> 266 -> 287 tok/s.
     """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     for m in model.modules():
         if use_amp and hasattr(m, "cast_input_dtype_enabled"):
             m.cast_input_dtype_enabled = False
         drop = getattr(m, "lora_dropout", None)
-        if device == "cpu" and isinstance(drop, torch.nn.ModuleDict):
-            for name, d in list(drop.items()):
-                if type(d) is torch.nn.Dropout and d.p > 0:
-                    drop[name] = FastDropout(d.p)
+        if device != "cpu" or not isinstance(drop, torch.nn.ModuleDict):
+            continue
+        for name, d in list(drop.items()):
+            if type(d) is torch.nn.Dropout and d.p > 0:
+                drop[name] = FastDropout(d.p)
+        if type(m) is LoraLinear and len(m.lora_A) == 1:
+            (name,) = m.lora_A.keys()
+            if name not in getattr(m, "lora_variant", {}) and not m.use_dora.get(name) and m.lora_B[name].bias is None:
+                _scale_on_rank_side(m, name)
 
 
 def _make_optimizer(params, cfg):
