@@ -91,6 +91,6 @@ def test_memory_estimate_scales_sensibly(tmp_path):
     ckpt = estimate_memory(tmp_path, TrainConfig(batch_size=4, max_seq_len=256, gradient_checkpointing=True), precision="bf16")
     assert ckpt["activations_gb"] < base["activations_gb"]
     q = estimate_memory(tmp_path, TrainConfig(method="qlora"))
-    assert q["weights_gb"] < base["weights_gb"] and q["precision"] == "nf4"
+    assert q["weights_gb"] < base["weights_gb"] and q["precision"] == "4bit"
     dora = estimate_memory(tmp_path, TrainConfig(method="dora"), precision="bf16")
     assert dora["trainable_params_m"] > base["trainable_params_m"]

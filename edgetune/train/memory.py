@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.5 + 0.0625}  # nf4: 4-bit + double-quant scales
+# 4bit: bitsandbytes NF4 with double-quantised scales, or MLX affine 4-bit (group 64, fp16 scale + bias):
+# both about 0.56 bytes per weight
+_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "4bit": 0.5 + 0.0625}
 
 
 def _model_shapes(model_dir) -> dict:
@@ -64,7 +66,7 @@ def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
             from ..hardware import cpu_supports_bf16
 
             precision = "bf16" if cpu_supports_bf16() else "fp32"
-    wprec = "nf4" if cfg.method == "qlora" else precision
+    wprec = "4bit" if cfg.method == "qlora" else precision
     # embeddings and the head stay 16-bit under QLoRA
     weights = (n_params - embed) * _BYTES[wprec] + embed * _BYTES["bf16" if cfg.method == "qlora" else wprec]
     targets = cfg.target_modules or arch.lora_targets
