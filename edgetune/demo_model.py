@@ -102,7 +102,8 @@ def load_from_gguf(gguf: Path):
     config = qmodel.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = "bfloat16"
+    # transformers 5 calls it `dtype` (and warns about `torch_dtype`); 4.x only knows `torch_dtype`
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", "bfloat16")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in qmodel.state_dict().items()}, strict=False)
     model.tie_weights()
