@@ -50,8 +50,9 @@ def _print_check(result, as_json: bool) -> None:
         console.print(f"[dim]note:[/] {note}", highlight=False)
     if result.diff:
         console.print(result.diff, highlight=False, markup=False)
-    verdict = "[green]identical[/]" if result.ok else "[bold red]DIFFERENT[/]"
-    console.print(f"{result.n_identical} conversations identical → {verdict}")
+    checked = sum(c.status != "skipped" for c in result.conversations)
+    verdict = "[green]pass[/]" if result.ok else "[bold red]DIFFERENT[/]"
+    console.print(f"{result.n_identical} of {checked} conversations token-identical → {verdict}")
 
 
 def _default_name(gguf: Path) -> str:
