@@ -20,6 +20,18 @@ from typing import Any
 from .errors import EdgetuneError
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 entries; a finished artifact gets the mode any other tool would
+# give it (0644/0755 under the usual umask), so e.g. a llama-server or Ollama running as another
+# user can read a GGUF we wrote.
+
+
 def _disk_full(path: Path, exc: OSError) -> EdgetuneError:
     free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
     return EdgetuneError(
@@ -39,6 +51,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -58,6 +71,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

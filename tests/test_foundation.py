@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,18 @@ def test_fetch_demo_is_idempotent(demo_model_dir: Path):
     before = (demo_model_dir / "model.safetensors").stat().st_mtime_ns
     fetch_demo(demo_model_dir)
     assert (demo_model_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_artifacts_get_umask_modes_not_tempfile_modes(tmp_path: Path):
+    # mkstemp/mkdtemp create 0600/0700: a GGUF written like that is unreadable to an Ollama or
+    # llama-server running as another user
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "m.gguf") as tmp:
+            tmp.write_bytes(b"GGUF")
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "adapter_config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
