@@ -21,15 +21,15 @@ from .errors import EdgetuneError
 
 
 def _umask() -> int:
-    """The process umask (reading it means setting it: set it straight back)."""
+    """The process umask (reading it means setting it: set it straight back).
+
+    mkstemp/mkdtemp create 0600/0700 entries; a finished artifact gets the mode any other tool
+    would give it (0644/0755 under the usual umask), so e.g. a llama-server or Ollama running as
+    another user can read a GGUF we wrote.
+    """
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-# mkstemp/mkdtemp create 0600/0700 entries; a finished artifact gets the mode any other tool would
-# give it (0644/0755 under the usual umask), so e.g. a llama-server or Ollama running as another
-# user can read a GGUF we wrote.
 
 
 def _disk_full(path: Path, exc: OSError) -> EdgetuneError:
