@@ -162,8 +162,8 @@ class EvalConfig:
     drift_reference: str | None = None  # model name whose logits the others are compared to
     worst: int = 5  # worst examples shown side by side in report.md
     n_ctx: int = 2048  # llama.cpp context for gguf runners
-    batch_size: int = 1  # conversations generated together where the runtime batches (hf); latency is then per batch
-    dtype: str = "auto"  # hf runner dtype; auto = the checkpoint's own (bf16 is ~6x faster than fp32 on CPU)
+    batch_size: int | None = None  # conversations generated together (hf); None = edgetune.precision's choice; latency is then per batch
+    dtype: str = "auto"  # hf runner dtype; auto = edgetune.precision's choice for this device (see doctor)
     chat_template: str | None = None  # template file / family for models without one
 
     def __post_init__(self):

@@ -89,6 +89,11 @@ def collect(check_llama: bool = True) -> dict:
         "disk": {"path": str(Path.cwd()), "free_gb": round(free_disk_gb("."), 1)},
         "memory": {"total_gb": round(total, 1), "available_gb": round(avail, 1)},
     }
+    if hw.torch:
+        from .precision import summary
+
+        # the compute dtype each torch workload gets on each device here, and why (edgetune.precision)
+        info["precision"] = summary()
     try:
         choice = choose_backend("auto", "lora", hw)
         info["auto_backend"] = {"backend": choice.backend, "device": choice.device, "reason": choice.reason}
@@ -148,6 +153,15 @@ def render(info: dict) -> None:
     t.add_row("disk free", f"{info['disk']['free_gb']} GB ({info['disk']['path']})")
     t.add_row("memory", f"{info['memory']['available_gb']} GB available of {info['memory']['total_gb']} GB")
     t.add_row("QLoRA", info["qlora"])
+    prec = info.get("precision")
+    if prec:
+        v = prec["cpu_bf16"]
+        t.add_row("CPU bf16", f"{'[green]fast[/]' if v['fast_train'] else '[yellow]slow[/]'} ({v['source']}: {v['reason']})")
+        for dev, by_work in prec["devices"].items():
+            parts = []
+            for work, d in by_work.items():
+                parts.append(f"{work} {d['dtype']}" + (f" x{d['batch_size']}" if d.get("batch_size") else ""))
+            t.add_row(f"precision ({dev})", ", ".join(parts))
     ab = info["auto_backend"]
     t.add_row("auto backend", f"[bold cyan]{ab['backend']}[/] on {ab['device']} — {ab['reason']}")
     out.print(t)

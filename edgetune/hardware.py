@@ -52,13 +52,10 @@ def _version(module: str) -> str | None:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 / AMX / AVX512 paths that make bf16 matmuls fast."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return platform.machine() == "arm64"  # Apple / ARM cores run bf16 well through torch
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512f"))
+    """True when bf16 training-size matmuls are fast on this CPU (see :mod:`edgetune.precision`)."""
+    from .precision import cpu_bf16
+
+    return cpu_bf16().fast_train
 
 
 @lru_cache(maxsize=1)

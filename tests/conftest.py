@@ -27,6 +27,12 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path / "edgetune-home"))
     monkeypatch.setenv("EDGETUNE_DEMO_MODEL", str(DEMO_DIR))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the precision verdict may depend on EDGETUNE_CPU_BF16, which a test may set: decide afresh
+    from edgetune.precision import cpu_bf16
+
+    cpu_bf16.cache_clear()
+    yield
+    cpu_bf16.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def _load_cfg(recipe):
 @click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
 @click.option("--n-ctx", type=int, default=None, help="llama.cpp context for gguf models (default 2048).")
 @click.option("--batch-size", type=int, default=None, help="Generate N conversations at once where the runtime batches (hf).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype (default auto: the checkpoint's own).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype (default auto: what edgetune doctor shows for this device).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option

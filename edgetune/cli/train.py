@@ -37,7 +37,8 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
               help="Stop after N evaluations without improvement (the best adapter is kept).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
+              help="Compute dtype (default auto: edgetune.precision's choice for this device; see edgetune doctor).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default=None)
 @click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads.")

@@ -195,7 +195,7 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
             results = {}
             for set_name, exs, mets, params, labs in sets_def:
                 res = run_set(runner, spec.name, set_name, exs, mets, params, schema=schema, regex=cfg.regex, labels=labs,
-                              batch_size=cfg.batch_size)
+                              batch_size=cfg.batch_size or runner.batch_size)
                 results[set_name] = res
                 per_example[set_name][spec.name] = res["rows"]
             models.append({"name": spec.name, "spec": spec.raw, "runner": runner.info(),

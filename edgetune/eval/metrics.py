@@ -333,12 +333,14 @@ def latency_summary(gens: list[dict]) -> dict[str, float | None]:
     """TTFT and decode speed over generations (dicts with ttft_s, total_s, completion_tokens).
 
     tokens/s is decode throughput: generated tokens after the first over the time after the
-    first token, summed over examples, so long answers weigh by their length.
+    first token, summed over examples, so long answers weigh by their length. Rows generated in
+    one batch share its time (each carries the batch's time and ``batch``), so batched and
+    one-by-one runners report the same kind of figure: tokens the runner produced per second.
     """
     ttfts = [g["ttft_s"] for g in gens if g.get("ttft_s") is not None]
     totals = [g["total_s"] for g in gens if g.get("total_s") is not None]
     dec_tokens = sum(max(g.get("completion_tokens", 0) - 1, 0) for g in gens if g.get("ttft_s") is not None)
-    dec_time = sum(g["total_s"] - g["ttft_s"] for g in gens if g.get("ttft_s") is not None)
+    dec_time = sum((g["total_s"] - g["ttft_s"]) / max(g.get("batch") or 1, 1) for g in gens if g.get("ttft_s") is not None)
     return {
         "ttft_s": statistics.median(ttfts) if ttfts else None,
         "latency_s": statistics.median(totals) if totals else None,

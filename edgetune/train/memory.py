@@ -63,9 +63,9 @@ def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
         elif cfg.precision != "auto":
             precision = cfg.precision
         else:
-            from ..hardware import cpu_supports_bf16
+            from ..precision import decide
 
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
+            precision = decide("train", "cpu").dtype
     wprec = "4bit" if cfg.method == "qlora" else precision
     # embeddings and the head stay 16-bit under QLoRA
     weights = (n_params - embed) * _BYTES[wprec] + embed * _BYTES["bf16" if cfg.method == "qlora" else wprec]

@@ -45,8 +45,11 @@ def choose_backend(backend: str = "auto", method: str = "lora", hw: Hardware | N
         elif hw.torch and hw.mps:
             choice = Choice("torch", "mps", "Apple GPU through torch MPS (mlx-lm not installed)")
         elif hw.torch:
-            prec = "bf16 autocast" if hw.cpu_bf16 else "fp32"
-            choice = Choice("torch", "cpu", f"no GPU: torch + PEFT on CPU ({prec})")
+            from ..precision import decide
+
+            d = decide("train", "cpu")
+            prec = "bf16 autocast" if d.dtype == "bf16" else d.dtype
+            choice = Choice("torch", "cpu", f"no GPU: torch + PEFT on CPU ({prec}: {d.reason})")
         elif has_mlx:
             choice = Choice("mlx", "cpu", "torch not installed; mlx-lm on CPU")
         else:

@@ -35,6 +35,7 @@ class Generation:
     ttft_s: float | None  # time to the first generated token (prefill included)
     total_s: float
     finish_reason: str = "stop"  # stop | length
+    batch: int = 1  # conversations generated together; ttft_s and total_s are the batch's
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -53,6 +54,7 @@ class Runner:
 
     kind = "base"
     supports_logits = False
+    batch_size = 1  # conversations per generate_batch call when eval.batch_size is auto
 
     def __init__(self, spec: str):
         self.spec = spec

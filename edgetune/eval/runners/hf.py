@@ -42,8 +42,15 @@ class HFRunner(Runner):
             torch.set_num_threads(num_threads)
         self.torch = torch
         self.tokenizer = load_tokenizer(self.path, chat_template)
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch_dtype, local_files_only=True)
+        from ...precision import decide
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # the dtype and generation batch come from the one precision policy: on a CPU without
+        # fast bf16, the checkpoint's own bf16 makes every prefill ~100x slower than fp32
+        self.decision = decide("generate", self.device, dtype)
+        self.batch_size = self.decision.batch_size or 1
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.decision.torch_dtype,
+                                                          local_files_only=True)
         self.adapter = None
         if adapter:
             self.adapter = Path(adapter).expanduser()
@@ -55,7 +62,6 @@ class HFRunner(Runner):
             except ImportError:
                 raise MissingDependencyError("peft", "torch", "Evaluating a PEFT adapter") from None
             self.model = PeftModel.from_pretrained(self.model, str(self.adapter))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -73,6 +79,15 @@ class HFRunner(Runner):
 
     def generate(self, messages: list[dict], params: GenParams) -> Generation:
         return self.generate_batch([messages], params)[0]
+
+    def left_pad(self, prompts: list[list[int]]):
+        """(input ids, attention mask, pad id) of prompts left-padded to the longest."""
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        pad = self.eos_ids[0] if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        inp = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return inp, mask, pad
 
     def generate_batch(self, batch: list[list[dict]], params: GenParams) -> list[Generation]:
         """Greedy/sampled generation for several conversations at once (left-padded).
@@ -92,10 +107,8 @@ class HFRunner(Runner):
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         prompts = [self.tokenize(self.render(m, True)) for m in batch]
-        width = max(len(p) for p in prompts)
-        pad = self.eos_ids[0] if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
-        inp = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        inp, mask, pad = self.left_pad(prompts)
+        width = inp.shape[1]
         kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=pad,
                   eos_token_id=self.eos_ids, stopping_criteria=StoppingCriteriaList([_FirstToken()]))
         if params.temperature > 0:
@@ -123,7 +136,7 @@ class HFRunner(Runner):
             if params.stop:
                 text, hit = cut_at_stop(text, params.stop)
                 finish = "stop" if hit else finish
-            gens.append(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish))
+            gens.append(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch)))
         return gens
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -138,7 +151,8 @@ class HFRunner(Runner):
 
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "path": str(self.path),
-                "adapter": str(self.adapter) if self.adapter else None, "dtype": str(self.model.dtype)}
+                "adapter": str(self.adapter) if self.adapter else None, "dtype": self.decision.dtype,
+                "dtype_reason": self.decision.reason, "batch_size": self.batch_size}
 
     def close(self) -> None:
         self.model = None
