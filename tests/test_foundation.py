@@ -141,26 +141,68 @@ def test_tiny_model_fixture_runs(tiny_llama_dir: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.precision
 def test_demo_model_matches_its_gguf(demo_model_dir: Path, demo_gguf_path: Path):
-    """The saved bf16 demo model generates the same greedy tokens as the GGUF loaded in transformers."""
-    import torch
+    """The saved demo model holds the GGUF's de-quantized tensors exactly, its tokenizer, and behaves
+    like the fp32 GGUF model within the stated top-1/KL bounds, computing in the policy's dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetune.demo_model import greedy_answers, load_gguf_reference
-
-    ref, ref_tok = load_gguf_reference(demo_gguf_path)
-    saved = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.bfloat16)
-    tok = AutoTokenizer.from_pretrained(demo_model_dir)
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == ref_tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False
+    from edgetune.demo_model import (
+        MAX_KL,
+        MIN_TOP1,
+        behaviour_drift,
+        check_tensors,
+        check_tokenizer,
+        greedy_answers,
+        load_from_gguf,
     )
-    expected = greedy_answers(ref, ref_tok)
-    got = greedy_answers(saved, tok)
-    assert got == expected
-    assert all(len(a) > 3 for a in got)
-    assert "Paris" in tok.decode(got[0])
+    from edgetune.precision import decide
+
+    ref, clean, ref_tok = load_from_gguf(demo_gguf_path)
+    assert check_tensors(demo_model_dir, clean.state_dict()) > 100
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    assert check_tokenizer(tok, ref_tok) >= 4
+    saved = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=decide("score", "cpu").torch_dtype).eval()
+    answers = greedy_answers(ref, ref_tok)
+    assert "Paris" in ref_tok.decode(answers[0])
+    top1, kl, n = behaviour_drift(ref, ref_tok, saved, answers)
+    assert n >= 50 and top1 >= MIN_TOP1 and kl <= MAX_KL, (top1, kl)
     source = (demo_model_dir / "SOURCE.md").read_text()
     assert "Apache-2.0" in source and "sha256" in source
+
+
+@pytest.mark.slow
+def test_a_corrupted_demo_tensor_fails_both_checks(demo_model_dir: Path, demo_gguf_path: Path, tmp_path: Path):
+    """One damaged weight matrix: the exact check names the tensor, the behaviour check sees it too."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.demo_model import (
+        MAX_KL,
+        MIN_TOP1,
+        behaviour_drift,
+        check_tensors,
+        greedy_answers,
+        load_from_gguf,
+    )
+    from edgetune.errors import EdgetuneError
+
+    ref, clean, ref_tok = load_from_gguf(demo_gguf_path)
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(demo_model_dir, bad_dir)
+    sd = load_file(str(bad_dir / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    g = torch.Generator().manual_seed(0)
+    sd[name] = sd[name][torch.randperm(sd[name].shape[0], generator=g)]  # rows shuffled: a mis-ordered save
+    save_file(sd, str(bad_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EdgetuneError, match=name):
+        check_tensors(bad_dir, clean.state_dict())
+    bad = AutoModelForCausalLM.from_pretrained(bad_dir, dtype=torch.float32).eval()
+    top1, kl, _n = behaviour_drift(ref, ref_tok, bad, greedy_answers(ref, ref_tok))
+    assert top1 < MIN_TOP1 or kl > MAX_KL, (top1, kl)
 
 
 @pytest.mark.slow
