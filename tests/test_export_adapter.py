@@ -42,12 +42,10 @@ def test_adapter_gguf_reproduces_fused(sharp_llama, base_gguf, tmp_path, extra):
     rep = verify_adapter(base_gguf, gguf_adapter, fused_gguf, max_tokens=12)
     print(rep.row, rep.samples[0])
     assert rep.row.top1 >= 0.95 and rep.row.mean_kl < 1e-4
-    if not extra:  # greedy text identical (with rank_pattern only logits are asserted: the random
-        # model is chaotic enough that f16 storage noise can flip a near-tie late in a generation)
-        assert rep.passed, rep.samples
+    assert rep.passed, rep.summary()  # distributions, not greedy strings: two numeric paths
     # and the adapter does change the base's output
     no = verify_adapter(base_gguf, gguf_adapter, base_gguf, max_tokens=12)
-    assert no.row.top1 < 0.9
+    assert no.row.top1 < 0.9 and not no.passed
     # small: a few hundred KB for a tiny model, metadata says LoRA
     from gguf import GGUFReader
 
@@ -85,7 +83,8 @@ def test_cli_export_adapter(sharp_llama, base_gguf, tmp_path):
     out = tmp_path / "a.gguf"
     res = CliRunner().invoke(cli, ["export", "adapter", "--base", str(sharp_llama), "--adapter", str(adapter), "-o", str(out), "--base-gguf", str(base_gguf)])
     assert res.exit_code == 0, res.output
-    assert "greedy output identical on 3/3" in res.output
+    text = " ".join(res.output.split())
+    assert "base+adapter vs fused: top-1" in text and "→ pass" in text
     llm = load_llama(base_gguf, lora_path=out, logits_all=False)
     llm.close()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4

@@ -161,7 +161,7 @@ def adapter_cmd(base_dir, adapter_dir, output, base_gguf, verify):
 
         rep = verify_adapter_export(base_dir, adapter_dir, p, base_gguf=base_gguf)
         console.print(drift_table([rep.row], title="base GGUF + adapter GGUF vs fused GGUF"))
-        console.print(f"greedy output identical on {rep.greedy_equal}/{rep.prompts} prompts", highlight=False)
+        console.print(rep.summary(), highlight=False, soft_wrap=True)
     out.print(str(p), highlight=False)
     console.print(f"[green]wrote[/] {p} ({p.stat().st_size / 2**20:.2f} MiB)", highlight=False)
 

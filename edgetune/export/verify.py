@@ -301,16 +301,30 @@ def greedy(llm, prompt: str, max_tokens: int = 24) -> list[int]:
     return out
 
 
+# base GGUF + adapter GGUF against the fused GGUF: two numeric paths (x·W + B·A·x vs x·(W+BA) in
+# f16), so they are compared as distributions, never as greedy strings. Seen on tiny random models
+# and the demo model: top-1 >= 0.98, mean KL < 1e-4; a wrong scale or a missing layer gives top-1
+# well under 0.9.
+ADAPTER_MIN_TOP1 = 0.95
+ADAPTER_MAX_KL = 1e-3
+
+
 @dataclass
 class AdapterReport:
     row: DriftRow
-    greedy_equal: int
+    greedy_equal: int  # informational: greedy strings may part at a near-tie on any CPU
     prompts: int
     samples: list[tuple[str, str]] = field(default_factory=list)  # (fused, base+adapter) text
 
     @property
     def passed(self) -> bool:
-        return self.greedy_equal == self.prompts
+        return self.row.top1 >= ADAPTER_MIN_TOP1 and self.row.mean_kl <= ADAPTER_MAX_KL
+
+    def summary(self) -> str:
+        verdict = "pass" if self.passed else "FAIL"
+        return (f"base+adapter vs fused: top-1 {self.row.top1:.1%} (>= {ADAPTER_MIN_TOP1:.0%}), mean KL "
+                f"{self.row.mean_kl:.2e} (<= {ADAPTER_MAX_KL:g}) → {verdict}; greedy text identical on "
+                f"{self.greedy_equal}/{self.prompts} prompts")
 
 
 def verify_adapter(base_gguf, adapter_gguf, fused_gguf, prompts: list[str] | None = None, max_tokens: int = 24) -> AdapterReport:
