@@ -58,6 +58,7 @@ def fast_cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, method):
     from peft import PeftModel
@@ -66,6 +67,9 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
     out = tmp_path / "run"
     res = train(tiny_llama_dir, small_data, out, fast_cfg(method=method))
     assert res.steps == 8 and res.tokens_seen > 0 and res.backend == "torch"
+    from edgetune.precision import decide
+
+    assert res.precision == decide("train", "cpu").dtype  # the one policy, whichever way it is switched
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
@@ -89,6 +93,7 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
     assert not torch.allclose(ref, tuned, atol=1e-4)
 
 
+@pytest.mark.precision
 def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path):
     from conftest import build_tiny_model
     from peft import PeftModel
@@ -158,6 +163,7 @@ def test_packed_rows_do_not_attend_across_examples(tiny_llama_dir):
     assert total(packed) == pytest.approx(total(alone), rel=1e-4)
 
 
+@pytest.mark.precision
 def test_resume_after_sigint_reaches_the_same_loss(tiny_llama_dir, small_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -350,3 +356,34 @@ def test_cpu_lora_fast_path_computes_what_peft_computes(tiny_llama_dir):
         want = m.base_layer(x) + m.lora_B["default"](m.lora_A["default"](dropped)) * m.scaling["default"]
         assert (dropped == 0).any() and torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(m(x), got, atol=1e-4)  # fresh draws each call
+
+
+@pytest.mark.precision
+def test_merged_lora_has_peft_values_and_gradients(tiny_llama_dir):
+    """fp32, no dropout: one matmul against W + s·B A, with the same output and LoRA gradients as PEFT."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.train.torch_backend import add_adapter, speed_up_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ref = add_adapter(base, TrainConfig(dropout=0.0, rank=4, alpha=8), ["q_proj", "o_proj", "up_proj", "down_proj"])
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    fast = copy.deepcopy(ref)
+    speed_up_lora(fast, "cpu", use_amp=False)
+    ids = torch.randint(0, 1000, (2, 16))
+    ref.train(), fast.train()
+    out_ref, out_fast = ref(ids).logits, fast(ids).logits
+    assert torch.allclose(out_ref, out_fast, atol=1e-4), (out_ref - out_fast).abs().max()
+    out_ref.square().mean().backward()
+    out_fast.square().mean().backward()
+    grads = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 4 * 2  # 2 layers x 4 targets x (A, B)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[n], rtol=1e-3, atol=1e-6), (n, (p.grad - grads[n]).abs().max())
+    assert any(g.abs().max() > 0 for g in grads.values())
