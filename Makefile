@@ -20,11 +20,17 @@ demo-model:
 demo: install demo-model
 	$(BIN)/edgetune quickstart
 
+# The whole suite with the precision policy this machine chooses, then the tests marked `precision`
+# again with the policy flipped (EDGETUNE_CPU_BF16=slow on a CPU with fast bf16, =fast on one
+# without), so both numeric paths are exercised on any machine. The slowest tests are listed.
+OTHER_PATH = $(shell $(BIN)/python -c "from edgetune.precision import cpu_bf16; print('slow' if cpu_bf16().fast_train else 'fast')" 2>/dev/null || echo slow)
+
 test: install-dev demo-model
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision --durations=5
 
 test-fast: install-dev demo-model
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint:
 	$(BIN)/ruff check edgetune tests scripts

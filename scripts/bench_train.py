@@ -8,6 +8,13 @@ peak RSS is its own), plain first, then edgetune. Reported: real (non-pad) token
 training, peak RSS, and the validation loss of each adapter measured by the same function here.
 
     python scripts/bench_train.py --steps 6 --threads 1
+    python scripts/bench_train.py --steps 8 --threads 1 --packed-rows 4 --dropout 0   # equal examples/step
+
+By default both runs compute in the dtype edgetune's precision policy picks for this CPU
+(``--plain-dtype policy``; fp32 on a CPU without fast bf16), so the ratio measures engineering,
+not a dtype choice. ``--packed-rows`` sets edgetune's packed rows per step (default: --batch);
+on the demo data two examples fill a 256-token row, so ``--packed-rows 4`` with ``--batch 8``
+gives both runs about the same examples, tokens and activation memory per step.
 
 (On a shared 2-core machine use --threads 1: OpenMP threads competing with other processes ran
 ~10x slower than one thread in our measurements.)
@@ -68,8 +75,9 @@ def run_plain(a) -> dict:
     enc = [plain_encode(tok, r, a.seq) for r in rows]
     ds = Dataset.from_list(enc)
     kw = {} if a.plain_dtype == "auto" else {"dtype": getattr(torch, a.plain_dtype)}
+    lora = dict(LORA, lora_dropout=a.dropout)
     model = AutoModelForCausalLM.from_pretrained(a.model, **kw)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     steps = a.steps
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch, max_steps=steps,
@@ -102,8 +110,10 @@ def run_edgetune(a) -> dict:
     from edgetune.train import train
 
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch, max_seq_len=a.seq, iters=a.steps,
-                      eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42)
+    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.packed_rows or a.batch, max_seq_len=a.seq,
+                      iters=a.steps, eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42,
+                      rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=a.dropout,
+                      precision={"float32": "fp32", "bfloat16": "bf16"}.get(a.plain_dtype, "auto"))
     r = train(a.model, a.data, a.out, cfg)
     return {"run": "edgetune", "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
             "tok_s": r.tokens_seen / r.extra["train_time_s"], "last_train_loss": r.final_train_loss,
@@ -134,8 +144,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models" / "base" / "smollm2-135m-instruct"))
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps for each run")
-    ap.add_argument("--plain-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype the plain run loads the model in (auto = transformers default: the saved dtype)")
+    ap.add_argument("--plain-dtype", default="policy", choices=["policy", "auto", "float32", "bfloat16"],
+                    help="dtype of both runs: policy = what edgetune.precision picks for training here (default); "
+                         "auto = the plain run loads the saved dtype and edgetune uses its policy")
+    ap.add_argument("--packed-rows", type=int, default=None, help="edgetune's packed rows per step (default --batch)")
+    ap.add_argument("--dropout", type=float, default=LORA["lora_dropout"], help="LoRA dropout of both runs")
     ap.add_argument("--valid", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -145,6 +158,10 @@ def main():
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.plain_dtype == "policy":
+        from edgetune.precision import decide
+
+        a.plain_dtype = {"fp32": "float32", "bf16": "bfloat16"}[decide("train", "cpu").dtype]
     if a.only:
         res = run_plain(a) if a.only == "plain" else run_edgetune(a)
         print("BENCH " + json.dumps(res))
@@ -162,7 +179,9 @@ def main():
         out = work / which
         cmd = [sys.executable, __file__, "--only", which, "--model", a.model, "--data", str(data), "--out", str(out),
                "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads), "--steps", str(a.steps),
-               "--plain-dtype", a.plain_dtype]
+               "--plain-dtype", a.plain_dtype, "--dropout", str(a.dropout)]
+        if a.packed_rows:
+            cmd += ["--packed-rows", str(a.packed_rows)]
         print(f"running {which} ...", file=sys.stderr, flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
         line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
@@ -174,8 +193,10 @@ def main():
     plain, et = results
     with os.popen("uptime") as fh:
         load = fh.read().strip()
-    print(f"\nsteps {a.steps}, valid {len(valid_rows)}, batch {a.batch}, max seq {a.seq}, plain dtype {a.plain_dtype}, "
-          f"threads {a.threads}; load: {load}")
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        cpu = next((x.split(":", 1)[1].strip() for x in fh if x.startswith("model name")), "?")
+    print(f"\nsteps {a.steps}, valid {len(valid_rows)}, batch {a.batch} (edgetune packed rows {a.packed_rows or a.batch}), "
+          f"max seq {a.seq}, dtype {a.plain_dtype}, dropout {a.dropout}, threads {a.threads}; CPU {cpu}; load: {load}")
     print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")
     for r in results:
         print(f"{r['run']:22s} {r['steps']:5d} {r['train_s']:8.1f} {r['tokens']:7d} {r['tok_s']:8.1f} "

@@ -33,11 +33,25 @@ if [ "$os" = "Linux" ] && [ "$arch" = "x86_64" ]; then
   flags_hash="$(echo "$LINUX_CMAKE_ARGS" | sha256sum | cut -c1-12)"
   wheel_dir="${HOME}/.cache/edgetune/wheels/llama-cpp-python-$LLAMA_VERSION-$flags_hash"
   if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "edgetune: building llama-cpp-python $LLAMA_VERSION for this CPU (about 5 minutes, once)…"
-    mkdir -p "$wheel_dir.part"
-    CMAKE_ARGS="$LINUX_CMAKE_ARGS" FORCE_CMAKE=1 "${PIP[@]}" wheel -q --no-deps --no-cache-dir \
-      -w "$wheel_dir.part" "llama-cpp-python==$LLAMA_VERSION"
+    # PyPI has no CPU wheel of llama-cpp-python for Linux, so it is compiled here: once per machine,
+    # then reused from the cache by every later clone. The compiler's pages go to a log, not the screen.
+    log="${HOME}/.cache/edgetune/llama-cpp-python-build.log"
+    mkdir -p "$wheel_dir.part" "$(dirname "$log")"
+    echo "edgetune: compiling llama.cpp (llama-cpp-python $LLAMA_VERSION) for this CPU: PyPI has no Linux CPU wheel."
+    echo "          This takes about 5-7 minutes on 2 cores and happens once per machine; the wheel is kept in"
+    echo "          $wheel_dir. Build log: $log"
+    t0=$SECONDS
+    if ! CMAKE_ARGS="$LINUX_CMAKE_ARGS" FORCE_CMAKE=1 "${PIP[@]}" wheel --no-deps --no-cache-dir \
+        -w "$wheel_dir.part" "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1; then
+      echo "edgetune: the llama-cpp-python build failed; the last lines of $log:" >&2
+      tail -n 25 "$log" >&2
+      echo "edgetune: a C/C++ compiler and cmake are needed (Debian/Ubuntu: apt-get install build-essential cmake)." >&2
+      exit 1
+    fi
     rm -rf "$wheel_dir" && mv "$wheel_dir.part" "$wheel_dir"
+    echo "edgetune: llama.cpp compiled in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s"
+  else
+    echo "edgetune: llama-cpp-python $LLAMA_VERSION from the wheel cache ($wheel_dir)"
   fi
   "${PIP[@]}" install -q "$wheel_dir"/llama_cpp_python-*.whl
   extras="torch,mlxcpu"
