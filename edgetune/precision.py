@@ -302,7 +302,7 @@ def _request_cost(t: dict[str, float], dtype: str) -> float:
     return _per_request(t, dtype, gen_batch(t, dtype))
 
 
-def summary(device: str | None = None) -> dict:
+def summary() -> dict:
     """What doctor prints: the CPU verdict and each workload's decision on each torch device here."""
     import torch
 
