@@ -261,7 +261,7 @@ def decide(workload: str, device: str | None = None, requested: str | None = "au
     """
     if workload not in ("train", "generate", "score"):
         raise ValueError(f"unknown workload {workload!r}")
-    device = device or _torch_device()
+    device = (device or _torch_device()).split(":")[0]  # "cuda:1" decides as "cuda"
     batch = 8 if workload == "generate" else None  # GPUs and MPS batch for free
     if requested and requested != "auto":
         name = _NAMES.get(requested)
