@@ -87,6 +87,7 @@ def greedy_answers(model, tokenizer, prompts=VERIFY_PROMPTS, max_new_tokens=VERI
 # The bounds sit 38x above the bf16 figure and 5x below the mildest corruption.
 MIN_TOP1 = 0.85
 MAX_KL = 0.05
+REFETCH = "run 'edgetune models fetch-demo --force' again; if it repeats, report it"
 
 
 def check_tensors(saved_dir: Path, expected: dict) -> int:
@@ -105,7 +106,7 @@ def check_tensors(saved_dir: Path, expected: dict) -> int:
     missing = [k for k in expected if k not in saved and not k.endswith("lm_head.weight")]
     if missing:
         raise EdgetuneError(f"The saved demo model lacks {len(missing)} tensor(s), e.g. {missing[0]}; nothing was saved.",
-                            where=str(saved_dir), fix="run 'edgetune models fetch-demo --force' again")
+                            where=str(saved_dir), fix=REFETCH)
     for name, t in saved.items():
         ref = expected.get(name)
         if ref is None:
@@ -115,7 +116,7 @@ def check_tensors(saved_dir: Path, expected: dict) -> int:
             raise EdgetuneError(
                 f"Saved tensor {name} differs from the de-quantized GGUF tensor in {bad} of {t.numel()} "
                 f"values ({t.dtype}); nothing was saved.",
-                where=str(saved_dir), fix="run 'edgetune models fetch-demo --force' again; if it repeats, report it",
+                where=str(saved_dir), fix=REFETCH,
             )
     return len(saved)
 
@@ -129,12 +130,12 @@ def check_tokenizer(saved_tok, ref_tok) -> int:
     for c, text in zip(chats, texts, strict=True):
         if saved_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) != text:
             raise EdgetuneError("The saved chat template renders differently from the GGUF's; nothing was saved.",
-                                fix="run 'edgetune models fetch-demo --force' again; if it repeats, report it")
+                                fix=REFETCH)
         a = ref_tok(text, add_special_tokens=False)["input_ids"]
         b = saved_tok(text, add_special_tokens=False)["input_ids"]
         if a != b or saved_tok.decode(b) != text:
             raise EdgetuneError(f"The saved tokenizer does not round-trip {text[:40]!r} like the GGUF's; nothing was saved.",
-                                fix="run 'edgetune models fetch-demo --force' again; if it repeats, report it")
+                                fix=REFETCH)
     return len(texts)
 
 
@@ -145,7 +146,6 @@ def behaviour_drift(reference, ref_tok, candidate, answers: list[list[int]]) -> 
     answer position: a distribution check that holds across numeric paths, unlike comparing two
     greedy strings, which after a near-tie depend on the CPU's rounding.
     """
-    import numpy as np
     import torch
 
     from .export.verify import combine, drift
@@ -158,7 +158,7 @@ def behaviour_drift(reference, ref_tok, candidate, answers: list[list[int]]) -> 
         with torch.no_grad():
             lr = reference(ids).logits[0, len(p) - 1 : -1].float().numpy()
             lc = candidate(ids).logits[0, len(p) - 1 : -1].float().numpy()
-        rows.append(drift(np.asarray(lr), np.asarray(lc), prompt))
+        rows.append(drift(lr, lc, prompt))
     total = combine(rows, "saved vs gguf")
     return total.top1, total.mean_kl, total.positions
 
@@ -170,7 +170,7 @@ def check_behaviour(reference, ref_tok, candidate, answers: list[list[int]], whe
             f"The saved demo model does not behave like the GGUF model: top-1 agreement {top1:.1%} "
             f"(need >= {MIN_TOP1:.0%}), mean KL {kl:.4f} nats (need <= {MAX_KL}) over {n} answer tokens; "
             "nothing was saved.",
-            where=where, fix="run 'edgetune models fetch-demo --force' again; if it repeats, report it",
+            where=where, fix=REFETCH,
         )
     return top1, kl, n
 
@@ -218,7 +218,7 @@ def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: b
     digest = sha256_file(gguf)
     console.print(f"De-quantizing {gguf.name} with transformers…")
     reference, model, tok = load_from_gguf(gguf)
-    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    expected = model.state_dict()  # kept for the exact check after the model is saved and dropped
     if not tok.chat_template:
         raise EdgetuneError(f"{gguf.name} carries no chat template", where=str(gguf))
     with atomic_dir(dest) as tmp:

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from .hardware import free_disk_gb, has_module, memory_gb, probe
+from .hardware import cpu_model_and_flags, free_disk_gb, has_module, memory_gb, probe
 
 # Runs in a child process: a llama.cpp build with bad CPU flags dies with SIGSEGV on a batched
 # prompt (seen with the default native build on AMX CPUs), which must not take doctor down.
@@ -79,7 +79,7 @@ def collect(check_llama: bool = True) -> dict:
         "os": hw.os,
         "machine": hw.machine,
         "python": platform.python_version(),
-        "cpu": {"count": hw.cpu_count, "model": _cpu_model(), "bf16_fast": hw.cpu_bf16},
+        "cpu": {"count": hw.cpu_count, "model": cpu_model_and_flags()[0], "bf16_fast": hw.cpu_bf16},
         "apple_silicon": hw.apple_silicon,
         "mlx": {"mlx": hw.mlx, "mlx_lm": hw.mlx_lm, "device": hw.mlx_device},
         "torch": {"version": hw.torch, "cuda": hw.cuda, "gpus": hw.cuda_devices, "mps": hw.mps, "peft": hw.peft},
@@ -105,17 +105,6 @@ def collect(check_llama: bool = True) -> dict:
         else "not available here (needs CUDA + bitsandbytes, or MLX)"
     )
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(info: dict) -> None:

@@ -51,6 +51,23 @@ def _version(module: str) -> str | None:
         return None
 
 
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; ARM's 'Features' line counts as flags."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and not model:
+                    model = val.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), flags
+
+
 def cpu_supports_bf16() -> bool:
     """True when bf16 training-size matmuls are fast on this CPU (see :mod:`edgetune.precision`)."""
     from .precision import cpu_bf16

@@ -7,15 +7,15 @@ Why a policy and not "bf16 when the CPU says avx512": on CPUs without native bf1
 x86, many ARM cores) torch *emulates* bf16 matmuls. Measured with torch 2.13, 2 threads, on an
 AMD EPYC with AVX2/FMA only: 0.9 GFLOP/s in bf16 against 120 in fp32 at 1024x1024, while an Intel
 part with AMX does 2,200 in bf16 against 350 in fp32. ``avx512f`` alone does not make bf16 fast,
-and ARM reports bf16 in its own words, so where the flags do not settle it a micro-probe of a few
-tens of milliseconds times the two shapes that matter in both dtypes:
+and ARM reports bf16 in its own words, so where the flags do not settle it a probe of a couple of
+seconds times the two shapes that matter in both dtypes:
 
 * ``train``: a training-size matmul (256 rows), what training, prefill and teacher-forced scoring do;
-* ``decode``: one-row and eight-row steps, what generation does token by token (bandwidth-bound:
-  bf16 halves the bytes, so it can win there even when it loses on big matmuls).
+* ``decode``: 1- to 32-row steps on a 64 MiB weight, what generation does token by token
+  (memory-bound: bf16 halves the bytes, so it can win there even when it loses on big matmuls).
 
-The answer is cached per machine (CPU model, flags, torch version, threads) under
-``~/.cache/edgetune``. Explicit ``--precision``/``--dtype`` always wins.
+The timings are cached per machine (CPU model, flags, torch version, threads, probe shapes) under
+``~/.cache/edgetune``; generation's dtype and batch size are priced from them. Explicit ``--precision``/``--dtype`` always wins.
 
 Switch for tests and CI: ``EDGETUNE_CPU_BF16=slow`` makes the policy behave as on a CPU without fast
 bf16, ``EDGETUNE_CPU_BF16=fast`` as on one with it; unset (or ``probe``) decides from the machine.
@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from .hardware import cpu_model_and_flags
 
 ENV_CPU_BF16 = "EDGETUNE_CPU_BF16"
 # bf16 must beat fp32 by this factor before we give up fp32's accuracy for it
@@ -79,23 +81,6 @@ class Decision:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _cpu_flags() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ARM's 'Features' line counts as flags."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, val = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "cpu model") and model in ("", platform.machine(), platform.processor()):
-                    model = val.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(val.split())
-    except OSError:
-        pass
-    return model, flags
 
 
 def _from_flags(machine: str, flags: set[str]) -> CpuBf16 | None:
@@ -177,7 +162,7 @@ def _probe_keys() -> set[str]:
 @lru_cache(maxsize=1)
 def cpu_timings() -> dict[str, float]:
     """:func:`measure_cpu` once per machine (cached on disk; ``EDGETUNE_CPU_BF16=probe`` re-measures)."""
-    model, flags = _cpu_flags()
+    model, flags = cpu_model_and_flags()
     cache = _cache_file(model, flags)
     fresh = os.environ.get(ENV_CPU_BF16, "").strip().lower() == "probe"
     if cache.is_file() and not fresh:
@@ -210,7 +195,7 @@ def cpu_bf16() -> CpuBf16:
         return CpuBf16(False, False, "env", f"{ENV_CPU_BF16}={env}: behave as a CPU without fast bf16")
     if env in ("fast", "1", "yes", "true"):
         return CpuBf16(True, True, "env", f"{ENV_CPU_BF16}={env}: behave as a CPU with fast bf16")
-    _model, flags = _cpu_flags()
+    _model, flags = cpu_model_and_flags()
     if env != "probe":
         v = _from_flags(platform.machine(), flags)
         if v is not None:

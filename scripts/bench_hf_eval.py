@@ -37,8 +37,9 @@ def main() -> None:
     rows = [json.loads(x) for x in DEMO_DATA.read_text().splitlines()][-a.n :]
     convs = [r["messages"][:2] for r in rows]
     params = GenParams(max_tokens=a.max_tokens)
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        cpu = next((x.split(":", 1)[1].strip() for x in fh if x.startswith("model name")), "?")
+    from edgetune.hardware import cpu_model_and_flags
+
+    cpu = cpu_model_and_flags()[0]
     print(f"CPU {cpu}; {len(convs)} prompts, max {a.max_tokens} new tokens")
     print(f"{'dtype':9s} {'batch':>5s} {'tokens':>6s} {'seconds':>8s} {'tok/s':>7s} {'s/prompt':>9s}")
     for dtype in a.dtypes.split(","):

@@ -193,8 +193,9 @@ def main():
     plain, et = results
     with os.popen("uptime") as fh:
         load = fh.read().strip()
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        cpu = next((x.split(":", 1)[1].strip() for x in fh if x.startswith("model name")), "?")
+    from edgetune.hardware import cpu_model_and_flags
+
+    cpu = cpu_model_and_flags()[0]
     print(f"\nsteps {a.steps}, valid {len(valid_rows)}, batch {a.batch} (edgetune packed rows {a.packed_rows or a.batch}), "
           f"max seq {a.seq}, dtype {a.plain_dtype}, dropout {a.dropout}, threads {a.threads}; CPU {cpu}; load: {load}")
     print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")
