@@ -135,3 +135,19 @@ def sha256_dir(path: str | os.PathLike) -> str:
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """:func:`sha256_dir` for a folder, :func:`sha256_file` for a file."""
+    return sha256_dir(path) if Path(path).is_dir() else sha256_file(path)
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able value (keys sorted; non-JSON values by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def size_of(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size

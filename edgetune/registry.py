@@ -216,3 +216,92 @@ def remove(ref: str, root: Path | None = None) -> list[Entry]:
     if version is None:  # the whole model is gone: its folder (and version counter) too
         shutil.rmtree(root / name, ignore_errors=True)
     return targets
+
+
+# --------------------------------------------------------------------------------------------
+# registering a finished run
+
+
+def run_artifacts(run) -> dict[str, Path]:
+    """What a run folder contributes to its registry entry: GGUFs, Modelfile, data card, run.yaml,
+    eval reports and the adapter (entry-relative name -> file or folder)."""
+    arts: dict[str, Path] = {f.name: f for f in run.ggufs if f.is_file()}
+    for p in (run.modelfile, run.data_card, run.run_yaml, run.eval_report("json"), run.eval_report("md"), run.eval_report("html")):
+        if p.is_file():
+            arts[p.name] = p
+    if run.adapter_dir.is_dir():
+        arts["adapter"] = run.adapter_dir
+    return arts
+
+
+def rebase_modelfile(text: str, gguf_name: str) -> str:
+    """The Modelfile with its FROM pointing at ``./gguf_name`` (the copy beside it in the entry)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.upper().startswith("FROM "):
+            lines[i] = f"FROM ./{gguf_name}\n"
+            break
+    return "".join(lines)
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("edgetune", "torch", "transformers", "peft", "mlx-lm", "gguf", "llama-cpp-python"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The edgetune source checkout's commit, when it is one."""
+    import contextlib
+    import subprocess
+
+    with contextlib.suppress(Exception):
+        root = Path(__file__).resolve().parent.parent
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+    return None
+
+
+def register_run(run, *, model_fingerprint: str, adapter_hash: str | None, data_path: str | None,
+                 metrics: dict | None = None, root: Path | None = None) -> tuple[Entry, bool]:
+    """Register the finished run folder ``run`` (a :class:`~edgetune.runfolder.RunFolder`).
+
+    The entry's fingerprint covers the base model, the adapter and the GGUFs, so the same finished
+    run registered twice returns the existing entry. Its Modelfile points at the entry's own GGUF.
+    """
+    import hashlib
+
+    from .config import to_dict
+    from .io import sha256_file, sha256_json, sha256_path, size_of
+
+    arts = run_artifacts(run)
+    hashes = {rel: {"sha256": sha256_path(p), "size": size_of(p)} for rel, p in arts.items()}
+    fingerprint = sha256_json({"model": model_fingerprint, "adapter": adapter_hash,
+                               "gguf": {k: v for k, v in hashes.items() if k.endswith(".gguf")}})
+    cfg = run.cfg
+    body = {
+        "run_dir": str(run.root.resolve()),
+        "base_model": {"path": str(run.base_model_dir.resolve()), "fingerprint": model_fingerprint},
+        "data": {"path": data_path, "card_sha256": sha256_file(run.data_card) if run.data_card.is_file() else None},
+        "method": cfg.train.method,
+        "train": to_dict(cfg.train),
+        "export": to_dict(cfg.export),
+        "metrics": metrics or {},
+        "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None, "quant": run.modelfile_quant},
+        "artifacts": hashes,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }
+    texts = {}
+    if "Modelfile" in arts:
+        text = rebase_modelfile(arts.pop("Modelfile").read_text(encoding="utf-8"), run.gguf(run.modelfile_quant).name)
+        texts["Modelfile"] = text
+        hashes["Modelfile"] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "size": len(text.encode())}
+    return register(run.model_name, body, arts, fingerprint, root=root, texts=texts)

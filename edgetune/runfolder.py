@@ -1,0 +1,182 @@
+"""The run folder: one object that knows where every stage's output lives.
+
+The run folder is the contract between stages (see DESIGN.md)::
+
+    RUN/run.yaml          every effective setting, written before anything else
+    RUN/manifest.json     what each stage did: status, input hash, output hash, time, summary
+    RUN/data/             train/valid/test.jsonl, data_card.json, rejects.jsonl
+    RUN/train/            checkpoints/, metrics; RUN/train/adapter/ (PEFT format)
+    RUN/fused/            base + adapter merged (HF folder)
+    RUN/gguf/<name>-<type>.gguf
+    RUN/ollama/Modelfile
+    RUN/eval/             report.json / report.md / report.html
+
+The pipeline writes it; standalone commands (``edgetune export RUN``, ``edgetune ollama RUN``,
+``edgetune eval RUN``) read it to find their inputs, so nobody computes these paths twice.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import EdgetuneError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+RUN_YAML = "run.yaml"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid", "test")
+
+
+class RunFolder:
+    """Paths of one run folder; ``cfg`` is the run's config (read from ``run.yaml`` when not given)."""
+
+    def __init__(self, root: str | Path, cfg: RunConfig | None = None):
+        self.root = Path(root)
+        if cfg is not None:
+            self.__dict__["cfg"] = cfg  # fills the cached property
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    # --- finding one ---------------------------------------------------------------------------
+
+    @staticmethod
+    def is_run_folder(path: str | Path) -> bool:
+        return (Path(path) / RUN_YAML).is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunFolder:
+        """An existing run folder; a clear error when ``path`` is not one."""
+        if not cls.is_run_folder(path):
+            raise EdgetuneError(f"{path} is not a run folder (no {RUN_YAML}).", where=str(path),
+                                fix="run `edgetune run RECIPE.yaml` first, or give the run folder it wrote (runs/NAME)")
+        return cls(path)
+
+    @cached_property
+    def cfg(self) -> RunConfig:
+        from .config import load_config
+
+        RunFolder.open(self.root)  # a clear error when there is no run.yaml
+        return load_config(self.run_yaml)
+
+    def manifest(self) -> dict:
+        from .io import read_json
+
+        return read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
+
+    # --- layout --------------------------------------------------------------------------------
+
+    @property
+    def run_yaml(self) -> Path:
+        return self.root / RUN_YAML
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        """``train`` / ``valid`` / ``test`` JSONL written by the data stage."""
+        return self.data_dir / f"{name}.jsonl"
+
+    @property
+    def data_card(self) -> Path:
+        return self.data_dir / "data_card.json"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.train_dir / "adapter"
+
+    @property
+    def fused_dir(self) -> Path:
+        return self.root / "fused"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "gguf"
+
+    def gguf(self, qtype: str) -> Path:
+        """``RUN/gguf/<model name>-<type>.gguf``."""
+        return self.gguf_dir / f"{self.model_name}-{qtype}.gguf"
+
+    @property
+    def ollama_dir(self) -> Path:
+        return self.root / "ollama"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.ollama_dir / "Modelfile"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def eval_report(self, ext: str = "json") -> Path:
+        return self.eval_dir / f"report.{ext}"
+
+    # --- what the config says ------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The model's name: GGUF file stems, the Modelfile's model, the registry entry."""
+        return self.cfg.ollama.name or self.cfg.name
+
+    @property
+    def export_types(self) -> list[str]:
+        """The unquantized conversion first, then each quant type (no repeats)."""
+        e = self.cfg.export
+        return [e.outtype] + [q for q in e.quants if q != e.outtype]
+
+    @property
+    def ggufs(self) -> list[Path]:
+        return [self.gguf(t) for t in self.export_types]
+
+    @property
+    def modelfile_quant(self) -> str:
+        """The GGUF type the Modelfile (and the eval's quantized model) uses."""
+        e = self.cfg.export
+        return self.cfg.ollama.quant or (e.quants[0] if e.quants else e.outtype)
+
+    @property
+    def base_model_dir(self) -> Path:
+        """The base model this run trained on (as resolved when it ran, else from its config)."""
+        recorded = self.manifest().get("model_dir")
+        if recorded:
+            return Path(recorded)
+        from .recipes import resolve_model
+
+        return resolve_model(self.cfg.model)
+
+    @property
+    def eval_data(self) -> Path:
+        return Path(self.cfg.eval.data) if self.cfg.eval.data else self.split("test")
+
+    def eval_specs(self) -> dict[str, str]:
+        """label -> model spec: the base model, the tuned (fused) model, the Modelfile's quantized GGUF."""
+        specs = {"base": f"hf:{self.base_model_dir}", "tuned": f"hf:{self.fused_dir}"}
+        q = self.modelfile_quant
+        if self.gguf(q).is_file():
+            specs[q] = f"gguf:{self.gguf(q)}"
+        return specs
+
+    def require(self, path: Path, stage: str) -> Path:
+        """``path`` if it exists; otherwise an error naming the stage that writes it."""
+        if not path.exists():
+            raise EdgetuneError(f"{path} is missing: the run's '{stage}' stage has not run.", where=str(self.root),
+                                fix=f"run `edgetune run {self.root} --to {stage}` first")
+        return path
