@@ -42,29 +42,12 @@ from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     resolve_data,
     resolve_model,
 )
-from .runfolder import RunFolder
-
-SMALL_FILE = 64 << 20  # model files up to this size are hashed by content, larger ones by size
+from .runfolder import RunFolder, model_fingerprint, report_metrics
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The effective config of an existing run folder (what later commands read)."""
     return RunFolder.open(run_dir).cfg
-
-
-# --------------------------------------------------------------------------------------------
-# hashing
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a base model folder without reading gigabytes: config/tokenizer files by content,
-    weight files by name and size (re-hashing a 16 GB base on every run would dominate a short run)."""
-    parts = []
-    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = f.stat().st_size
-        digest = sha256_file(f) if size <= SMALL_FILE else f"size:{size}"
-        parts.append((str(f.relative_to(model_dir)), digest))
-    return sha256_json(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +235,7 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
         "specs": specs,
         "headline": report.get("headline"),
         "n_examples": report.get("n_examples"),
-        "metrics": extract_metrics(report),
+        "metrics": report_metrics(report),
         "gates_passed": gates.get("passed", True),
         "report": str(c.run.eval_report("md")),
     }
@@ -266,14 +249,6 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
     return summary
 
 
-def extract_metrics(report: dict) -> dict[str, dict[str, float]]:
-    """model name -> its flat numeric metrics (task metrics unprefixed, regression set prefixed)."""
-    out = {}
-    for m in report.get("models", []):
-        out[m["name"]] = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return out
-
-
 # --- register ---------------------------------------------------------------------------------
 
 
@@ -283,9 +258,8 @@ def _register_inputs(c: Ctx) -> dict:
 
 def _register_run(c: Ctx, resume: bool) -> dict:
     register_run = _api("edgetune.registry", "register_run", "register")
-    metrics = c.manifest["stages"].get("eval", {}).get("summary", {}).get("metrics", {})
-    entry, created = register_run(c.run, model_fingerprint=c.manifest["model_fingerprint"], adapter_hash=c.output_hash("train"),
-                                  data_path=str(c.data_path), metrics=metrics)
+    _save_manifest(c)  # register_run reads the base model and data it ran on from the manifest
+    entry, created = register_run(c.run, metrics=c.manifest["stages"].get("eval", {}).get("summary", {}).get("metrics", {}))
     return {"ref": entry.ref, "path": str(entry.path), "created": created}
 
 

@@ -269,31 +269,40 @@ def git_commit() -> str | None:
     return None
 
 
-def register_run(run, *, model_fingerprint: str, adapter_hash: str | None, data_path: str | None,
-                 metrics: dict | None = None, root: Path | None = None) -> tuple[Entry, bool]:
+def register_run(run, *, metrics: dict | None = None, root: Path | None = None) -> tuple[Entry, bool]:
     """Register the finished run folder ``run`` (a :class:`~edgetune.runfolder.RunFolder`).
 
-    The entry's fingerprint covers the base model, the adapter and the GGUFs, so the same finished
-    run registered twice returns the existing entry. Its Modelfile points at the entry's own GGUF.
+    ``edgetune run``'s register stage and ``edgetune models register RUN`` both call this. The
+    entry's fingerprint covers the base model, the adapter and the GGUFs, so the same finished run
+    registered twice returns the existing entry. Its Modelfile points at the entry's own GGUF.
+    ``metrics`` default to the run's eval report.
     """
     import hashlib
 
     from .config import to_dict
     from .io import sha256_file, sha256_json, sha256_path, size_of
+    from .runfolder import model_fingerprint
 
-    arts = run_artifacts(run)
-    hashes = {rel: {"sha256": sha256_path(p), "size": size_of(p)} for rel, p in arts.items()}
-    fingerprint = sha256_json({"model": model_fingerprint, "adapter": adapter_hash,
-                               "gguf": {k: v for k, v in hashes.items() if k.endswith(".gguf")}})
     cfg = run.cfg
+    ran = run.manifest()
+    base = run.base_model_dir
+    base_fp = ran.get("model_fingerprint") or model_fingerprint(base)
+    arts = run_artifacts(run)
+    if not any(k.endswith(".gguf") for k in arts):
+        raise EdgetuneError(f"{run.root} has no exported GGUF to register.", where=str(run.gguf_dir),
+                            fix=f"run `edgetune run {run.root} --to export` first")
+    hashes = {rel: {"sha256": sha256_path(p), "size": size_of(p)} for rel, p in arts.items()}
+    fingerprint = sha256_json({"model": base_fp, "adapter": sha256_path(run.adapter_dir) if run.adapter_dir.is_dir() else None,
+                               "gguf": {k: v for k, v in hashes.items() if k.endswith(".gguf")}})
     body = {
         "run_dir": str(run.root.resolve()),
-        "base_model": {"path": str(run.base_model_dir.resolve()), "fingerprint": model_fingerprint},
-        "data": {"path": data_path, "card_sha256": sha256_file(run.data_card) if run.data_card.is_file() else None},
+        "base_model": {"path": str(base.resolve()), "fingerprint": base_fp},
+        "data": {"path": ran.get("data_path", cfg.data.path),
+                 "card_sha256": sha256_file(run.data_card) if run.data_card.is_file() else None},
         "method": cfg.train.method,
         "train": to_dict(cfg.train),
         "export": to_dict(cfg.export),
-        "metrics": metrics or {},
+        "metrics": run.eval_metrics() if metrics is None else metrics,
         "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None, "quant": run.modelfile_quant},
         "artifacts": hashes,
         "versions": package_versions(),

@@ -29,6 +29,29 @@ if TYPE_CHECKING:
 RUN_YAML = "run.yaml"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
+SMALL_FILE = 64 << 20  # model files up to this size are fingerprinted by content, larger ones by size
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identity of a base model folder without reading gigabytes: config/tokenizer files by content,
+    weight files by name and size (re-hashing a 16 GB base on every run would dominate a short run)."""
+    from .io import sha256_file, sha256_json
+
+    model_dir = Path(model_dir)
+    parts = []
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        digest = sha256_file(f) if size <= SMALL_FILE else f"size:{size}"
+        parts.append((str(f.relative_to(model_dir)), digest))
+    return sha256_json(parts)
+
+
+def report_metrics(report: dict) -> dict[str, dict[str, float]]:
+    """model name -> its flat numeric metrics from an eval report (task metrics unprefixed, regression set prefixed)."""
+    out = {}
+    for m in report.get("models", []):
+        out[m["name"]] = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out
 
 
 class RunFolder:
@@ -173,6 +196,13 @@ class RunFolder:
         if self.gguf(q).is_file():
             specs[q] = f"gguf:{self.gguf(q)}"
         return specs
+
+    def eval_metrics(self) -> dict[str, dict[str, float]]:
+        """The eval report's metrics per model ({} before the eval stage ran)."""
+        from .io import read_json
+
+        p = self.eval_report("json")
+        return report_metrics(read_json(p)) if p.is_file() else {}
 
     def require(self, path: Path, stage: str) -> Path:
         """``path`` if it exists; otherwise an error naming the stage that writes it."""

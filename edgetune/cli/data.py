@@ -31,8 +31,10 @@ def _resolve(recipe, model, **flags):
     from ..paths import demo_model_dir
 
     if recipe:
+        from ..recipes import resolve_model
+
         rc = load_config(recipe)
-        cfg, model = rc.data, model or (rc.model or None)
+        cfg, model = rc.data, model or (str(resolve_model(rc.model)) if rc.model else None)
     else:
         cfg = DataConfig()
     cfg = override(cfg, **flags)

@@ -16,12 +16,24 @@ def _load_cfg(recipe):
     return load_config(recipe).eval if recipe else EvalConfig()
 
 
-@click.group("eval", invoke_without_command=True)
+class _RunArgument(click.Group):
+    """`edgetune eval RUN_DIR …` means `edgetune eval --run RUN_DIR …`."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["--run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("eval", cls=_RunArgument, invoke_without_command=True)
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A run folder (also accepted as the first argument): its test split, base / tuned / quantized "
+                   "models, eval settings and RUN/eval/ are the defaults.")
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Eval examples (JSONL etc.; last assistant turn = reference).")
 @click.option("--model", "-m", "models", multiple=True, metavar="SPEC",
               help="[NAME=]hf:DIR[+adapter:DIR] | mlx:DIR[+adapter:DIR] | gguf:FILE[+adapter:LORA.gguf] | ollama:NAME | openai:[MODEL@]URL. Repeat to compare.")
-@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default="eval-report", show_default=True,
-              help="Folder for report.json / report.md / report.html.")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for report.json / report.md / report.html (default: eval-report, or RUN/eval).")
 @click.option("--baseline", default=None, help="Model name (or spec) deltas and --max-regression compare against. Default: the first.")
 @click.option("--metric", "metrics", multiple=True, help="Metric(s) to compute (default: chosen from the references).")
 @click.option("--max-tokens", type=int, default=None, help="Generation budget per answer (default 256).")
@@ -45,7 +57,7 @@ def _load_cfg(recipe):
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
 @click.pass_context
-def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
+def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
                regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
                recipe, as_json):
     """Evaluate models side by side on the same examples; measure quantization drift.
@@ -53,6 +65,7 @@ def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, t
     \b
     edgetune eval --data test.jsonl -m base=hf:models/base/x -m tuned=hf:models/base/x+adapter:runs/r/adapter \\
         -m q4=gguf:runs/r/gguf/model-q4_k_m.gguf --min json_fields=0.8 --max-regression regression.pass_rate=0.1
+    edgetune eval runs/r --limit 20     (a run folder: base vs tuned vs its Modelfile's GGUF on its test split)
 
     Exit code 1 when a gate fails (the failing numbers are printed).
     """
@@ -65,9 +78,21 @@ def eval_group(ctx, data_path, models, out_dir, baseline, metrics, max_tokens, t
     from ..eval.gates import describe, parse_gate_args
 
     cfg = _load_cfg(recipe)
+    if run_dir:  # the run folder supplies what the flags do not
+        from ..runfolder import RunFolder
+
+        run = RunFolder.open(run_dir)
+        cfg = cfg if recipe else run.cfg.eval
+        data_path = data_path or str(run.require(run.eval_data, "data"))
+        if not models:
+            run.require(run.fused_dir, "fuse")
+            models = tuple(f"{k}={v}" for k, v in run.eval_specs().items())
+        out_dir = out_dir or str(run.eval_dir)
+        baseline = baseline or ("base" if not cfg.baseline else None)
+    out_dir = out_dir or "eval-report"
     data_path = data_path or cfg.data
     if not data_path:
-        raise EdgetuneError("No eval data.", fix="pass --data test.jsonl")
+        raise EdgetuneError("No eval data.", fix="pass --data test.jsonl, or a run folder")
     if not models:
         raise EdgetuneError("No models to evaluate.", fix="pass --model SPEC, e.g. -m hf:models/base/smollm2-135m-instruct")
     gates = {**cfg.gates, **parse_gate_args(mins, "--min")}

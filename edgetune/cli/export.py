@@ -54,6 +54,7 @@ def export():
     \b
     One shot (convert + quantize, files named <name>-<type>.gguf):
       edgetune export MODEL_DIR --quant q4_k_m,q8_0 [-o OUT_DIR]
+      edgetune export runs/NAME        (a run folder: RUN/fused -> RUN/gguf with the run's export settings)
     Step by step:
       edgetune export gguf MODEL_DIR -o OUT.gguf --type f16
       edgetune export quantize IN.gguf --type q4_k_m --type q8_0
@@ -69,7 +70,7 @@ def _verify_option(f):
 
 @export.command("model", hidden=True)
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--quant", "-q", "quants", multiple=True, help=QUANT_HELP + " Default from the config (q4_k_m).")
+@click.option("--quant", "-q", "quants", multiple=True, help=QUANT_HELP + " Default from the config (q4_k_m), or the run's.")
 @click.option("--type", "outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default=None, help="Unquantized GGUF type (default f16).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, help="Importance matrix for low-bit quants.")
 @click.option("--name", default=None, help="File name stem (default: the model folder's, or the run's for RUN/fused).")
@@ -77,12 +78,19 @@ def _verify_option(f):
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its export section.")
 @_verify_option
 def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, verify):
-    """Convert MODEL_DIR to GGUF and quantize it (the one-shot form)."""
+    """Convert MODEL_DIR (an HF folder, or a run folder) to GGUF and quantize it (the one-shot form)."""
     from ..config import ExportConfig, load_config, override
     from ..console import console, out
     from ..export.quantize import export_model
+    from ..runfolder import RunFolder
 
     cfg = load_config(recipe).export if recipe else ExportConfig()
+    if RunFolder.is_run_folder(model_dir):  # the run's fused model, settings and file names; flags still win
+        run = RunFolder.open(model_dir)
+        cfg = load_config(recipe).export if recipe else run.cfg.export
+        model_dir = run.require(run.fused_dir, "fuse")
+        out_dir = out_dir or run.gguf_dir
+        name = name or run.model_name
     cfg = override(cfg, outtype=outtype, quants=_split(quants) or None, imatrix=imatrix, verify=verify)
     res = export_model(model_dir, out_dir, cfg.quants, outtype=cfg.outtype, imatrix=cfg.imatrix, verify=cfg.verify, name=name)
     _print_verify(res["verify"])

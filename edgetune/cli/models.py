@@ -7,7 +7,7 @@ import click
 
 @click.group()
 def models():
-    """Fetch the demo model; list, show and remove registered models."""
+    """Fetch the demo model; register a run; list, show and remove registered models."""
 
 
 @models.command("fetch-demo")
@@ -19,6 +19,22 @@ def fetch_demo_cmd(dest, force, no_verify):
     from ..demo_model import fetch_demo
 
     fetch_demo(dest, force=force, verify=not no_verify)
+
+
+@models.command("register")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def register_cmd(run_dir):
+    """Add the finished run folder RUN_DIR to the registry (what `edgetune run`'s register stage does).
+
+    Registering the same finished run again returns its existing entry.
+    """
+    from ..console import console, out
+    from ..registry import register_run
+    from ..runfolder import RunFolder
+
+    entry, created = register_run(RunFolder.open(run_dir))
+    out.print(f"{entry.ref}\t{entry.path}", highlight=False, soft_wrap=True)
+    console.print(f"[green]registered[/] {entry.ref}" if created else f"already registered as {entry.ref}", highlight=False)
 
 
 def _best_metric(metrics: dict) -> str:

@@ -16,7 +16,7 @@ from .options import json_option, model_option, output_option, seed_option
               help="Prepared data folder (train.jsonl, valid.jsonl) written by `edgetune data`.")
 @output_option(help_="Run output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, run.json).")
 @click.option("--config", "-c", "recipe", type=click.Path(dir_okay=False), default=None,
-              help="Recipe YAML; its `train:` section is the starting point (flags win).")
+              help="Recipe YAML (or a run folder's run.yaml): its `train:` section, model and data.chat_template are the starting point (flags win).")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Training backend.")
 @click.option("--method", type=click.Choice(["lora", "dora", "qlora", "full"]), default=None, help="Fine-tuning method.")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
@@ -58,7 +58,14 @@ def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_js
     from ..console import console, out
     from ..paths import demo_model_dir
 
-    cfg = load_config(recipe).train if recipe else TrainConfig()
+    rc = load_config(recipe) if recipe else None
+    cfg = rc.train if rc else TrainConfig()
+    if rc and not model and rc.model:  # the recipe's base model (`demo` resolves like `edgetune run` does)
+        from ..recipes import resolve_model
+
+        model = str(resolve_model(rc.model))
+    if rc and not chat_template:
+        chat_template = rc.data.chat_template  # the template the data stage rendered with
     if target_modules:
         flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = override(cfg, **flags)

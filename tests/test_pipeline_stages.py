@@ -1,0 +1,172 @@
+"""Each stage of `edgetune run` gives what its standalone command gives on the same inputs.
+
+One tiny run goes through every stage (with an importance matrix in the recipe); then each
+stage's CLI command is pointed at the run folder (or at the same inputs) and its outputs are
+compared with the pipeline's. A recipe field the pipeline ignored (``export.imatrix`` was) or a
+flag the pipeline forgot (``data.chat_template`` for training was) shows up here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from safetensors.numpy import load_file  # noqa: F401
+
+from edgetune import pipeline, registry
+from edgetune.cli import cli
+from edgetune.export.quantize import quantize
+from edgetune.io import read_json
+from edgetune.runfolder import RunFolder
+
+TIMING = ("tokens_per_s", "ttft_s", "_s", "seconds")  # wall-clock metrics differ between two runs
+
+
+def _imatrix(model_dir, path):
+    """A legacy-layout importance matrix (llama-imatrix .dat) with a ramp per 2-D weight of the model."""
+    from edgetune.export.gguf import convert
+
+    f16 = convert(model_dir, path.with_suffix(".gguf"), "f16", verify=False, show_progress=False)
+    from gguf import GGUFReader
+
+    entries = [(t.name, int(t.shape[0])) for t in GGUFReader(str(f16)).tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
+    with open(path, "wb") as fh:
+        fh.write(np.int32(len(entries)).tobytes())
+        for name, n in entries:
+            b = name.encode()
+            fh.write(np.int32(len(b)).tobytes() + b + np.int32(1).tobytes() + np.int32(n).tobytes())
+            fh.write(np.linspace(0.1, 4.0, n, dtype=np.float32).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def done_run(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    lines = pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:60]
+    (tmp / "tickets.jsonl").write_text("".join(lines), encoding="utf-8")
+    raw = {
+        "name": "tiny",
+        "model": str(tiny_llama_dir),
+        "output": str(tmp / "runs"),
+        "data": {"path": str(tmp / "tickets.jsonl"), "max_seq_len": 256},
+        "train": {"backend": "torch", "iters": 2, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
+                  "eval_every": 0, "save_every": 2, "num_threads": 1},
+        "export": {"quants": ["q4_k_m", "iq4_nl"], "imatrix": str(_imatrix(tiny_llama_dir, tmp / "imatrix.dat"))},
+        "ollama": {"name": "tiny-triage"},
+        "eval": {"limit": 2, "max_tokens": 4, "regression": False},
+    }
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test home is set: use our own
+        mp.setenv("EDGETUNE_HOME", str(tmp / "home"))
+        res = pipeline.run(pipeline.load_recipe(tmp / "tiny.yaml"))
+    assert res.ran == list(pipeline.STAGES)
+    return RunFolder(res.run_dir), tmp
+
+
+def _cli(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_run_folder_layout(done_run):
+    run, _ = done_run
+    assert run.cfg.name == "tiny" and run.model_name == "tiny-triage" and run.modelfile_quant == "q4_k_m"
+    assert run.export_types == ["f16", "q4_k_m", "iq4_nl"] and all(p.is_file() for p in run.ggufs)
+    for p in (run.data_card, run.split("test"), run.adapter_dir / "adapter_config.json", run.fused_dir / "config.json",
+              run.modelfile, run.eval_report("json")):
+        assert p.is_file(), p
+    assert set(run.eval_specs()) == {"base", "tuned", "q4_k_m"}
+    assert set(run.eval_metrics()) == {"base", "tuned", "q4_k_m"}
+
+
+def test_data_stage_equals_data_prepare(done_run, tmp_path):
+    run, tmp = done_run
+    _cli("data", "prepare", tmp / "tickets.jsonl", "-o", tmp_path, "--config", run.run_yaml)
+    for s in ("train", "valid", "test"):
+        assert (tmp_path / f"{s}.jsonl").read_bytes() == run.split(s).read_bytes(), s
+    ours, theirs = read_json(tmp_path / "data_card.json"), read_json(run.data_card)
+    assert ours["counts"] == theirs["counts"] and ours["splits"] == theirs["splits"] and ours["tokens"] == theirs["tokens"]
+
+
+def test_train_stage_equals_train_command(done_run, tmp_path):
+    run, _ = done_run
+    _cli("train", "-d", run.data_dir, "-o", tmp_path, "--config", run.run_yaml)  # the model comes from the recipe
+    a = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # same seed, same data, one thread: the same adapter
+        np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), rtol=0, atol=1e-6, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained (B starts at zero)
+
+
+def test_fuse_stage_equals_fuse_command(done_run, tmp_path):
+    run, _ = done_run
+    _cli("fuse", "--base", run.base_model_dir, "--adapter", run.adapter_dir, "-o", tmp_path / "fused")
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (run.fused_dir / "model.safetensors").read_bytes()
+
+
+def test_export_stage_equals_export_command_and_uses_the_imatrix(done_run, tmp_path):
+    run, _ = done_run
+    r = _cli("export", run.root, "-o", tmp_path)  # a run folder: its fused model, export settings and names
+    assert "top-1" in r.output
+    for t in run.export_types:
+        assert (tmp_path / run.gguf(t).name).read_bytes() == run.gguf(t).read_bytes(), t
+    # export.imatrix reached the quantizer: without it the same quant type rounds differently
+    plain = quantize(run.gguf("f16"), tmp_path / "plain-iq4_nl.gguf", "iq4_nl")
+    assert plain.read_bytes() != run.gguf("iq4_nl").read_bytes()
+    summary = run.manifest()["stages"]["export"]["summary"]
+    assert set(summary["drift"]) == {"q4_k_m", "iq4_nl"} and all(0 <= d["top1"] <= 1 for d in summary["drift"].values())
+
+
+def test_eval_stage_equals_eval_command(done_run, tmp_path):
+    run, _ = done_run
+    _cli("eval", run.root, "-o", tmp_path)
+    ours = {m["name"]: m["metrics"] for m in read_json(tmp_path / "report.json")["models"]}
+    theirs = {m["name"]: m["metrics"] for m in read_json(run.eval_report("json"))["models"]}
+    assert ours.keys() == theirs.keys() == {"base", "tuned", "q4_k_m"}
+    for name in ours:  # greedy decoding: the same answers and scores; timings differ
+        a = {k: v for k, v in ours[name].items() if not k.endswith(TIMING)}
+        b = {k: v for k, v in theirs[name].items() if not k.endswith(TIMING)}
+        assert a == b, name
+
+
+def test_register_stage_equals_models_register(done_run, monkeypatch):
+    run, _ = done_run
+    stage = run.manifest()["stages"]["register"]["summary"]
+    monkeypatch.setenv("EDGETUNE_HOME", str(Path(stage["path"]).parents[1]))  # the home the stage registered into
+    entries = registry.list_entries()
+    assert len(entries) == 1, [(e.ref, str(e.path)) for e in entries]
+    (entry,) = entries
+    r = _cli("models", "register", run.root)
+    assert f"already registered as {entry.ref}" in r.output  # the same fingerprint: the CLI found the stage's entry
+    assert len(registry.list_entries()) == 1
+    assert entry.manifest["metrics"] == run.eval_metrics()
+    assert json.loads(json.dumps(entry.manifest["export"]))["imatrix"] == run.cfg.export.imatrix
+
+
+def test_ollama_stage_equals_ollama_command(done_run, tmp_path):
+    run, _ = done_run
+    _cli("ollama", run.root, "-o", tmp_path)
+    from edgetune.export.ollama import read_modelfile
+
+    ours, theirs = read_modelfile(tmp_path / "Modelfile"), read_modelfile(run.modelfile)
+    strip = [(c.name, c.args) for c in theirs.commands if c.name != "model"]
+    assert [(c.name, c.args) for c in ours.commands if c.name != "model"] == strip
+    (f1,) = [c.args for c in ours.commands if c.name == "model"]
+    (f2,) = [c.args for c in theirs.commands if c.name == "model"]
+    assert (tmp_path / f1).resolve() == (run.ollama_dir / f2).resolve() == run.gguf(run.modelfile_quant).resolve()
+
+
+def test_standalone_commands_name_the_missing_stage(tmp_path, tiny_llama_dir):
+    run_dir = tmp_path / "runs" / "half"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({"name": "half", "model": str(tiny_llama_dir)}), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["export", str(run_dir)])
+    assert r.exit_code != 0 and "'fuse' stage has not run" in str(r.exception) and "--to fuse" in str(r.exception)
+    r = CliRunner().invoke(cli, ["eval", "--run", str(tmp_path)])
+    assert r.exit_code != 0 and "is not a run folder" in str(r.exception)
