@@ -268,8 +268,8 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    write_modelfile = _api("edgetune.export.ollama", "write_modelfile", "ollama")
-    check_modelfile = _api("edgetune.export.ollama", "check_modelfile", "ollama")
+    write_modelfile = _api("edgetune.export.modelfile", "write_modelfile", "ollama")
+    check_modelfile = _api("edgetune.export.ollama_check", "check_modelfile", "ollama")
     gguf = c.gguf_path(c.modelfile_quant)
     if not gguf.is_file():
         raise EdgetuneError(
@@ -295,7 +295,7 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
     n_conv = len(getattr(check, "conversations", []) or [])
     summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": f"pass ({n_conv} conversations token-identical)"}
     if o.create:
-        create = _api("edgetune.export.ollama", "ollama_create", "ollama")
+        create = _api("edgetune.ollama_client", "ollama_create", "ollama")
         res = create(modelfile, c.model_name)
         summary["create"] = {"ran": res.ran, "command": res.command, "message": res.message, "answer": res.answer}
     return summary

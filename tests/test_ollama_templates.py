@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from edgetune.chat_families import FAMILY_BY_NAME
 from edgetune.errors import EdgetuneError
-from edgetune.export.ollama import (
-    FAMILY_BY_NAME,
-    build_modelfile,
-    check_modelfile,
-    parse_modelfile,
-    read_modelfile,
-    render_jinja,
-    render_ollama,
-    write_modelfile,
-)
+from edgetune.export.modelfile import build_modelfile, write_modelfile
+from edgetune.export.modelfile_syntax import parse_modelfile, read_modelfile
+from edgetune.export.ollama_check import check_modelfile
+from edgetune.export.ollama_template import render_jinja, render_ollama
 
 TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
@@ -195,7 +190,7 @@ def test_system_defaults_to_training_data_dominant_prompt(tmp_path):
 def test_ollama_message_handling():
     """SYSTEM is prepended only when the chat has no system message; consecutive same-role
     messages are merged with a blank line (Ollama's collate), tool results are not."""
-    from edgetune.export.ollama import ollama_messages
+    from edgetune.export.ollama_template import ollama_messages
 
     system, msgs = ollama_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                     {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"}], "S")

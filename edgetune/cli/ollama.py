@@ -87,19 +87,17 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
     """Write DIR/Modelfile for MODEL.gguf whose TEMPLATE matches the model's chat template."""
     from ..config import OllamaConfig, override
     from ..console import console, out
-    from ..export.ollama import build_modelfile, check_name, create_command, ollama_create
+    from ..export.modelfile import ModelfileOptions, build_modelfile
     from ..io import write_text
+    from ..ollama_client import check_model_name, create_command, ollama_create
 
     cfg = override(OllamaConfig(), name=name, system=system, template=str(template_file) if template_file else None,
                    temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, num_ctx=num_ctx,
                    create=True if create else None, check=False if no_check else None)
-    name = check_name(cfg.name or _default_name(model))
+    name = check_model_name(cfg.name or _default_name(model))
     out_dir = output or model.parent
-    text, result = build_modelfile(
-        model, out_dir, name, model_dir=model_dir, adapter_gguf=adapter, system=cfg.system, train_data=train_data,
-        template_file=cfg.template, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        repeat_penalty=cfg.repeat_penalty, num_ctx=cfg.num_ctx, check=cfg.check,
-    )
+    options = ModelfileOptions.from_config(cfg, model_dir=model_dir, adapter_gguf=adapter, train_data=train_data)
+    text, result = build_modelfile(model, out_dir, name, options)
     path = write_text(Path(out_dir) / "Modelfile", text)
 
     def created_cmd(name, path):
@@ -132,7 +130,7 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
 @json_option
 def check_cmd(modelfile, model_dir, as_json):
     """Render the Modelfile's TEMPLATE for a set of chats and compare with the chat template (exit 1 if they differ)."""
-    from ..export.ollama import check_modelfile
+    from ..export.ollama_check import check_modelfile
 
     result = check_modelfile(modelfile, model_dir)
     _print_check(result, as_json)
