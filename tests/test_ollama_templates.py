@@ -243,3 +243,20 @@ def test_demo_model_modelfile_passes_check(tmp_path, demo_model_dir, demo_gguf_p
     if "temperature" in gen:
         assert float(params["temperature"][0]) == pytest.approx(gen["temperature"])
     assert params["stop"][:2] == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_modelfile_options_object_and_keywords(tmp_path):
+    """One options dataclass for build/write_modelfile and the CLI; keyword fields override it."""
+    from edgetune.config import OllamaConfig
+    from edgetune.export.modelfile import ModelfileOptions
+
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    hf = make_hf_dir(tmp_path / "hf", "chatml")
+    opts = ModelfileOptions.from_config(OllamaConfig(system="Be brief.", num_ctx=2048, top_k=40), model_dir=hf)
+    mf = read_modelfile(write_modelfile(gguf, tmp_path / "a", "x", opts, top_k=7))
+    assert mf.get("system") == "Be brief."
+    assert mf.parameters["num_ctx"] == ["2048"] and mf.parameters["top_k"] == ["7"]
+    assert mf.parameters["temperature"] == ["0.6"]  # from the HF folder's generation_config.json
+    assert opts.top_k == 40  # the caller's options are not changed
+    with pytest.raises(TypeError):
+        build_modelfile(gguf, tmp_path, "x", no_such_option=1)
