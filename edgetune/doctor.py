@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 from .hardware import cpu_model_and_flags, free_disk_gb, has_module, memory_gb, probe
@@ -57,14 +54,14 @@ def _llama_cpp() -> dict:
 
 
 def _ollama() -> dict:
+    from .ollama_client import OllamaClient
+
     path = shutil.which("ollama")
-    host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434")
-    url = host if host.startswith("http") else f"http://{host}"
-    info = {"on_path": bool(path), "path": path, "host": url, "server_reachable": False}
+    client = OllamaClient(timeout=1.0)  # the server $OLLAMA_HOST names, as the eval runner and ollama --create see it
+    info = {"on_path": bool(path), "path": path, "host": client.base_url, "server_reachable": False}
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=1.0) as resp:
-            info["server_reachable"] = resp.status == 200
-            info["server_version"] = json.loads(resp.read().decode()).get("version")
+        info["server_version"] = client.version()
+        info["server_reachable"] = True
     except Exception:  # noqa: BLE001 - unreachable is an answer, not an error
         pass
     return info

@@ -167,8 +167,9 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    write_modelfile = _api("edgetune.export.ollama", "write_modelfile", "ollama")
-    check_modelfile = _api("edgetune.export.ollama", "check_modelfile", "ollama")
+    write_modelfile = _api("edgetune.export.modelfile", "write_modelfile", "ollama")
+    options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
+    check_modelfile = _api("edgetune.export.ollama_check", "check_modelfile", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
     if not gguf.is_file():
@@ -177,14 +178,9 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
             fix=f"add {run.modelfile_quant} to export.quants or set ollama.quant to one of {c.cfg.export.quants}",
         )
     o = c.cfg.ollama
-    kwargs: dict[str, Any] = {
-        "model_dir": run.fused_dir,
-        "system": o.system,  # None: the training data's dominant system prompt
-        "train_data": run.split("train"),
-        "template_file": o.template,
-        **{k: getattr(o, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "num_ctx")},
-    }
-    modelfile = Path(write_modelfile(gguf, run.ollama_dir, run.model_name, **kwargs))
+    # the same options `edgetune ollama RUN` builds; SYSTEM None: the training data's dominant system prompt
+    opts = options.from_config(o, model_dir=run.fused_dir, train_data=run.split("train"))
+    modelfile = Path(write_modelfile(gguf, run.ollama_dir, run.model_name, opts))
     check = check_modelfile(modelfile, run.fused_dir)
     if not _check_ok(check):
         raise EdgetuneError(
@@ -195,7 +191,7 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
     n_conv = len(getattr(check, "conversations", []) or [])
     summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": f"pass ({n_conv} conversations token-identical)"}
     if o.create:
-        create = _api("edgetune.export.ollama", "ollama_create", "ollama")
+        create = _api("edgetune.ollama_client", "ollama_create", "ollama")
         res = create(modelfile, run.model_name)
         summary["create"] = {"ran": res.ran, "command": res.command, "message": res.message, "answer": res.answer}
     return summary

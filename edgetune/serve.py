@@ -37,7 +37,7 @@ def _check_files(model, adapter) -> tuple[Path, Path | None]:
 
 
 def _has_chat_template(model: Path) -> bool:
-    from .export.ollama import info_from_gguf
+    from .export.model_info import info_from_gguf
 
     return bool(info_from_gguf(model).chat_template)
 

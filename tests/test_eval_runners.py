@@ -218,14 +218,6 @@ def test_ollama_runner_against_recorded_protocol_fake_server(monkeypatch):
         make_runner("ollama:triage").generate(MSGS, GenParams(max_tokens=2))
 
 
-def test_ollama_host_forms():
-    from edgetune.eval.runners.http import ollama_base_url
-
-    assert ollama_base_url("0.0.0.0") == "http://127.0.0.1:11434"
-    assert ollama_base_url("example.org:8080") == "http://example.org:8080"
-    assert ollama_base_url("https://ollama.local/") == "https://ollama.local:11434"
-
-
 @pytest.mark.precision
 def test_hf_batched_generation_matches_one_by_one(tiny_llama_dir):
     import torch

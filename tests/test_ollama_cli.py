@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edgetune.cli import main
-from edgetune.export.ollama import ollama_create, read_modelfile
+from edgetune.export.modelfile_syntax import read_modelfile
+from edgetune.ollama_client import ollama_create
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -86,7 +87,7 @@ class _FakeOllamaAPI(BaseHTTPRequestHandler):
 def test_create_runs_ollama_create_then_smoke_chat(tmp_path, monkeypatch, demo_gguf_path):
     """No Ollama binary exists on CI: a stand-in executable records its argv and a stand-in HTTP
     endpoint answers /api/chat, so the --create path (command line, request, tokens/s) is exercised."""
-    from edgetune.export.ollama import write_modelfile
+    from edgetune.export.modelfile import write_modelfile
 
     mf_path = write_modelfile(demo_gguf_path, tmp_path, "smol")
     bindir = tmp_path / "bin"

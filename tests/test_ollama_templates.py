@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from edgetune.chat_families import FAMILY_BY_NAME
 from edgetune.errors import EdgetuneError
-from edgetune.export.ollama import (
-    FAMILY_BY_NAME,
-    build_modelfile,
-    check_modelfile,
-    parse_modelfile,
-    read_modelfile,
-    render_jinja,
-    render_ollama,
-    write_modelfile,
-)
+from edgetune.export.modelfile import build_modelfile, write_modelfile
+from edgetune.export.modelfile_syntax import parse_modelfile, read_modelfile
+from edgetune.export.ollama_check import check_modelfile
+from edgetune.export.ollama_template import render_jinja, render_ollama
 
 TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
@@ -195,7 +190,7 @@ def test_system_defaults_to_training_data_dominant_prompt(tmp_path):
 def test_ollama_message_handling():
     """SYSTEM is prepended only when the chat has no system message; consecutive same-role
     messages are merged with a blank line (Ollama's collate), tool results are not."""
-    from edgetune.export.ollama import ollama_messages
+    from edgetune.export.ollama_template import ollama_messages
 
     system, msgs = ollama_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                     {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"}], "S")
@@ -248,3 +243,20 @@ def test_demo_model_modelfile_passes_check(tmp_path, demo_model_dir, demo_gguf_p
     if "temperature" in gen:
         assert float(params["temperature"][0]) == pytest.approx(gen["temperature"])
     assert params["stop"][:2] == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_modelfile_options_object_and_keywords(tmp_path):
+    """One options dataclass for build/write_modelfile and the CLI; keyword fields override it."""
+    from edgetune.config import OllamaConfig
+    from edgetune.export.modelfile import ModelfileOptions
+
+    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    hf = make_hf_dir(tmp_path / "hf", "chatml")
+    opts = ModelfileOptions.from_config(OllamaConfig(system="Be brief.", num_ctx=2048, top_k=40), model_dir=hf)
+    mf = read_modelfile(write_modelfile(gguf, tmp_path / "a", "x", opts, top_k=7))
+    assert mf.get("system") == "Be brief."
+    assert mf.parameters["num_ctx"] == ["2048"] and mf.parameters["top_k"] == ["7"]
+    assert mf.parameters["temperature"] == ["0.6"]  # from the HF folder's generation_config.json
+    assert opts.top_k == 40  # the caller's options are not changed
+    with pytest.raises(TypeError):
+        build_modelfile(gguf, tmp_path, "x", no_such_option=1)

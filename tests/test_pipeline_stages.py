@@ -152,11 +152,12 @@ def test_register_stage_equals_models_register(done_run, monkeypatch):
 def test_ollama_stage_equals_ollama_command(done_run, tmp_path):
     run, _ = done_run
     _cli("ollama", run.root, "-o", tmp_path)
-    from edgetune.export.ollama import read_modelfile
+    from edgetune.export.modelfile_syntax import read_modelfile
 
     ours, theirs = read_modelfile(tmp_path / "Modelfile"), read_modelfile(run.modelfile)
     strip = [(c.name, c.args) for c in theirs.commands if c.name != "model"]
     assert [(c.name, c.args) for c in ours.commands if c.name != "model"] == strip
+    _cli("ollama", "check", run.root)
     (f1,) = [c.args for c in ours.commands if c.name == "model"]
     (f2,) = [c.args for c in theirs.commands if c.name == "model"]
     assert (tmp_path / f1).resolve() == (run.ollama_dir / f2).resolve() == run.gguf(run.modelfile_quant).resolve()

@@ -26,7 +26,9 @@ def ollama():
 
     \b
       edgetune ollama MODEL.gguf --name NAME [--adapter A.gguf] [-o DIR] [--model-dir HF_DIR]
+      edgetune ollama runs/NAME          (a run folder: its GGUF, fused model and settings)
       edgetune ollama check DIR/Modelfile --model-dir HF_DIR
+      edgetune ollama check runs/NAME
     """
 
 
@@ -60,7 +62,7 @@ def _default_name(gguf: Path) -> str:
 
 
 @ollama.command("write")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", "-n", help="Ollama model name (default: from the GGUF file name).")
 @click.option("--adapter", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="LoRA adapter GGUF: MODEL is then the base GGUF and the Modelfile gets an ADAPTER line.")
@@ -84,22 +86,34 @@ def _default_name(gguf: Path) -> str:
 @json_option
 def write_cmd(model, name, adapter, output, model_dir, system, train_data, template_file, temperature, top_p, top_k,
               repeat_penalty, num_ctx, no_check, create, as_json):
-    """Write DIR/Modelfile for MODEL.gguf whose TEMPLATE matches the model's chat template."""
+    """Write DIR/Modelfile for MODEL.gguf whose TEMPLATE matches the model's chat template.
+
+    MODEL may be a run folder: its Modelfile GGUF (ollama.quant), fused model, train split and
+    ollama settings are the defaults, and the Modelfile goes to RUN/ollama/ (flags still win).
+    """
     from ..config import OllamaConfig, override
     from ..console import console, out
-    from ..export.ollama import build_modelfile, check_name, create_command, ollama_create
+    from ..export.modelfile import ModelfileOptions, build_modelfile
     from ..io import write_text
+    from ..ollama_client import check_model_name, create_command, ollama_create
 
-    cfg = override(OllamaConfig(), name=name, system=system, template=str(template_file) if template_file else None,
+    from ..runfolder import RunFolder
+
+    base_cfg = OllamaConfig()
+    if model.is_dir():  # a run folder: its chosen GGUF, fused model, train split, ollama settings and RUN/ollama/
+        run = RunFolder.open(model)
+        base_cfg = run.cfg.ollama
+        model = run.require(run.gguf(run.modelfile_quant), "export")
+        name, output = name or run.model_name, output or run.ollama_dir
+        model_dir = model_dir or run.require(run.fused_dir, "fuse")
+        train_data = train_data or (run.split("train") if run.split("train").is_file() else None)
+    cfg = override(base_cfg, name=name, system=system, template=str(template_file) if template_file else None,
                    temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, num_ctx=num_ctx,
                    create=True if create else None, check=False if no_check else None)
-    name = check_name(cfg.name or _default_name(model))
+    name = check_model_name(cfg.name or _default_name(model))
     out_dir = output or model.parent
-    text, result = build_modelfile(
-        model, out_dir, name, model_dir=model_dir, adapter_gguf=adapter, system=cfg.system, train_data=train_data,
-        template_file=cfg.template, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        repeat_penalty=cfg.repeat_penalty, num_ctx=cfg.num_ctx, check=cfg.check,
-    )
+    options = ModelfileOptions.from_config(cfg, model_dir=model_dir, adapter_gguf=adapter, train_data=train_data)
+    text, result = build_modelfile(model, out_dir, name, options)
     path = write_text(Path(out_dir) / "Modelfile", text)
 
     def created_cmd(name, path):
@@ -126,14 +140,18 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
 
 
 @ollama.command("check")
-@click.argument("modelfile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("modelfile", type=click.Path(exists=True, path_type=Path))
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="HF folder the model was trained from (default: the chat template in the FROM GGUF).")
 @json_option
 def check_cmd(modelfile, model_dir, as_json):
     """Render the Modelfile's TEMPLATE for a set of chats and compare with the chat template (exit 1 if they differ)."""
-    from ..export.ollama import check_modelfile
+    from ..export.ollama_check import check_modelfile
+    from ..runfolder import RunFolder
 
+    if modelfile.is_dir():  # a run folder: RUN/ollama/Modelfile against RUN/fused
+        run = RunFolder.open(modelfile)
+        modelfile, model_dir = run.require(run.modelfile, "ollama"), model_dir or run.fused_dir
     result = check_modelfile(modelfile, model_dir)
     _print_check(result, as_json)
     if not result.ok:

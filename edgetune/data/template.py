@@ -16,65 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..chat_families import training_templates
 from ..errors import EdgetuneError, UnsupportedError
 
-# Known chat-template families, for base models that ship without one (``--chat-template NAME``).
-# One row per family; source: each family's reference tokenizer_config.json on the HF hub.
-KNOWN_TEMPLATES: dict[str, str] = {
-    # ChatML (Qwen, SmolLM, OpenHermes, ...)
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    # Llama 3 / 3.1 / 3.2 instruct (without the tool-calling preamble)
-    "llama3": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    ),
-    # Gemma / Gemma 2 (no system role: a system message is prepended to the first user turn)
-    "gemma": (
-        "{{ bos_token }}"
-        "{% set ns = namespace(sys='') %}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\n\n' %}"
-        "{% else %}"
-        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-        "{{ '<start_of_turn>' + role + '\n' + (ns.sys if loop.index0 == 1 and role == 'user' else '')"
-        " + message['content'] | trim + '<end_of_turn>\n' }}"
-        "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-    ),
-    # Mistral / Llama 2 style [INST] blocks
-    "mistral": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
-        "{% endif %}"
-        "{% endfor %}"
-    ),
-    # Phi-3 / Phi-3.5
-    "phi3": (
-        "{% for message in messages %}"
-        "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    ),
-    # Zephyr
-    "zephyr": (
-        "{% for message in messages %}"
-        "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    ),
-}
+# Known chat-template families, for base models that ship without one (``--chat-template NAME``):
+# the training side of the one family table (edgetune.chat_families), which also holds each
+# family's Ollama TEMPLATE.
+KNOWN_TEMPLATES: dict[str, str] = training_templates()
 
 
 @dataclass

@@ -8,29 +8,12 @@ by these APIs, so NLL and drift are not available here.
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
+from contextlib import closing
 
 from ...errors import EdgetuneError, MissingDependencyError
+from ...ollama_client import OllamaClient
 from .base import Generation, GenParams, Runner, Timer, cut_at_stop
-
-DEFAULT_OLLAMA = "http://127.0.0.1:11434"
-
-
-def ollama_base_url(host: str | None = None) -> str:
-    """``$OLLAMA_HOST`` as Ollama's own client reads it: bare ``host[:port]`` or a URL."""
-    h = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA).strip().rstrip("/")
-    if "://" not in h:
-        h = "http://" + h
-    scheme, rest = h.split("://", 1)
-    hostport = rest.split("/", 1)[0]
-    if hostport.startswith("0.0.0.0"):
-        hostport = hostport.replace("0.0.0.0", "127.0.0.1", 1)
-    if ":" not in hostport.rsplit("]", 1)[-1]:
-        hostport += ":11434"
-    return f"{scheme}://{hostport}"
 
 
 class OllamaRunner(Runner):
@@ -42,8 +25,8 @@ class OllamaRunner(Runner):
             raise EdgetuneError("The ollama runner takes a model name; the adapter belongs in its Modelfile (ADAPTER).",
                                 fix="edgetune ollama writes a Modelfile with the adapter; evaluate ollama:NAME")
         self.model = target
-        self.base_url = ollama_base_url(host)
-        self.timeout = timeout
+        self.client = OllamaClient(host, timeout)  # $OLLAMA_HOST when host is None
+        self.base_url = self.client.base_url
 
     def generate(self, messages: list[dict], params: GenParams) -> Generation:
         options = {"temperature": params.temperature, "num_predict": params.max_tokens, "seed": params.seed}
@@ -51,33 +34,20 @@ class OllamaRunner(Runner):
             options.update(top_p=params.top_p, top_k=params.top_k or None)
         if params.stop:
             options["stop"] = list(params.stop)
-        body = json.dumps({"model": self.model, "messages": messages, "stream": True,
-                           "options": {k: v for k, v in options.items() if v is not None}}).encode()
-        req = urllib.request.Request(f"{self.base_url}/api/chat", data=body, headers={"Content-Type": "application/json"})
         timer = Timer()
         text, final = "", {}
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                for line in resp:
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line)
-                    if "error" in msg:
-                        raise EdgetuneError(f"Ollama error for {self.model!r}: {msg['error']}")
-                    piece = (msg.get("message") or {}).get("content") or ""
-                    if piece:
-                        timer.first()
-                        text += piece
-                    if msg.get("done"):
-                        final = msg
-                        break
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")[:300]
-            fix = f"ollama create {self.model} -f Modelfile" if exc.code == 404 else "check the Ollama server log"
-            raise EdgetuneError(f"Ollama at {self.base_url} answered {exc.code}: {detail}", fix=fix) from None
-        except (urllib.error.URLError, ConnectionError) as exc:
-            raise EdgetuneError(f"Ollama is not reachable at {self.base_url} ({getattr(exc, 'reason', exc)}).",
-                                fix="start it with `ollama serve`, or set OLLAMA_HOST") from None
+        stream = self.client.chat_stream(self.model, messages, options={k: v for k, v in options.items() if v is not None})
+        with closing(stream):  # closes the connection when the loop ends early
+            for msg in stream:
+                if "error" in msg:
+                    raise EdgetuneError(f"Ollama error for {self.model!r}: {msg['error']}")
+                piece = (msg.get("message") or {}).get("content") or ""
+                if piece:
+                    timer.first()
+                    text += piece
+                if msg.get("done"):
+                    final = msg
+                    break
         total = timer.elapsed()
         text, hit = cut_at_stop(text, params.stop) if params.stop else (text, False)
         n = int(final.get("eval_count") or 0)

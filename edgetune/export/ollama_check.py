@@ -1,0 +1,182 @@
+"""The check that proves a Modelfile's TEMPLATE is the training chat template.
+
+Most "my fine-tuned model rambles forever in Ollama" reports come from a Modelfile whose TEMPLATE
+or stop tokens differ from the chat template the model was trained with. Here a set of
+conversations (single and multi-turn, with and without a system prompt, ending on a user or an
+assistant turn) is rendered with the Jinja chat template and with the TEMPLATE the way Ollama
+renders it, and the two are compared — as token ids when the tokenizer is at hand, as text
+otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chat_families import FAMILY_BY_NAME, detect_family
+from ..errors import EdgetuneError
+from . import gotemplate
+from .model_info import ModelInfo, cached_tokenizer, model_info
+from .modelfile_syntax import read_modelfile
+from .ollama_template import render_jinja, render_ollama
+
+# Conversations the check renders: single and multi-turn, with and without a system prompt,
+# ending on a user turn (generation prompt) or on an assistant turn (a training example).
+_U1, _A1, _U2, _A2, _U3 = (
+    "What is the capital of France?",
+    "The capital of France is Paris.",
+    "And of Italy? Answer in one word.",
+    "Rome.",
+    "Thanks! Now write a haiku about the sea — in français, s'il vous plaît. 🌊",
+)
+_SYS = "You are a concise assistant.\nAnswer in plain text."
+CONVERSATIONS: list[tuple[str, list[dict]]] = [
+    ("single turn", [{"role": "user", "content": _U1}]),
+    ("single turn + system", [{"role": "system", "content": _SYS}, {"role": "user", "content": _U1}]),
+    ("two turns", [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]),
+    ("two turns + system", [{"role": "system", "content": _SYS}, {"role": "user", "content": _U1},
+                            {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]),
+    ("three turns, unicode", [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
+                              {"role": "user", "content": _U2}, {"role": "assistant", "content": _A2},
+                              {"role": "user", "content": _U3}]),
+    ("training example", [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}]),
+    ("training example + system", [{"role": "system", "content": _SYS}, {"role": "user", "content": _U1},
+                                   {"role": "assistant", "content": _A1}]),
+    ("multi-turn training example", [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
+                                     {"role": "user", "content": _U2}, {"role": "assistant", "content": _A2}]),
+]
+
+
+@dataclass
+class ConversationCheck:
+    name: str
+    status: str  # "identical" | "different" | "skipped"
+    n_tokens: int = 0
+    compared: str = "text"  # "tokens" or "text"
+    diff: str = ""
+    reason: str = ""
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    family: str | None
+    conversations: list[ConversationCheck]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_identical(self) -> int:
+        return sum(c.status == "identical" for c in self.conversations)
+
+    @property
+    def diff(self) -> str:
+        return "\n\n".join(f"[{c.name}]\n{c.diff}" for c in self.conversations if c.status == "different")
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "family": self.family, "identical": self.n_identical, "notes": self.notes,
+            "conversations": [c.__dict__ for c in self.conversations],
+        }
+
+
+def _text_diff(want: str, got: str, width: int = 40) -> str:
+    i = next((k for k in range(min(len(want), len(got))) if want[k] != got[k]), min(len(want), len(got)))
+    lo = max(0, i - width)
+    return (f"texts part at character {i}:\n"
+            f"  chat template: …{want[lo:i + width]!r}\n"
+            f"  Modelfile:     …{got[lo:i + width]!r}")
+
+
+def _token_diff(tok, want: list[int], got: list[int], width: int = 6) -> str:
+    i = next((k for k in range(min(len(want), len(got))) if want[k] != got[k]), min(len(want), len(got)))
+    lo = max(0, i - width)
+
+    def show(ids):
+        return " ".join(f"{t}:{tok.convert_ids_to_tokens(t)!r}" for t in ids[lo:i + width])
+
+    return (f"token ids part at position {i} (chat template {len(want)} tokens, Modelfile {len(got)}):\n"
+            f"  chat template: {show(want)}\n"
+            f"  Modelfile:     {show(got)}")
+
+
+def compare(go_template: str, info: ModelInfo, system: str | None = None, *, family: str | None = None,
+            conversations: list[tuple[str, list[dict]]] | None = None, use_tokenizer: bool = True) -> CheckResult:
+    """Render every conversation with the Jinja chat template and with the Go TEMPLATE; compare.
+
+    The Ollama side is ``[BOS if the GGUF adds one] + tokens(TEMPLATE rendering)``, exactly what
+    llama.cpp feeds the model; the reference is the chat template's rendering tokenized as
+    ``apply_chat_template(tokenize=True)`` does.
+    """
+    if not info.chat_template:
+        raise EdgetuneError("The model has no chat template to compare the TEMPLATE with.", where=info.source,
+                            fix="pass --model-dir with the HF folder the model was trained from")
+    tok = cached_tokenizer(info.tokenizer_dir) if (use_tokenizer and info.tokenizer_dir) else None
+    bos = info.bos_token or ""
+    results: list[ConversationCheck] = []
+    notes: list[str] = []
+    convs = list(conversations or CONVERSATIONS)
+    if system:  # also what Ollama sends when the Modelfile's SYSTEM is injected
+        convs += [(f"{n} (Modelfile SYSTEM)", c) for n, c in convs if c[0]["role"] != "system"]
+    legacy = not gotemplate.uses_field(go_template, "Messages")
+    for name, conv in convs:
+        injected = system if name.endswith("(Modelfile SYSTEM)") else None
+        if legacy and conv[-1]["role"] == "assistant":
+            results.append(ConversationCheck(name, "skipped", reason="a legacy .Prompt/.Response template leaves "
+                                             "the last assistant turn open (Ollama continues it)"))
+            continue
+        ref_msgs = ([{"role": "system", "content": injected}] if injected else []) + conv
+        agp = conv[-1]["role"] != "assistant"
+        try:
+            if tok is not None and tok.chat_template:
+                want_text = tok.apply_chat_template(ref_msgs, tokenize=False, add_generation_prompt=agp)
+            else:
+                want_text = render_jinja(info.chat_template, ref_msgs, add_generation_prompt=agp,
+                                         bos_token=info.bos_token, eos_token=info.eos_token)
+        except Exception as exc:  # noqa: BLE001 - jinja raise_exception surfaces as various types
+            if isinstance(exc, EdgetuneError):
+                raise
+            results.append(ConversationCheck(name, "skipped", reason=f"the chat template rejects it: {exc}"))
+            continue
+        got_text = render_ollama(go_template, conv, injected)
+        if info.add_bos and bos and not want_text.startswith(bos):
+            want_text = bos + want_text
+            note = "the chat template renders no BOS but the tokenizer adds one (add_bos_token); compared with it"
+            if note not in notes:
+                notes.append(note)
+        model_text = (bos if info.add_bos else "") + got_text
+        if tok is not None:
+            want = tok(want_text, add_special_tokens=False)["input_ids"]
+            got = ([tok.bos_token_id] if info.add_bos else []) + tok(got_text, add_special_tokens=False)["input_ids"]
+            same = want == got
+            results.append(ConversationCheck(name, "identical" if same else "different", len(want), "tokens",
+                                             "" if same else _token_diff(tok, want, got)))
+        else:
+            same = want_text == model_text
+            results.append(ConversationCheck(name, "identical" if same else "different", len(want_text), "text",
+                                             "" if same else _text_diff(want_text, model_text)))
+    ok = all(c.status != "different" for c in results) and any(c.status == "identical" for c in results)
+    if family and FAMILY_BY_NAME.get(family) and FAMILY_BY_NAME[family].note:
+        notes.append(FAMILY_BY_NAME[family].note)
+    return CheckResult(ok, family, results, notes)
+
+
+def check_modelfile(modelfile_path, model_dir=None, *, use_tokenizer: bool = True) -> CheckResult:
+    """Parse a Modelfile and compare its TEMPLATE's renderings with the chat template's.
+
+    ``model_dir`` is the HF folder the model was trained from; without it the chat template is
+    read from the GGUF named by FROM.
+    """
+    mf = read_modelfile(modelfile_path)
+    template = mf.get("template")
+    if not template:
+        raise EdgetuneError("The Modelfile has no TEMPLATE.", where=str(modelfile_path), fix="add a TEMPLATE (edgetune ollama writes one)")
+    base = Path(modelfile_path).resolve().parent
+    src = mf.get("model") or ""
+    gguf = Path(src).expanduser()
+    gguf = gguf if gguf.is_absolute() else base / gguf
+    info = model_info(gguf if gguf.exists() else None, model_dir) if (model_dir or gguf.exists()) else None
+    if info is None:
+        raise EdgetuneError(f"FROM {src} is not a local file and no --model-dir was given.", where=str(modelfile_path),
+                            fix="pass --model-dir with the HF folder the model was trained from")
+    fam = detect_family(info.chat_template) if info.chat_template else None
+    return compare(template, info, mf.get("system"), family=fam.name if fam else None, use_tokenizer=use_tokenizer)

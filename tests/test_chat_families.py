@@ -1,0 +1,69 @@
+"""The one chat-template family table: every row's two sides (the training Jinja template and the
+Ollama Go TEMPLATE) render the same prompts, so adding a family is one row and this test covers it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetune.chat_families import FAMILIES, detect_family, training_templates
+from edgetune.data.template import KNOWN_TEMPLATES, resolve_chat_template
+from edgetune.export.model_info import ModelInfo
+from edgetune.export.ollama_check import compare
+from edgetune.export.ollama_template import go_template_for
+
+WITH_JINJA = [f for f in FAMILIES if f.jinja is not None]
+
+
+def test_training_templates_come_from_the_table():
+    assert KNOWN_TEMPLATES == training_templates()
+    assert set(KNOWN_TEMPLATES) == {"chatml", "llama3", "gemma", "mistral", "phi3", "zephyr"}
+    for fam in WITH_JINJA:
+        assert resolve_chat_template(fam.name) == fam.jinja
+        assert resolve_chat_template(fam.name.upper()) == fam.jinja
+
+
+@pytest.mark.parametrize("fam", WITH_JINJA, ids=lambda f: f.name)
+def test_training_template_is_detected_as_its_own_family(fam):
+    assert detect_family(fam.jinja) is fam
+
+
+# Rows whose two sides still differ (found by this test when the two tables became one; fixing
+# them changes training prompts, so it is left to a decision): the training templates were
+# simplified copies, the Go side follows the reference models' templates.
+DRIFT = {
+    "phi3": "training template lacks the eos_token microsoft/Phi-3-mini-4k-instruct appends after a "
+            "finished conversation (add_generation_prompt=False)",
+    "mistral": "training template puts ' ' before assistant content and renders system as its own "
+               "[INST] block; Mistral-7B-Instruct-v0.1 does neither (the Go side folds system into the first turn)",
+}
+
+
+def _row(fam):
+    if fam.name in DRIFT:
+        return pytest.param(fam, id=fam.name, marks=pytest.mark.xfail(reason=DRIFT[fam.name], strict=True))
+    return pytest.param(fam, id=fam.name)
+
+
+@pytest.mark.parametrize("add_bos", [True, False], ids=["gguf-adds-bos", "template-carries-bos"])
+@pytest.mark.parametrize("fam", [_row(f) for f in WITH_JINJA])
+def test_go_side_renders_the_training_template(fam, add_bos):
+    """A model trained with ``--chat-template NAME`` gets a Modelfile TEMPLATE (from the same row)
+    that renders every check conversation to the same text, with and without a Modelfile SYSTEM."""
+    info = ModelInfo(chat_template=fam.jinja, bos_token="<s>", eos_token="</s>", add_bos=add_bos, source=fam.name)
+    got_fam, go = go_template_for(info)
+    assert got_fam is fam
+    for system in (None, "Answer in one word."):
+        result = compare(go, info, system, family=fam.name, use_tokenizer=False)
+        assert result.ok, result.diff
+        assert result.n_identical >= 4
+        assert {c.compared for c in result.conversations if c.status != "skipped"} == {"text"}
+
+
+def test_every_row_is_tested_against_a_real_template():
+    """Rows without a training template are covered by a reference template in tests/templates."""
+    meta = json.loads((Path(__file__).parent / "templates" / "families.json").read_text())
+    fixtures = {v["family"] for k, v in meta.items() if not k.startswith("_")}
+    assert {f.name for f in FAMILIES} <= fixtures | {f.name for f in WITH_JINJA}
