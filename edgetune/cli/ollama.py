@@ -96,7 +96,6 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
     from ..export.modelfile import ModelfileOptions, build_modelfile
     from ..io import write_text
     from ..ollama_client import check_model_name, create_command, ollama_create
-
     from ..runfolder import RunFolder
 
     base_cfg = OllamaConfig()
