@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import EdgetuneError
+from .export.qtypes import OUTTYPES, QUANTS
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -108,12 +109,10 @@ class ExportConfig:
     adapter_gguf: bool = False  # also write the LoRA adapter as a GGUF adapter
 
     def __post_init__(self):
-        _check_choice("export", "outtype", self.outtype, ("f16", "bf16", "f32", "q8_0"))
-        from .export.quantize import QTYPES  # the llama.cpp quant names live with the quantizer
-
+        _check_choice("export", "outtype", self.outtype, OUTTYPES)
         self.quants = [str(q).strip().lower().replace("-", "_") for q in self.quants]
         for q in self.quants:
-            _check_choice("export", "quants", q, tuple(QTYPES))
+            _check_choice("export", "quants", q, QUANTS)
 
 
 @dataclass

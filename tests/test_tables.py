@@ -1,8 +1,9 @@
-"""The one-row-per-concept tables against what reads them."""
+"""The one-row-per-concept tables (architectures, GGUF types) against what reads them."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -57,3 +58,68 @@ def test_lora_targets_and_memory_shapes_match_the_hf_model(tmp_path, model_type)
     }
     assert _linear_shapes(_model_shapes(tmp_path), a) == real
     assert set(a.lora_targets) == set(real)
+
+
+def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
+    import gguf
+
+    from edgetune.export.qtypes import OUTTYPES, QTYPES, QUANTS
+
+    for q in QTYPES.values():
+        assert hasattr(gguf.LlamaFileType, q.ftype), q.name
+        assert 1.5 < q.bits <= 32
+    assert OUTTYPES == ("f32", "f16", "bf16", "q8_0")  # what export/gguf.py's encoder can write
+    assert "f32" not in QUANTS and {"q4_k_m", "q8_0", "f16", "iq2_m"} <= set(QUANTS)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    for name in QUANTS:
+        assert hasattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[name].ftype), name
+
+
+def test_quant_type_names_are_normalized_and_unknown_ones_refused():
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.qtypes import normalize_qtype
+
+    assert normalize_qtype(" Q4_K-M ") == "q4_k_m"
+    with pytest.raises(EdgetuneError) as ei:
+        normalize_qtype("f32")  # written by the converter, not a llama.cpp quantize target
+    assert "q4_k_m" in ei.value.fix
+
+
+def test_low_bit_iquants_need_an_imatrix(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.quantize import quantize
+
+    src = tmp_path / "m-f16.gguf"
+    src.write_bytes(b"GGUF")
+    with pytest.raises(EdgetuneError, match="needs an importance matrix"):
+        quantize(src, tmp_path / "m-iq2_m.gguf", "iq2_m")
+    assert not (tmp_path / "m-iq2_m.gguf").exists()
+
+
+def test_plan_disk_estimate_counts_each_gguf_at_its_bits_per_weight(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from edgetune import pipeline
+    from edgetune.config import ExportConfig, RunConfig
+
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    }))
+    save_file({"w": np.zeros((1000, 100), dtype=np.float16)}, str(model / "model.safetensors"))
+
+    def disk(*quants):
+        cfg = RunConfig(model=str(model), output=str(tmp_path / "runs"), export=ExportConfig(quants=list(quants)))
+        p = pipeline.plan(cfg)
+        assert p.params == 100_000
+        return p.disk_bytes
+
+    assert disk("q4_k_m", "q8_0") - disk("q4_k_m") == int(100_000 * 8.5 / 8)
+    assert disk("q4_k_m", "iq2_m") - disk("q4_k_m") == int(100_000 * 2.7 / 8)

@@ -24,11 +24,10 @@ import numpy as np
 from ..arch import ALIASES, ARCHITECTURES, Arch
 from ..errors import EdgetuneError, UnsupportedError
 from ..io import atomic_path, read_json
+from .qtypes import OUTTYPES, QTYPES
 from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 
 log = logging.getLogger(__name__)
-
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # ---------------------------------------------------------------------------------------------
 # Per-architecture facts. Sources: llama.cpp src/llama-model.cpp (graph + hparams it reads) and
@@ -502,9 +501,6 @@ def _nbytes(shape, qtype) -> int:
     return n // block * size
 
 
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-
-
 def transform_tensor(arch: Arch, cfg: dict, hf_name: str, arr: np.ndarray) -> np.ndarray:
     """Per-arch layout change of one HF tensor (storage dtype in, same dtype out except +1)."""
     if arch.permute_qk:
@@ -611,7 +607,7 @@ def convert(
             w.add_type(gguf.GGUFType.MODEL)
             HPARAMS_HOOKS[arch.hparams](cfg, w)
             w.add_vocab_size(n_vocab)
-            w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+            w.add_file_type(getattr(gguf.LlamaFileType, QTYPES[outtype].ftype))
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(w, model_dir, n_vocab)
             for p in plans:
