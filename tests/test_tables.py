@@ -11,6 +11,7 @@ import pytest
 
 from edgetune import arch as arch_table
 from edgetune.arch import ARCHITECTURES
+from edgetune.config import CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +124,41 @@ def test_plan_disk_estimate_counts_each_gguf_at_its_bits_per_weight(tmp_path):
 
     assert disk("q4_k_m", "q8_0") - disk("q4_k_m") == int(100_000 * 8.5 / 8)
     assert disk("q4_k_m", "iq2_m") - disk("q4_k_m") == int(100_000 * 2.7 / 8)
+
+
+def test_cli_choices_come_from_the_config_tables():
+    """Every click.Choice of the CLI is a CHOICES entry of the config (or the pipeline's stages)."""
+    import importlib
+
+    import click
+
+    from edgetune.cli import COMMANDS
+    from edgetune.pipeline import STAGES
+
+    allowed = {tuple(v) for v in CHOICES.values()} | {tuple(STAGES)}
+
+    def walk(cmd):
+        yield cmd
+        for sub in getattr(cmd, "commands", {}).values():
+            yield from walk(sub)
+
+    seen = 0
+    for module, attr, _ in COMMANDS.values():
+        for cmd in walk(getattr(importlib.import_module(module), attr)):
+            for p in cmd.params:
+                if isinstance(p.type, click.Choice):
+                    seen += 1
+                    assert tuple(p.type.choices) in allowed, (cmd.name, p.name, p.type.choices)
+    assert seen >= 12
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_config_refuses_a_value_outside_its_choices(key):
+    from edgetune.config import SECTIONS
+    from edgetune.errors import EdgetuneError
+
+    section, name = key.split(".")
+    cls = SECTIONS[section]
+    assert cls(**{name: CHOICES[key][-1]})  # every listed value is accepted
+    with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
+        cls(**{name: "nope"})
