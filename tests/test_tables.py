@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_architecture_table_is_generated_from_the_table():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Supported model architectures", 1)[1].strip().splitlines()
-    shown = "\n".join(itertools.takewhile(lambda line: line.startswith("|"), section))
+    rows = itertools.dropwhile(lambda line: not line.startswith("|"), section)
+    shown = "\n".join(itertools.takewhile(lambda line: line.startswith("|"), rows))
     assert shown == arch_table.readme_table(), "regenerate README's table with edgetune.arch.readme_table()"
 
 
