@@ -12,9 +12,30 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import yaml
-
 from .errors import EdgetuneError
+from .export.qtypes import OUTTYPES, QUANTS
+
+# "section.field" -> allowed values: validated here, offered by the CLI's click.Choice options.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "chat", "instruction", "sharegpt", "completion", "preference"),
+    "data.dedup": ("exact", "near", "off"),
+    "data.overlength": ("drop", "truncate", "keep"),
+    "train.backend": ("auto", "mlx", "torch"),
+    "train.method": ("lora", "dora", "qlora", "full"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.report_to": ("none", "tensorboard", "wandb"),
+    "export.outtype": OUTTYPES,  # the GGUF types table (export/qtypes.py)
+    "eval.dtype": ("float32", "bfloat16", "float16", "auto"),
+}
+
+
+def _check_choices(section: str, obj: Any) -> None:
+    """Check every field of ``obj`` that has a CHOICES entry."""
+    for key, choices in CHOICES.items():
+        sec, name = key.split(".")
+        if sec == section:
+            _check_choice(section, name, getattr(obj, name), choices)
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -48,9 +69,7 @@ class DataConfig:
     def __post_init__(self):
         if self.dedup in (False, "False", "false"):  # YAML 1.1 reads a bare `dedup: off` as false
             self.dedup = "off"
-        _check_choice("data", "format", self.format, ("auto", "chat", "instruction", "sharegpt", "completion", "preference"))
-        _check_choice("data", "dedup", self.dedup, ("exact", "near", "off"))
-        _check_choice("data", "overlength", self.overlength, ("drop", "truncate", "keep"))
+        _check_choices("data", self)
         _check_range("data", "valid_ratio", self.valid_ratio, 0.0, 0.9)
         _check_range("data", "test_ratio", self.test_ratio, 0.0, 0.9)
         _check_range("data", "near_threshold", self.near_threshold, 0.05, 1.0)
@@ -86,11 +105,7 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads (None = all cores)
 
     def __post_init__(self):
-        _check_choice("train", "backend", self.backend, ("auto", "mlx", "torch"))
-        _check_choice("train", "method", self.method, ("lora", "dora", "qlora", "full"))
-        _check_choice("train", "lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
-        _check_choice("train", "precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
-        _check_choice("train", "report_to", self.report_to, ("none", "tensorboard", "wandb"))
+        _check_choices("train", self)
         _check_range("train", "dropout", self.dropout, 0.0, 0.9)
         _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         if self.rank < 1:
@@ -108,12 +123,10 @@ class ExportConfig:
     adapter_gguf: bool = False  # also write the LoRA adapter as a GGUF adapter
 
     def __post_init__(self):
-        _check_choice("export", "outtype", self.outtype, ("f16", "bf16", "f32", "q8_0"))
-        from .export.quantize import QTYPES  # the llama.cpp quant names live with the quantizer
-
+        _check_choices("export", self)
         self.quants = [str(q).strip().lower().replace("-", "_") for q in self.quants]
         for q in self.quants:
-            _check_choice("export", "quants", q, tuple(QTYPES))
+            _check_choice("export", "quants", q, QUANTS)
 
 
 @dataclass
@@ -169,7 +182,7 @@ class EvalConfig:
     def __post_init__(self):
         _check_range("eval", "temperature", self.temperature, 0.0, 5.0)
         _check_range("eval", "top_p", self.top_p, 0.0, 1.0)
-        _check_choice("eval", "dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        _check_choices("eval", self)
         if self.max_tokens < 1:
             raise EdgetuneError(f"eval.max_tokens must be >= 1, got {self.max_tokens}.")
         if self.limit is not None and self.limit < 1:
@@ -258,6 +271,8 @@ def config_from_dict(raw: dict, where: str = "recipe") -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe YAML and apply ``key=value`` / ``section.key=value`` overrides."""
+    import yaml  # here, not at the top: the CLI reads CHOICES without paying for yaml
+
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
@@ -280,6 +295,8 @@ def apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
+    import yaml
+
     node[parts[-1]] = yaml.safe_load(value) if value else None
 
 
@@ -288,6 +305,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_yaml(cfg: Any) -> str:
+    import yaml
+
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 

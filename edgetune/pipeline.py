@@ -459,14 +459,6 @@ def _now() -> str:
 # plan
 
 
-# approximate bits per weight of llama.cpp types (llama.cpp's quantize table); for disk estimates only
-BITS_PER_WEIGHT = {
-    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q5_k_s": 5.54,
-    "q5_0": 5.54, "q5_1": 6.0, "q4_k_m": 4.89, "q4_k_s": 4.58, "q4_0": 4.55, "q4_1": 5.0,
-    "q3_k_m": 3.91, "q3_k_l": 4.27, "q3_k_s": 3.5, "q2_k": 3.0, "iq4_xs": 4.25,
-}
-
-
 def count_parameters(model_dir: Path) -> int | None:
     """Parameter count from safetensors headers (no weights are read)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -528,7 +520,9 @@ def plan(cfg: RunConfig) -> Plan:
     if params:
         weights_disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         types = [cfg.export.outtype] + [q for q in cfg.export.quants if q != cfg.export.outtype]
-        gguf = sum(int(params * BITS_PER_WEIGHT.get(t, 16.0) / 8) for t in types)
+        from .export.qtypes import bits_per_weight
+
+        gguf = sum(int(params * bits_per_weight(t) / 8) for t in types)
         adapter_and_ckpts = int(params * 0.02 * 4 * 3)  # a rank-16 adapter is ~1% of weights; keep 3 copies with optimizer state
         disk = weights_disk + gguf + adapter_and_ckpts  # fused model ~ the base weights again
     stages = []

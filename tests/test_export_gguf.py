@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 from conftest import build_tiny_model
 
+from edgetune import arch as arch_table
 from edgetune.errors import EdgetuneError, UnsupportedError
 from edgetune.export import gguf as gg
 from edgetune.export.verify import PROMPTS, load_llama
-
-# Tiny configs per architecture. Gemma: query_pre_attn_scalar = head_dim, as in Google's releases
-# (llama.cpp derives the attention scale from head_dim, see gguf._check_gemma_attn_scale).
-ARCH_OVERRIDES = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {},
-    "gemma2": {"query_pre_attn_scalar": 16},
-    "gemma3_text": {"query_pre_attn_scalar": 16},
-    "phi3": {"pad_token_id": 2},
-}
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +26,14 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
             torch.set_num_threads(1)
             d = tmp_path_factory.mktemp(f"tiny-{model_type}")
             # initializer_range 0.3: peaked logits, so a wrong layout shows up as wrong argmaxes
-            kw = {"initializer_range": 0.3, **ARCH_OVERRIDES[model_type]}
+            kw = {"initializer_range": 0.3, **arch_table.ARCHITECTURES[model_type].tiny_config}
             cache[model_type] = build_tiny_model(d, tokenizer_dir, model_type, **kw)
         return cache[model_type]
 
     return get
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCH_OVERRIDES))
+@pytest.mark.parametrize("model_type", sorted(arch_table.ARCHITECTURES))
 def test_every_architecture_converts_and_matches_hf(tiny_models, tmp_path, model_type):
     model_dir = tiny_models(model_type)
     out = gg.convert(model_dir, tmp_path / "m.gguf", "f16", verify=True, show_progress=False)
@@ -113,8 +102,8 @@ def test_wrong_layout_is_caught_by_verification(tiny_models, tmp_path, monkeypat
     """Verification can fail: drop llama's q/k permutation and the f16 export must be refused."""
     import dataclasses
 
-    broken = dataclasses.replace(gg.GGUF_ARCHES["llama"], permute_qk=False)
-    monkeypatch.setitem(gg.GGUF_ARCHES, "llama", broken)
+    broken = dataclasses.replace(arch_table.ARCHITECTURES["llama"], permute_qk=False)
+    monkeypatch.setitem(arch_table.ARCHITECTURES, "llama", broken)
     out = tmp_path / "bad.gguf"
     with pytest.raises(EdgetuneError, match="verification failed"):
         gg.convert(tiny_models("llama"), out, "f16", verify=True, show_progress=False)

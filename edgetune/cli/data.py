@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..config import CHOICES
 from .options import json_option, model_option, output_option, seed_option
 
 MAX_SHOWN = 50  # problem lines printed before "... and N more" (all of them are in --json / rejects)
@@ -16,9 +17,9 @@ def _common(f):
     f = click.option("--chat-template", default=None, help="Template file or family name (chatml, llama3, …) for models without one.")(f)
     f = click.option("--max-seq-len", type=int, default=None, help="Token budget per example.")(f)
     f = click.option("--near-threshold", type=float, default=None, help="MinHash Jaccard threshold for near-duplicates (default 0.8).")(f)
-    f = click.option("--dedup", type=click.Choice(["exact", "near", "off"]), default=None, help="Duplicate removal (default exact).")(f)
+    f = click.option("--dedup", type=click.Choice(CHOICES["data.dedup"]), default=None, help="Duplicate removal (default exact).")(f)
     f = click.option(
-        "--format", "fmt", type=click.Choice(["auto", "chat", "instruction", "sharegpt", "completion", "preference"]),
+        "--format", "fmt", type=click.Choice(CHOICES["data.format"]),
         default=None, help="Force the input format (default: detected per record).",
     )(f)
     f = click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its data section and model.")(f)
@@ -112,7 +113,7 @@ def _print_report(rep, model, console, out):
 @seed_option
 @click.option("--group-by", default=None, help="Field that keeps a group (e.g. user_id) inside one split.")
 @click.option("--redact-pii/--no-redact-pii", default=None, help="Replace emails, phones, cards, SSNs, IPs with placeholders.")
-@click.option("--overlength", type=click.Choice(["drop", "truncate", "keep"]), default=None, help="Examples longer than --max-seq-len.")
+@click.option("--overlength", type=click.Choice(CHOICES["data.overlength"]), default=None, help="Examples longer than --max-seq-len.")
 @json_option
 def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template,
             valid_ratio, test_ratio, seed, group_by, redact_pii, overlength, as_json):

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..config import CHOICES
 from .options import json_option
 
 
@@ -52,7 +53,7 @@ class _RunArgument(click.Group):
 @click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
 @click.option("--n-ctx", type=int, default=None, help="llama.cpp context for gguf models (default 2048).")
 @click.option("--batch-size", type=int, default=None, help="Generate N conversations at once where the runtime batches (hf).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="hf runner dtype (default auto: what edgetune doctor shows for this device).")
+@click.option("--dtype", type=click.Choice(CHOICES["eval.dtype"]), default=None, help="hf runner dtype (default auto: what edgetune doctor shows for this device).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
@@ -148,7 +149,7 @@ def summary_table(report: dict):
 @click.option("--limit", type=int, default=None, help="At most N examples.")
 @click.option("--output", "-o", "out_file", type=click.Path(dir_okay=False), default=None, help="Write drift.json here.")
 @click.option("--n-ctx", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(CHOICES["eval.dtype"]), default="float32", show_default=True,
               help="hf reference dtype (float32 keeps the reference's own rounding out of the drift).")
 @json_option
 def drift_cmd(reference, candidates, data_path, limit, out_file, n_ctx, dtype, as_json):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..config import CHOICES
 from .options import output_option
 
 QUANT_HELP = "llama.cpp quant types, comma-separated or repeated (q4_k_m, q5_k_m, q6_k, q8_0, …)."
@@ -71,7 +72,7 @@ def _verify_option(f):
 @export.command("model", hidden=True)
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--quant", "-q", "quants", multiple=True, help=QUANT_HELP + " Default from the config (q4_k_m), or the run's.")
-@click.option("--type", "outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default=None, help="Unquantized GGUF type (default f16).")
+@click.option("--type", "outtype", type=click.Choice(CHOICES["export.outtype"]), default=None, help="Unquantized GGUF type (default f16).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, help="Importance matrix for low-bit quants.")
 @click.option("--name", default=None, help="File name stem (default: the model folder's, or the run's for RUN/fused).")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default: gguf/ beside MODEL_DIR).")
@@ -103,7 +104,7 @@ def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, 
 @export.command("gguf")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @output_option(required=False, help_="Output .gguf (default: gguf/<name>-<type>.gguf beside MODEL_DIR).")
-@click.option("--type", "outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
+@click.option("--type", "outtype", type=click.Choice(CHOICES["export.outtype"]), default="f16", show_default=True)
 @_verify_option
 def gguf_cmd(model_dir, output, outtype, verify):
     """Convert an HF model folder to a GGUF file."""

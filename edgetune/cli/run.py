@@ -7,8 +7,9 @@ import time
 import click
 
 from ..console import console, out
+from ..pipeline import STAGES
 
-STAGE_CHOICE = click.Choice(["data", "train", "fuse", "export", "ollama", "eval", "register"])
+STAGE_CHOICE = click.Choice(STAGES)
 
 
 def _set_option(f):

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from ..config import CHOICES
 from .options import json_option, model_option, output_option, seed_option
 
 
@@ -17,14 +18,14 @@ from .options import json_option, model_option, output_option, seed_option
 @output_option(help_="Run output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, run.json).")
 @click.option("--config", "-c", "recipe", type=click.Path(dir_okay=False), default=None,
               help="Recipe YAML (or a run folder's run.yaml): its `train:` section, model and data.chat_template are the starting point (flags win).")
-@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Training backend.")
-@click.option("--method", type=click.Choice(["lora", "dora", "qlora", "full"]), default=None, help="Fine-tuning method.")
+@click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
+@click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--dropout", type=float, default=None, help="LoRA dropout.")
 @click.option("--target-modules", default=None, help="Comma-separated linear layer names (default: all attention + MLP).")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate.")
-@click.option("--lr-scheduler", type=click.Choice(["cosine", "linear", "constant"]), default=None)
+@click.option("--lr-scheduler", type=click.Choice(CHOICES["train.lr_scheduler"]), default=None)
 @click.option("--warmup-ratio", type=float, default=None)
 @click.option("--epochs", type=float, default=None)
 @click.option("--iters", type=int, default=None, help="Optimizer steps (overrides --epochs).")
@@ -37,10 +38,10 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
               help="Stop after N evaluations without improvement (the best adapter is kept).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
+@click.option("--precision", type=click.Choice(CHOICES["train.precision"]), default=None,
               help="Compute dtype (default auto: edgetune.precision's choice for this device; see edgetune doctor).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default=None)
+@click.option("--report-to", type=click.Choice(CHOICES["train.report_to"]), default=None)
 @click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--chat-template", default=None, help="Template file or family name for models without one.")
 @seed_option

@@ -4,8 +4,9 @@ What is ours and why: gguf-py gives the writer, the tensor-name tables
 (``gguf.get_tensor_name_map``), the special-token / merges / chat-template reader
 (``gguf.SpecialVocab``) and the reference quantizers; what it does not ship is the per-
 architecture glue (which hyperparameters go where, which weights llama.cpp expects in a different
-layout). That glue is the :data:`GGUF_ARCHES` table below, one row per HF ``model_type``, each
-row naming the llama.cpp source it follows. The writer is driven in two passes (tensor infos
+layout). That glue is a row of ``edgetune.arch.ARCHITECTURES`` per HF ``model_type`` (naming the
+llama.cpp source it follows) plus, where the format needs code, an hparams hook in
+:data:`HPARAMS_HOOKS` below. The writer is driven in two passes (tensor infos
 first, then data) so only one tensor is ever in memory.
 """
 
@@ -20,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import ALIASES, ARCHITECTURES, Arch
 from ..errors import EdgetuneError, UnsupportedError
 from ..io import atomic_path, read_json
+from .qtypes import OUTTYPES, QTYPES
 from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 
 log = logging.getLogger(__name__)
-
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-
 
 # ---------------------------------------------------------------------------------------------
 # Per-architecture facts. Sources: llama.cpp src/llama-model.cpp (graph + hparams it reads) and
@@ -163,40 +163,20 @@ def _phi3_hparams(cfg: dict, w) -> None:
     w.add_sliding_window(int(cfg.get("sliding_window") or 0))
 
 
-@dataclass(frozen=True)
-class GGUFArch:
-    model_type: str  # HF config.model_type
-    gguf_arch: str  # llama.cpp architecture (gguf.MODEL_ARCH_NAMES value)
-    hparams: Callable[[dict, object], None]
-    # HF stores q/k for "rotate half" RoPE; llama.cpp's LLAMA_ROPE_TYPE_NORM rotates adjacent pairs,
-    # so convert_hf_to_gguf.py LlamaModel permutes q_proj/k_proj rows. NEOX-rope archs need nothing.
-    permute_qk: bool = False
-    # Gemma's RMSNorm computes x * (1 + w); llama.cpp computes x * w, so +1 is folded in
-    # (convert_hf_to_gguf.py Gemma2Model/Gemma3Model).
-    norm_plus_one: bool = False
-    source: str = ""
-
-
-GGUF_ARCHES: dict[str, GGUFArch] = {
-    a.model_type: a
-    for a in [
-        GGUFArch("llama", "llama", _common_hparams, permute_qk=True, source="convert_hf_to_gguf.py LlamaModel"),
-        GGUFArch("mistral", "llama", _common_hparams, permute_qk=True, source="convert_hf_to_gguf.py LlamaModel (MistralForCausalLM)"),
-        GGUFArch("qwen2", "qwen2", _common_hparams, source="convert_hf_to_gguf.py Qwen2Model (NEOX rope, qkv bias)"),
-        GGUFArch("qwen3", "qwen3", _common_hparams, source="convert_hf_to_gguf.py Qwen3Model (q/k RMSNorm)"),
-        GGUFArch("gemma2", "gemma2", _gemma2_hparams, norm_plus_one=True, source="convert_hf_to_gguf.py Gemma2Model"),
-        GGUFArch("gemma3_text", "gemma3", _gemma3_hparams, norm_plus_one=True, source="convert_hf_to_gguf.py Gemma3Model"),
-        GGUFArch("phi3", "phi3", _phi3_hparams, source="convert_hf_to_gguf.py Phi3MiniModel (fused qkv / gate_up)"),
-    ]
+# Hooks named by the ``hparams`` column of edgetune.arch.ARCHITECTURES.
+HPARAMS_HOOKS: dict[str, Callable[[dict, object], None]] = {
+    "common": _common_hparams,
+    "gemma2": _gemma2_hparams,
+    "gemma3": _gemma3_hparams,
+    "phi3": _phi3_hparams,
 }
-_ALIASES = {"gemma3": "gemma3_text"}
 
 
 def supported() -> list[str]:
-    return sorted(GGUF_ARCHES)
+    return sorted(ARCHITECTURES)
 
 
-def gguf_arch_for(model_dir: str | Path) -> tuple[dict, GGUFArch]:
+def gguf_arch_for(model_dir: str | Path) -> tuple[dict, Arch]:
     """Read ``config.json`` and return it with its table row; refuse unsupported archs up front."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.exists():
@@ -212,8 +192,8 @@ def gguf_arch_for(model_dir: str | Path) -> tuple[dict, GGUFArch]:
             where=str(cfg_path),
             fix=f"export a text-only model of a supported architecture: {', '.join(supported())}",
         )
-    mt = _ALIASES.get(cfg.get("model_type", "?"), cfg.get("model_type", "?"))
-    if mt not in GGUF_ARCHES:
+    mt = ALIASES.get(cfg.get("model_type", "?"), cfg.get("model_type", "?"))
+    if mt not in ARCHITECTURES:
         raise UnsupportedError(
             f"Architecture '{cfg.get('model_type')}' cannot be exported to GGUF.",
             where=str(cfg_path),
@@ -225,7 +205,7 @@ def gguf_arch_for(model_dir: str | Path) -> tuple[dict, GGUFArch]:
             where=str(cfg_path),
             fix="export the bf16/fp16 model (fuse a QLoRA adapter into the original bf16 base first)",
         )
-    return cfg, GGUF_ARCHES[mt]
+    return cfg, ARCHITECTURES[mt]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,10 +501,7 @@ def _nbytes(shape, qtype) -> int:
     return n // block * size
 
 
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-
-
-def transform_tensor(arch: GGUFArch, cfg: dict, hf_name: str, arr: np.ndarray) -> np.ndarray:
+def transform_tensor(arch: Arch, cfg: dict, hf_name: str, arr: np.ndarray) -> np.ndarray:
     """Per-arch layout change of one HF tensor (storage dtype in, same dtype out except +1)."""
     if arch.permute_qk:
         n_head = int(cfg["num_attention_heads"])
@@ -628,9 +605,9 @@ def convert(
         try:
             w.add_name(_gguf_name(model_dir))
             w.add_type(gguf.GGUFType.MODEL)
-            arch.hparams(cfg, w)
+            HPARAMS_HOOKS[arch.hparams](cfg, w)
             w.add_vocab_size(n_vocab)
-            w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+            w.add_file_type(getattr(gguf.LlamaFileType, QTYPES[outtype].ftype))
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(w, model_dir, n_vocab)
             for p in plans:

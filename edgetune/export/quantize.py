@@ -15,39 +15,7 @@ import numpy as np
 
 from ..errors import EdgetuneError, MissingDependencyError
 from ..io import atomic_path
-
-# user-facing name -> llama_cpp LLAMA_FTYPE_* constant (llama.h llama_ftype)
-QTYPES: dict[str, str] = {
-    "q2_k": "MOSTLY_Q2_K",
-    "q3_k_s": "MOSTLY_Q3_K_S",
-    "q3_k_m": "MOSTLY_Q3_K_M",
-    "q3_k_l": "MOSTLY_Q3_K_L",
-    "q4_0": "MOSTLY_Q4_0",
-    "q4_1": "MOSTLY_Q4_1",
-    "q4_k_s": "MOSTLY_Q4_K_S",
-    "q4_k_m": "MOSTLY_Q4_K_M",
-    "q5_0": "MOSTLY_Q5_0",
-    "q5_1": "MOSTLY_Q5_1",
-    "q5_k_s": "MOSTLY_Q5_K_S",
-    "q5_k_m": "MOSTLY_Q5_K_M",
-    "q6_k": "MOSTLY_Q6_K",
-    "q8_0": "MOSTLY_Q8_0",
-    "iq4_nl": "MOSTLY_IQ4_NL",
-    "iq4_xs": "MOSTLY_IQ4_XS",
-    "iq3_m": "MOSTLY_IQ3_M",
-    "iq2_m": "MOSTLY_IQ2_M",
-    "f16": "MOSTLY_F16",
-    "bf16": "MOSTLY_BF16",
-}
-# i-quants below 4 bits are unusable without an importance matrix (llama.cpp refuses them)
-NEEDS_IMATRIX = {"iq3_m", "iq2_m"}
-
-
-def normalize_qtype(qtype: str) -> str:
-    q = qtype.strip().lower().replace("-", "_")
-    if q not in QTYPES:
-        raise EdgetuneError(f"Unknown quantization type '{qtype}'.", fix=f"use one of: {', '.join(QTYPES)}")
-    return q
+from .qtypes import QTYPES, normalize_qtype
 
 
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
@@ -112,10 +80,10 @@ def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None
     src = Path(in_gguf)
     if not src.exists():
         raise EdgetuneError(f"GGUF not found: {src}", where=str(src))
-    if q in NEEDS_IMATRIX and imatrix is None:
+    if QTYPES[q].needs_imatrix and imatrix is None:
         raise EdgetuneError(f"{q} needs an importance matrix.", fix="pass --imatrix FILE (made with llama-imatrix)")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[q])
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[q].ftype)
     params.nthread = nthread or min(4, os.cpu_count() or 1)
     keep = []  # ctypes buffers must outlive the call
     if imatrix is not None:

@@ -218,7 +218,9 @@ def check_tokenizer(tokenizer, llm, report: VerifyReport) -> None:
             if hf_ids != gg_ids:
                 report.tokenizer_ok = False
                 report.tokenizer_mismatches.append(f"{t[:30]!r} (special={add}): HF {hf_ids[:12]} vs GGUF {gg_ids[:12]}")
-    gg_template = llm.metadata.get("tokenizer.chat_template")
+    from gguf import Keys
+
+    gg_template = llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
     if hf_template or gg_template:
         report.template_ok = hf_template == gg_template
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..arch import Dims, arch_of_model_dir
+
 # 4bit: bitsandbytes NF4 with double-quantised scales, or MLX affine 4-bit (group 64, fp16 scale + bias):
 # both about 0.56 bytes per weight
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "4bit": 0.5 + 0.0625}
@@ -37,24 +39,18 @@ def _model_shapes(model_dir) -> dict:
     }
 
 
-def _linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) of each per-layer linear, by the names in edgetune.arch (llama-like layout)."""
-    h, i, q, kvd = s["hidden"], s["inter"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    return {
-        "q_proj": (h, q), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (q, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        "qkv_proj": (h, q + 2 * kvd), "gate_up_proj": (h, 2 * i),
-    }
+def _linear_shapes(s: dict, arch) -> dict[str, tuple[int, int]]:
+    """(in, out) of each per-layer linear of ``arch`` (its row in edgetune.arch) for these sizes."""
+    d = Dims(h=s["hidden"], i=s["inter"], q=s["heads"] * s["head_dim"], kv=s["kv_heads"] * s["head_dim"])
+    return {name: shape(d) for name, shape in arch.linears.items()}
 
 
 def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
     """Estimated peak memory in GB, by part, and whether it fits in the memory available now."""
-    from ..arch import arch_of_model_dir
-
     s = _model_shapes(model_dir)
     arch = arch_of_model_dir(model_dir)
-    lin = _linear_shapes(s)
-    per_layer_linear = sum(lin[n][0] * lin[n][1] for n in arch.lora_targets if n in lin)
+    lin = _linear_shapes(s, arch)
+    per_layer_linear = sum(i * o for i, o in lin.values())
     embed = s["vocab"] * s["hidden"]
     n_params = s["layers"] * (per_layer_linear + 2 * s["hidden"]) + embed * (1 if s["tied"] else 2) + s["hidden"]
     if precision is None:

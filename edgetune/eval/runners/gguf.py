@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from ...errors import EdgetuneError, MissingDependencyError
 from .base import Generation, GenParams, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
@@ -55,7 +56,7 @@ class GGUFRunner(Runner):
     def _init_template(self, chat_template: str | None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
+        template = chat_template or self.llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
         if chat_template:
             from ...data.template import resolve_chat_template
 
@@ -131,7 +132,7 @@ class GGUFRunner(Runner):
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "path": str(self.path),
                 "adapter": str(self.adapter) if self.adapter else None,
-                "file_type": self.llm.metadata.get("general.file_type")}
+                "file_type": self.llm.metadata.get(Keys.General.FILE_TYPE)}
 
     def close(self) -> None:
         for llm in (self.llm, self._scorer):

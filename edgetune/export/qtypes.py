@@ -1,0 +1,71 @@
+"""GGUF weight types: one row per type name, read by the converter, the quantizer, the config, the
+CLI and the disk estimate of ``edgetune plan``.
+
+``ftype`` is the llama.cpp file type without its prefix: ``LLAMA_FTYPE_<ftype>`` in llama.h
+(``llama_cpp`` constants) and ``gguf.LlamaFileType.<ftype>`` (written as ``general.file_type``).
+``bits`` is the approximate bits per weight from llama.cpp's quantize table
+(tools/quantize/quantize.cpp); it is used for disk estimates only. ``convert``: our HF -> GGUF
+converter writes this type directly (export/gguf.py); ``quantize``: llama.cpp's
+``llama_model_quantize`` produces it from an f32/f16/bf16 GGUF (export/quantize.py).
+Adding a type llama.cpp knows is one row. This module imports nothing heavy (the config and the
+CLI read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import EdgetuneError
+
+
+@dataclass(frozen=True)
+class QType:
+    name: str  # user-facing name (lower case, as in file names: <name>-<type>.gguf)
+    ftype: str  # llama.cpp LLAMA_FTYPE_* / gguf.LlamaFileType member name
+    bits: float  # approximate bits per weight (disk estimates)
+    convert: bool = False  # written directly by export/gguf.py
+    quantize: bool = True  # produced by llama.cpp's quantizer
+    # i-quants below 4 bits are unusable without an importance matrix (llama.cpp refuses them)
+    needs_imatrix: bool = False
+
+
+QTYPES: dict[str, QType] = {
+    q.name: q
+    for q in [
+        QType("f32", "ALL_F32", 32.0, convert=True, quantize=False),
+        QType("f16", "MOSTLY_F16", 16.0, convert=True),
+        QType("bf16", "MOSTLY_BF16", 16.0, convert=True),
+        QType("q8_0", "MOSTLY_Q8_0", 8.5, convert=True),
+        QType("q6_k", "MOSTLY_Q6_K", 6.56),
+        QType("q5_k_m", "MOSTLY_Q5_K_M", 5.69),
+        QType("q5_k_s", "MOSTLY_Q5_K_S", 5.54),
+        QType("q5_1", "MOSTLY_Q5_1", 6.0),
+        QType("q5_0", "MOSTLY_Q5_0", 5.54),
+        QType("q4_k_m", "MOSTLY_Q4_K_M", 4.89),
+        QType("q4_k_s", "MOSTLY_Q4_K_S", 4.58),
+        QType("q4_1", "MOSTLY_Q4_1", 5.0),
+        QType("q4_0", "MOSTLY_Q4_0", 4.55),
+        QType("iq4_nl", "MOSTLY_IQ4_NL", 4.5),
+        QType("iq4_xs", "MOSTLY_IQ4_XS", 4.25),
+        QType("q3_k_l", "MOSTLY_Q3_K_L", 4.27),
+        QType("q3_k_m", "MOSTLY_Q3_K_M", 3.91),
+        QType("q3_k_s", "MOSTLY_Q3_K_S", 3.5),
+        QType("iq3_m", "MOSTLY_IQ3_M", 3.66, needs_imatrix=True),
+        QType("q2_k", "MOSTLY_Q2_K", 3.0),
+        QType("iq2_m", "MOSTLY_IQ2_M", 2.7, needs_imatrix=True),
+    ]
+}
+OUTTYPES = tuple(q.name for q in QTYPES.values() if q.convert)  # choices of export.outtype / --type
+QUANTS = tuple(q.name for q in QTYPES.values() if q.quantize)  # choices of export.quants / --quant
+
+
+def normalize_qtype(qtype: str) -> str:
+    """``"Q4_K-M"`` -> ``"q4_k_m"``; a clear error for a name llama.cpp cannot quantize to."""
+    q = qtype.strip().lower().replace("-", "_")
+    if q not in QUANTS:
+        raise EdgetuneError(f"Unknown quantization type '{qtype}'.", fix=f"use one of: {', '.join(QUANTS)}")
+    return q
+
+
+def bits_per_weight(name: str) -> float:
+    return QTYPES[name].bits

@@ -1,0 +1,165 @@
+"""The one-row-per-concept tables (architectures, GGUF types) against what reads them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from edgetune import arch as arch_table
+from edgetune.arch import ARCHITECTURES
+from edgetune.config import CHOICES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_architecture_table_is_generated_from_the_table():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Supported model architectures", 1)[1].strip().splitlines()
+    rows = itertools.dropwhile(lambda line: not line.startswith("|"), section)
+    shown = "\n".join(itertools.takewhile(lambda line: line.startswith("|"), rows))
+    assert shown == arch_table.readme_table(), "regenerate README's table with edgetune.arch.readme_table()"
+
+
+def test_every_row_names_a_llama_cpp_arch_and_an_existing_hparams_hook():
+    import gguf
+
+    from edgetune.export.gguf import HPARAMS_HOOKS
+
+    for a in ARCHITECTURES.values():
+        assert a.gguf_arch in gguf.MODEL_ARCH_NAMES.values(), a.model_type
+        assert a.hparams in HPARAMS_HOOKS, a.model_type
+        for alias in a.aliases:
+            assert arch_table.get_arch(alias) is a
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_lora_targets_and_memory_shapes_match_the_hf_model(tmp_path, model_type):
+    """Each row's linears exist in the HF model under those names, with those (in, out) sizes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgetune.train.memory import _linear_shapes, _model_shapes
+
+    a = ARCHITECTURES[model_type]
+    # no two sizes equal, so a swapped or wrong dimension shows
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, vocab_size=128, bos_token_id=0, eos_token_id=1, **a.tiny_config,
+    )
+    cfg.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    real = {
+        name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.search(r"\.layers\.0\.", name)
+    }
+    assert _linear_shapes(_model_shapes(tmp_path), a) == real
+    assert set(a.lora_targets) == set(real)
+
+
+def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
+    import gguf
+
+    from edgetune.export.qtypes import OUTTYPES, QTYPES, QUANTS
+
+    for q in QTYPES.values():
+        assert hasattr(gguf.LlamaFileType, q.ftype), q.name
+        assert 1.5 < q.bits <= 32
+    assert OUTTYPES == ("f32", "f16", "bf16", "q8_0")  # what export/gguf.py's encoder can write
+    assert "f32" not in QUANTS and {"q4_k_m", "q8_0", "f16", "iq2_m"} <= set(QUANTS)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    for name in QUANTS:
+        assert hasattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[name].ftype), name
+
+
+def test_quant_type_names_are_normalized_and_unknown_ones_refused():
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.qtypes import normalize_qtype
+
+    assert normalize_qtype(" Q4_K-M ") == "q4_k_m"
+    with pytest.raises(EdgetuneError) as ei:
+        normalize_qtype("f32")  # written by the converter, not a llama.cpp quantize target
+    assert "q4_k_m" in ei.value.fix
+
+
+def test_low_bit_iquants_need_an_imatrix(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.quantize import quantize
+
+    src = tmp_path / "m-f16.gguf"
+    src.write_bytes(b"GGUF")
+    with pytest.raises(EdgetuneError, match="needs an importance matrix"):
+        quantize(src, tmp_path / "m-iq2_m.gguf", "iq2_m")
+    assert not (tmp_path / "m-iq2_m.gguf").exists()
+
+
+def test_plan_disk_estimate_counts_each_gguf_at_its_bits_per_weight(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from edgetune import pipeline
+    from edgetune.config import ExportConfig, RunConfig
+
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    }))
+    save_file({"w": np.zeros((1000, 100), dtype=np.float16)}, str(model / "model.safetensors"))
+
+    def disk(*quants):
+        cfg = RunConfig(model=str(model), output=str(tmp_path / "runs"), export=ExportConfig(quants=list(quants)))
+        p = pipeline.plan(cfg)
+        assert p.params == 100_000
+        return p.disk_bytes
+
+    assert disk("q4_k_m", "q8_0") - disk("q4_k_m") == int(100_000 * 8.5 / 8)
+    assert disk("q4_k_m", "iq2_m") - disk("q4_k_m") == int(100_000 * 2.7 / 8)
+
+
+def test_cli_choices_come_from_the_config_tables():
+    """Every click.Choice of the CLI is a CHOICES entry of the config (or the pipeline's stages)."""
+    import importlib
+
+    import click
+
+    from edgetune.cli import COMMANDS
+    from edgetune.pipeline import STAGES
+
+    allowed = {tuple(v) for v in CHOICES.values()} | {tuple(STAGES)}
+
+    def walk(cmd):
+        yield cmd
+        for sub in getattr(cmd, "commands", {}).values():
+            yield from walk(sub)
+
+    seen = 0
+    for module, attr, _ in COMMANDS.values():
+        for cmd in walk(getattr(importlib.import_module(module), attr)):
+            for p in cmd.params:
+                if isinstance(p.type, click.Choice):
+                    seen += 1
+                    assert tuple(p.type.choices) in allowed, (cmd.name, p.name, p.type.choices)
+    assert seen >= 12
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_config_refuses_a_value_outside_its_choices(key):
+    from edgetune.config import SECTIONS
+    from edgetune.errors import EdgetuneError
+
+    section, name = key.split(".")
+    cls = SECTIONS[section]
+    assert cls(**{name: CHOICES[key][-1]})  # every listed value is accepted
+    with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
+        cls(**{name: "nope"})
