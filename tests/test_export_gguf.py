@@ -196,10 +196,10 @@ def test_phi3_name_is_not_written_where_llama_cpp_would_look_up_missing_tokens(t
     # llama.cpp looks up <s>, </s>, <unk> by text for models named phi3/phi-3; SmolLM2's vocab has none
     d = tmp_path / "Phi-3-support-ft"
     shutil.copytree(tokenizer_dir, d)
-    assert gg._gguf_name(d) == "Phi_3-support-ft"
+    assert gg.gguf_model_name(d) == "Phi_3-support-ft"
     # a vocabulary that has them keeps its name
     t = json.loads((d / "tokenizer.json").read_text())
     t["added_tokens"] += [{"id": 90000 + i, "content": c} for i, c in enumerate(("<s>", "</s>", "<unk>"))]
     (d / "tokenizer.json").write_text(json.dumps(t))
-    assert gg._gguf_name(d) == "Phi-3-support-ft"
-    assert gg._gguf_name(tmp_path / "smollm2-ft") == "smollm2-ft"
+    assert gg.gguf_model_name(d) == "Phi-3-support-ft"
+    assert gg.gguf_model_name(tmp_path / "smollm2-ft") == "smollm2-ft"

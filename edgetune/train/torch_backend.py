@@ -5,6 +5,11 @@ packed rows with position-id restarts (padding-free, the Trainer collators pad),
 at completion-token positions (the 49k-vocab head dominates a 135M model's FLOPs; the Trainer computes
 it for every token), and checkpoints that carry the data position so ``--resume`` replays exactly.
 Everything model-related (loading, LoRA/DoRA layers, saving adapters, 4-bit) is transformers/PEFT.
+
+Why this module is over 600 lines: it is the whole torch trainer (model + adapter setup, the loop,
+validation, checkpoint/resume, the merged-LoRA fast path) and today the loop is not shared with the
+MLX backend; the backend-independent loop (issue 13: one loop for SFT and DPO/ORPO on both
+backends) moves out of here, leaving model setup and the torch step.
 """
 
 from __future__ import annotations
