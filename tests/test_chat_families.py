@@ -30,25 +30,8 @@ def test_training_template_is_detected_as_its_own_family(fam):
     assert detect_family(fam.jinja) is fam
 
 
-# Rows whose two sides still differ (found by this test when the two tables became one; fixing
-# them changes training prompts, so it is left to a decision): the training templates were
-# simplified copies, the Go side follows the reference models' templates.
-DRIFT = {
-    "phi3": "training template lacks the eos_token microsoft/Phi-3-mini-4k-instruct appends after a "
-            "finished conversation (add_generation_prompt=False)",
-    "mistral": "training template puts ' ' before assistant content and renders system as its own "
-               "[INST] block; Mistral-7B-Instruct-v0.1 does neither (the Go side folds system into the first turn)",
-}
-
-
-def _row(fam):
-    if fam.name in DRIFT:
-        return pytest.param(fam, id=fam.name, marks=pytest.mark.xfail(reason=DRIFT[fam.name], strict=True))
-    return pytest.param(fam, id=fam.name)
-
-
 @pytest.mark.parametrize("add_bos", [True, False], ids=["gguf-adds-bos", "template-carries-bos"])
-@pytest.mark.parametrize("fam", [_row(f) for f in WITH_JINJA])
+@pytest.mark.parametrize("fam", WITH_JINJA, ids=lambda f: f.name)
 def test_go_side_renders_the_training_template(fam, add_bos):
     """A model trained with ``--chat-template NAME`` gets a Modelfile TEMPLATE (from the same row)
     that renders every check conversation to the same text, with and without a Modelfile SYSTEM."""
