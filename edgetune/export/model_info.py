@@ -120,31 +120,35 @@ def _gguf_scalar(fields: dict, key: str) -> Any:
 
 
 def _gguf_token(fields: dict, token_id: int | None) -> str | None:
-    f = fields.get("tokenizer.ggml.tokens")
+    from gguf import Keys
+
+    f = fields.get(Keys.Tokenizer.LIST)
     if f is None or token_id is None or token_id >= len(f.data):
         return None
     return bytes(f.parts[f.data[token_id]]).decode("utf-8", errors="replace")
 
 
 def info_from_gguf(gguf_path: str | os.PathLike) -> ModelInfo:
+    from gguf import Keys
+
     p = Path(gguf_path)
     if not p.exists():
         raise EdgetuneError(f"GGUF file not found: {p}", where=str(p), exit_code=2)
     fields = _gguf_fields(p)
     info = ModelInfo(source=str(p))
-    info.chat_template = _gguf_scalar(fields, "tokenizer.chat_template")
-    info.bos_token = _gguf_token(fields, _gguf_scalar(fields, "tokenizer.ggml.bos_token_id"))
-    info.eos_token = _gguf_token(fields, _gguf_scalar(fields, "tokenizer.ggml.eos_token_id"))
-    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+    info.chat_template = _gguf_scalar(fields, Keys.Tokenizer.CHAT_TEMPLATE)
+    info.bos_token = _gguf_token(fields, _gguf_scalar(fields, Keys.Tokenizer.BOS_ID))
+    info.eos_token = _gguf_token(fields, _gguf_scalar(fields, Keys.Tokenizer.EOS_ID))
+    for key in (Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID):
         t = _gguf_token(fields, _gguf_scalar(fields, key))
         if t:
             info.extra_eos.append(t)
-    ab = _gguf_scalar(fields, "tokenizer.ggml.add_bos_token")
+    ab = _gguf_scalar(fields, Keys.Tokenizer.ADD_BOS)
     info.add_bos = None if ab is None else bool(ab)
-    arch = _gguf_scalar(fields, "general.architecture")
+    arch = _gguf_scalar(fields, Keys.General.ARCHITECTURE)
     if arch:
-        info.context_length = _gguf_scalar(fields, f"{arch}.context_length")
-    info.license = _gguf_scalar(fields, "general.license")
+        info.context_length = _gguf_scalar(fields, Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
+    info.license = _gguf_scalar(fields, Keys.General.LICENSE)
     return info
 
 
