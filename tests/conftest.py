@@ -2,6 +2,11 @@
 
 Tests never touch the network or the user's models home: an autouse fixture points
 ``EDGETUNE_HOME`` at a temp dir and sets ``HF_HUB_OFFLINE=1``.
+
+Fast tests need nothing outside the repository: the SmolLM2 tokenizer is committed under
+``tests/fixtures/smollm2-tokenizer``. Only tests marked ``slow`` may use the real 135M demo model
+(``demo_model_dir``, ``demo_gguf_path``); collection fails for any other test that asks for it,
+and a fast test sees ``EDGETUNE_DEMO_MODEL`` pointing at a folder that does not exist.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "models" / "base" / "smollm2-135m-instruct"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "smollm2-tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+DEMO_FIXTURES = ("demo_model_dir", "demo_gguf_path")  # the real 135M model: slow tests only
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,9 +30,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
+def _isolated_home(request, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path / "edgetune-home"))
-    monkeypatch.setenv("EDGETUNE_DEMO_MODEL", str(DEMO_DIR))
+    # a fast test that falls back to the demo model by default finds no model rather than the real one
+    slow = request.node.get_closest_marker("slow") is not None
+    monkeypatch.setenv("EDGETUNE_DEMO_MODEL", str(DEMO_DIR if slow else tmp_path / "no-demo-model-in-fast-tests"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the precision verdict may depend on EDGETUNE_CPU_BF16, which a test may set: decide afresh
     from edgetune.precision import cpu_bf16
@@ -53,14 +62,11 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The real SmolLM2 tokenizer (ChatML chat template) alone in a folder."""
-    from edgetune.demo_model import fetch_demo
-
-    src = fetch_demo(DEMO_DIR)
+    """The real SmolLM2 tokenizer (ChatML chat template) alone in a folder: a copy of the committed
+    fixture, so a test that writes into it cannot change the repository."""
     dst = tmp_path_factory.mktemp("smollm2-tokenizer")
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, dst / name)
+        shutil.copy(TOKENIZER_FIXTURE / name, dst / name)
     return dst
 
 
@@ -128,6 +134,13 @@ def pytest_collection_modifyitems(config, items):
     cuda = None
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
     mlx = has_module("mlx") and has_module("mlx_lm")
+    unmarked = [item.nodeid for item in items
+                if "slow" not in item.keywords and set(DEMO_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the real demo model (" + ", ".join(DEMO_FIXTURES) + ") but are not marked slow; "
+            "mark them @pytest.mark.slow or use a tiny model:\n  " + "\n  ".join(unmarked)
+        )
     for item in items:
         if "cuda" in item.keywords:
             if cuda is None:

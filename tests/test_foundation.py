@@ -227,3 +227,15 @@ def test_artifacts_get_umask_modes_not_tempfile_modes(tmp_path: Path):
         os.umask(old)
     assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.slow
+def test_committed_tokenizer_fixture_is_what_fetch_demo_writes(demo_model_dir: Path, tokenizer_dir: Path):
+    """The fast tests' SmolLM2 tokenizer (tests/fixtures) is the demo model's, file for file."""
+    from transformers import AutoTokenizer
+
+    from edgetune.demo_model import check_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tokenizer_dir / name).read_bytes() == (demo_model_dir / name).read_bytes(), name
+    assert check_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(demo_model_dir)) >= 4

@@ -23,6 +23,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return ei.value.code or 0, cap.out, cap.err
 
 
+@pytest.mark.slow
 def test_write_check_and_create_without_ollama(tmp_path, capsys, monkeypatch, demo_gguf_path, tokenizer_dir):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no ollama here
     out = tmp_path / "out"
@@ -41,6 +42,7 @@ def test_write_check_and_create_without_ollama(tmp_path, capsys, monkeypatch, de
     assert {c["compared"] for c in data["conversations"]} == {"tokens"}
 
 
+@pytest.mark.slow
 def test_check_exits_1_with_a_diff(tmp_path, capsys, demo_gguf_path, tokenizer_dir):
     code, _, err = run_cli(capsys, "ollama", "write", demo_gguf_path, "-o", tmp_path, "--model-dir", tokenizer_dir)
     assert code == 0, err
@@ -51,6 +53,7 @@ def test_check_exits_1_with_a_diff(tmp_path, capsys, demo_gguf_path, tokenizer_d
     assert "DIFFERENT" in err and "part at position" in err
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_errors_without_traceback(tmp_path, capsys, demo_gguf_path):
     tfile = tmp_path / "bad.tmpl"
     tfile.write_text("{{ if .System }}never closed")
@@ -83,6 +86,7 @@ class _FakeOllamaAPI(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_create_runs_ollama_create_then_smoke_chat(tmp_path, monkeypatch, demo_gguf_path):
     """No Ollama binary exists on CI: a stand-in executable records its argv and a stand-in HTTP
     endpoint answers /api/chat, so the --create path (command line, request, tokens/s) is exercised."""

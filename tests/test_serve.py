@@ -48,11 +48,13 @@ def server(demo_gguf_path):
     assert not srv.thread.is_alive()  # stopped cleanly
 
 
+@pytest.mark.slow
 def test_bound_to_loopback_by_default(server):
     assert server.host == "127.0.0.1" and is_loopback(server.host)
     assert not is_loopback("0.0.0.0")
 
 
+@pytest.mark.slow
 def test_models_and_non_streamed_chat(server):
     from openai import OpenAI
 
@@ -68,6 +70,7 @@ def test_models_and_non_streamed_chat(server):
     assert resp.usage.prompt_tokens == 37 and 0 < resp.usage.completion_tokens <= 16
 
 
+@pytest.mark.slow
 def test_streamed_chat_matches_greedy_answer(server):
     from openai import OpenAI
 
@@ -80,6 +83,7 @@ def test_streamed_chat_matches_greedy_answer(server):
     assert streamed == full.choices[0].message.content  # greedy: same tokens either way
 
 
+@pytest.mark.slow
 def test_plain_completion_over_http(server):
     body = json.dumps({"prompt": "The sky is", "max_tokens": 4, "temperature": 0}).encode()
     req = urllib.request.Request(server.base_url + "/completions", data=body,
@@ -89,6 +93,7 @@ def test_plain_completion_over_http(server):
     assert data["choices"][0]["text"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong-key"}, {}])
 def test_wrong_or_missing_api_key_is_401(server, headers):
     req = urllib.request.Request(server.base_url + "/models", headers=headers)
@@ -102,6 +107,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
         make_server(tmp_path / "nope.gguf")
 
 
+@pytest.mark.slow
 def test_terminal_chat_commands_and_history(demo_gguf_path):
     llm = load_llm(demo_gguf_path, n_ctx=1024, n_threads=2)
     inputs = iter(["Hi!", "/system You are a pirate.", "Who are you?", "/reset", "Hello again", "/exit", "never read"])
@@ -115,6 +121,7 @@ def test_terminal_chat_commands_and_history(demo_gguf_path):
     assert next(inputs) == "never read"
 
 
+@pytest.mark.slow
 def test_chat_with_adapter_changes_answers(tmp_path, demo_gguf_path):
     adapter = make_lora_gguf(tmp_path / "lora.gguf")
     q = "What is the capital of France?"
