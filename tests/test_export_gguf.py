@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import build_tiny_model
 
 from edgetune.errors import EdgetuneError, UnsupportedError
 from edgetune.export import gguf as gg
@@ -27,7 +26,7 @@ ARCH_OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tokenizer_dir):
+def tiny_models(tmp_path_factory, tokenizer_dir, build_tiny_model):
     cache = {}
 
     def get(model_type):
@@ -154,7 +153,7 @@ def test_bf16_bits_roundtrip():
 
 
 @pytest.fixture(scope="module")
-def sentencepiece_llama(tmp_path_factory):
+def sentencepiece_llama(tmp_path_factory, build_tiny_model):
     """A tiny llama with a SentencePiece BPE tokenizer (byte fallback) trained here in < 1 s."""
     import sentencepiece as spm
     from transformers import AutoTokenizer

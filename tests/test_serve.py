@@ -14,32 +14,6 @@ from edgetune.serve import chat_loop, is_loopback, load_llm, make_server
 KEY = "sk-edgetune-test"
 
 
-def make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0):
-    """A real llama.cpp LoRA adapter GGUF for the SmolLM2-135M demo model (random attn_q deltas
-    on the first layers, large enough to change greedy answers)."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 2.0 * rank)
-    for i in range(layers):  # HF shapes: A (rank, in), B (out, rank); hidden size 576
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.5).astype(np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((576, rank)) * 0.5).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def greedy_chat(llm, text: str, max_tokens: int = 12) -> str:
-    r = llm.create_chat_completion([{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
-    return r["choices"][0]["message"]["content"]
-
-
 @pytest.fixture(scope="module")
 def server(demo_gguf_path):
     srv = make_server(demo_gguf_path, port=None, api_key=KEY, n_ctx=1024, n_threads=2, alias="smol")
@@ -122,7 +96,7 @@ def test_terminal_chat_commands_and_history(demo_gguf_path):
 
 
 @pytest.mark.slow
-def test_chat_with_adapter_changes_answers(tmp_path, demo_gguf_path):
+def test_chat_with_adapter_changes_answers(tmp_path, demo_gguf_path, make_lora_gguf, greedy_chat):
     adapter = make_lora_gguf(tmp_path / "lora.gguf")
     q = "What is the capital of France?"
     plain = greedy_chat(load_llm(demo_gguf_path, n_ctx=512, n_threads=2), q)

@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_serve import greedy_chat, make_lora_gguf
 
 from edgetune.serve import free_port, load_llm
 
@@ -22,7 +21,7 @@ EDGETUNE = shutil.which("edgetune", path=str(Path(sys.executable).parent)) or "e
 
 
 @pytest.mark.slow
-def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path):
+def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path, make_lora_gguf, greedy_chat):
     adapter = make_lora_gguf(tmp_path / "lora.gguf")
     port = free_port()
     env = {**os.environ, "EDGETUNE_API_KEY": "k3y"}

@@ -94,8 +94,7 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
 
 
 @pytest.mark.precision
-def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path):
-    from conftest import build_tiny_model
+def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path, build_tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
