@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -239,3 +240,15 @@ def test_committed_tokenizer_fixture_is_what_fetch_demo_writes(demo_model_dir: P
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tokenizer_dir / name).read_bytes() == (demo_model_dir / name).read_bytes(), name
     assert check_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(demo_model_dir)) >= 4
+
+
+def test_removed_setting_export_adapter_gguf():
+    """export.adapter_gguf was never read and is gone; old run.yaml files (adapter_gguf: false) still load."""
+    from edgetune.config import ExportConfig
+
+    assert "adapter_gguf" not in {f.name for f in dataclasses.fields(ExportConfig)}
+    cfg = config_from_dict({"export": {"adapter_gguf": False, "quants": ["q8_0"]}})
+    assert cfg.export.quants == ["q8_0"]
+    with pytest.raises(EdgetuneError, match="export.adapter_gguf .* was removed") as ei:
+        config_from_dict({"export": {"adapter_gguf": True}})
+    assert "edgetune export adapter" in ei.value.fix
