@@ -111,7 +111,7 @@ def test_eval_modules_import_no_circle():
     eval_dir = PACKAGE / "eval"
     graph = {p.stem: _imports(p, "edgetune.eval") for p in eval_dir.glob("*.py") if p.stem != "__init__"}
     graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
-    assert graph["drift"] and "options" in graph["drift"]
+    assert graph["drift"] and "runner_args" in graph["drift"]
 
     def cycle_from(node, stack):
         if node in stack:
@@ -138,3 +138,13 @@ def test_test_modules_import_no_test_module(path):
             if node.module.split(".")[0] in local | {"tests"}:
                 bad.append(node.module)
     assert not bad, bad
+
+
+def test_class_names_are_unique():
+    """No two classes in edgetune share a name (two ``Example`` classes were easy to confuse)."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                seen.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

@@ -19,7 +19,7 @@ from ..console import console, progress
 from ..errors import EdgetuneError
 from . import metrics as M
 from .data import Example, load_examples, load_regression, run_check
-from .options import gen_params, runner_options
+from .runner_args import gen_params, runner_options
 from .runners import GenParams, Runner, make_runner, parse_spec
 
 

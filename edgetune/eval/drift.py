@@ -16,7 +16,7 @@ from ..config import EvalConfig
 from ..console import progress
 from ..errors import EdgetuneError
 from .data import Example
-from .options import runner_options
+from .runner_args import runner_options
 from .runners import Runner, Spec, make_runner, parse_spec
 
 

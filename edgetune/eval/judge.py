@@ -12,7 +12,7 @@ import re
 from ..config import EvalConfig
 from ..console import progress
 from .data import Example
-from .options import runner_options
+from .runner_args import runner_options
 from .runners import GenParams, Runner, make_runner
 
 PROMPT = """You are an impartial judge comparing two answers to the same request.
