@@ -79,26 +79,19 @@ def test_other_outtypes(tiny_llama_dir, tmp_path, outtype):
 
 
 def test_tokenizer_metadata(tiny_llama_dir, tmp_path):
-    from gguf import GGUFReader
+    from edgetune.export.gguf_info import read_metadata
 
     out = gg.convert(tiny_llama_dir, tmp_path / "m.gguf", "f16", verify=False, show_progress=False)
-    r = GGUFReader(str(out))
-
-    def s(key):
-        f = r.fields[key]
-        return bytes(f.parts[-1]).decode()
-
-    assert s("tokenizer.ggml.model") == "gpt2"
-    assert s("tokenizer.ggml.pre") in gg.PRE_TOKENIZERS.values()
-    assert "<|im_start|>" in s("tokenizer.chat_template")
+    meta = read_metadata(out, ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template",
+                               "tokenizer.ggml.eos_token_id", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"])
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] in gg.PRE_TOKENIZERS.values()
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
     tok_cfg = json.loads((tiny_llama_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|im_end|>"
-    eos = int(r.fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
-    assert eos == 2
-    types = r.fields["tokenizer.ggml.token_type"]
-    im_start_type = int(types.parts[types.data[1]][0])
-    assert im_start_type == 3  # CONTROL: parsed as one special token by llama.cpp
-    assert len(r.fields["tokenizer.ggml.merges"].data) > 40000
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.ggml.token_type"][1] == 3  # <|im_start|> is CONTROL: one special token to llama.cpp
+    assert len(meta["tokenizer.ggml.merges"]) > 40000
     # special tokens and chat template text tokenize identically (checked in verify, spot-check here)
     llm = load_llama(out, logits_all=False)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgetune.errors import EdgetuneError
-from edgetune.export.gguf_info import read_tensor_infos
+from edgetune.export.gguf_info import read_metadata, read_tensor_infos
 
 
 def test_tensor_infos_match_gguf_reader(tmp_path):
@@ -41,6 +41,19 @@ def test_tensor_infos_match_gguf_reader(tmp_path):
     ]
     assert [t.type_name for t in infos] == ["f16", "f32", "q8_0"]
     assert infos[2].shape == (64, 3)  # GGUF order: fastest-varying dimension first
+
+    meta = read_metadata(path, ["general.name", "llama.block_count", "llama.rope.freq_base", "tokenizer.ggml.tokens",
+                                "tokenizer.ggml.scores", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.merges", "absent.key"])
+    assert meta == {
+        "general.name": "tiny ünïcode", "llama.block_count": 2, "llama.rope.freq_base": 10000.0,
+        "tokenizer.ggml.tokens": ["<s>", "</s>", "héllo", "", "a" * 300], "tokenizer.ggml.scores": [0.0, -1.5, 2.0, 0.25, 3.0],
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.merges": ["h é", "l lo"],
+    }
+    # and the same values as gguf-py's reader
+    r = GGUFReader(str(path))
+    assert meta["tokenizer.ggml.tokens"] == [bytes(r.fields["tokenizer.ggml.tokens"].parts[i]).decode()
+                                             for i in r.fields["tokenizer.ggml.tokens"].data]
+    assert meta["llama.block_count"] == int(r.fields["llama.block_count"].parts[-1][0])
 
 
 def test_not_a_gguf_is_a_clear_error(tmp_path):

@@ -1,10 +1,11 @@
-"""A GGUF file's tensor infos (name, shape, type) without reading its key/values into objects.
+"""A GGUF file's tensor infos (name, shape, type) and chosen metadata values, read fast.
 
 Why by hand: ``gguf.GGUFReader`` builds a numpy view for every element of every metadata array,
 which takes seconds for a 50k-token vocabulary (tokens, scores, token types, merges) although
-only the tensor infos after them are wanted. The GGUF layout is simple (header; key/values, each
-a string key, a type and a value; tensor infos), so this skips the values by their sizes. Type
-names and codes come from ``gguf`` (``GGUFValueType``, ``GGMLQuantizationType``).
+only the tensor infos after them or a few keys are wanted. The GGUF layout is simple (header;
+key/values, each a string key, a type and a value; tensor infos), so this decodes the wanted
+values and skips the others by their sizes. Type names and codes come from ``gguf``
+(``GGUFValueType``, ``GGMLQuantizationType``).
 """
 
 from __future__ import annotations
@@ -33,14 +34,25 @@ class GGUFTensorInfo:
 
 def read_tensor_infos(path: str | Path) -> list[GGUFTensorInfo]:
     """Tensor infos of a little-endian GGUF (version 2 or 3: what llama.cpp and gguf-py write)."""
+    return read_header(path)[1]
+
+
+def read_metadata(path: str | Path, keys) -> dict:
+    """The values of ``keys`` that the GGUF has (strings as str, arrays as lists); others are skipped."""
+    return read_header(path, keys)[0]
+
+
+def read_header(path: str | Path, keys=()) -> tuple[dict, list[GGUFTensorInfo]]:
+    """(values of the wanted metadata ``keys``, tensor infos); the other values are skipped by size."""
     from gguf import GGMLQuantizationType, GGUFValueType
 
-    fixed = {  # byte sizes of the fixed-size value types
-        GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-        GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-        GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-        GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+    fixed = {  # struct format of the fixed-size value types
+        GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.BOOL: "<?",
+        GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+        GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
+        GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
     }
+    wanted = set(keys)
     p = Path(path)
     with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
@@ -48,44 +60,48 @@ def read_tensor_infos(path: str | Path) -> list[GGUFTensorInfo]:
         n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
         off = 24
 
-        def u32() -> int:
+        def take(fmt: str):
             nonlocal off
-            off += 4
-            return struct.unpack_from("<I", buf, off - 4)[0]
+            (v,) = struct.unpack_from(fmt, buf, off)
+            off += struct.calcsize(fmt)
+            return v
 
-        def u64() -> int:
+        def string(decode: bool) -> str | None:
             nonlocal off
-            off += 8
-            return struct.unpack_from("<Q", buf, off - 8)[0]
+            n = take("<Q")
+            off += n
+            return bytes(buf[off - n:off]).decode("utf-8", "replace") if decode else None
 
-        def skip_value(vtype: int) -> None:
+        def value(vtype: int, decode: bool):
             nonlocal off
             if vtype in fixed:
-                off += fixed[vtype]
+                if decode:
+                    return take(fixed[vtype])
+                off += struct.calcsize(fixed[vtype])
             elif vtype == GGUFValueType.STRING:
-                n = u64()  # (not `off += u64()`: that would add to the offset read before u64 moved it)
-                off += n
+                return string(decode)
             elif vtype == GGUFValueType.ARRAY:
-                itype, count = u32(), u64()
-                if itype in fixed:
-                    off += fixed[itype] * count
+                itype, count = take("<I"), take("<Q")
+                if itype in fixed and not decode:
+                    off += struct.calcsize(fixed[itype]) * count
                 else:
-                    for _ in range(count):
-                        skip_value(itype)
+                    items = [value(itype, decode) for _ in range(count)]
+                    return items if decode else None
             else:
                 raise EdgetuneError(f"{p}: unknown GGUF value type {vtype} at byte {off}.", where=str(p))
+            return None
 
+        meta = {}
         for _ in range(n_kv):
-            key_len = u64()
-            off += key_len
-            skip_value(u32())
+            key = string(True)
+            v = value(take("<I"), key in wanted)
+            if key in wanted:
+                meta[key] = v
         infos = []
         for _ in range(n_tensors):
-            n = u64()
-            name = bytes(buf[off:off + n]).decode("utf-8")
-            off += n
-            shape = tuple(u64() for _ in range(u32()))
-            type_name = GGMLQuantizationType(u32()).name.lower()
+            name = string(True)
+            shape = tuple(take("<Q") for _ in range(take("<I")))
+            type_name = GGMLQuantizationType(take("<I")).name.lower()
             off += 8  # data offset
             infos.append(GGUFTensorInfo(name, shape, type_name))
-        return infos
+        return meta, infos
