@@ -221,6 +221,27 @@ def _tiny_recipe(tmp_path: Path, model_dir: Path, n: int = 120, **train) -> Path
 
 
 @pytest.fixture(scope="session")
+def smollm2_meta_gguf(tmp_path_factory) -> Path:
+    """A real GGUF holding only the SmolLM2 prompting metadata (chat template, <|im_start|> /
+    <|im_end|> as BOS / EOS) and no tensors: enough for writing a Modelfile, in milliseconds."""
+    from gguf import GGUFWriter
+
+    path = tmp_path_factory.mktemp("smollm2-meta") / "smollm2-meta.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template((TOKENIZER_FIXTURE / "chat_template.jinja").read_text(encoding="utf-8"))
+    w.add_context_length(8192)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
 def build_tiny_model():
     """``build_tiny_model(out_dir, tokenizer_dir, model_type="llama", seed=0, **config_overrides)``."""
     return _build_tiny_model
