@@ -306,7 +306,7 @@ def pytest_collection_modifyitems(config, items):
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
     mlx = has_module("mlx") and has_module("mlx_lm")
     unmarked = [item.nodeid for item in items
-                if "slow" not in item.keywords and set(DEMO_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+                if item.get_closest_marker("slow") is None and set(DEMO_FIXTURES) & set(getattr(item, "fixturenames", ()))]
     if unmarked:
         raise pytest.UsageError(
             "these tests use the real demo model (" + ", ".join(DEMO_FIXTURES) + ") but are not marked slow; "
