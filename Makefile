@@ -29,7 +29,9 @@ test: install-dev demo-model
 	$(BIN)/python -m pytest -q --durations=15
 	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision --durations=5
 
-test-fast: install-dev demo-model
+# Fast tests need nothing beyond the repository (tiny models built in seconds, the committed
+# SmolLM2 tokenizer), so no demo model is fetched; the tests marked `slow` use it.
+test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint:

@@ -120,7 +120,6 @@ class ExportConfig:
     quants: list[str] = field(default_factory=lambda: ["q4_k_m"])  # llama.cpp quant types
     imatrix: str | None = None  # importance matrix file for low-bit quants
     verify: bool = True  # compare GGUF with HF after writing
-    adapter_gguf: bool = False  # also write the LoRA adapter as a GGUF adapter
 
     def __post_init__(self):
         _check_choices("export", self)
@@ -205,6 +204,12 @@ class RunConfig:
         return Path(self.output) / self.name
 
 
+# Settings that were removed: (section, name) -> (the value older run.yaml files record, what to do
+# instead). That value is dropped quietly so old run folders still load; any other value is an error.
+REMOVED = {
+    ("export", "adapter_gguf"): (False, "it was never read; write a GGUF LoRA adapter with `edgetune export adapter`"),
+}
+
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "export": ExportConfig, "ollama": OllamaConfig, "eval": EvalConfig}
 
 
@@ -241,6 +246,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 
 def section_from_dict(cls, data: dict | None, where: str):
     data = dict(data or {})
+    section = where.rsplit(":", 1)[-1]
+    for (sec, name), (old_default, instead) in REMOVED.items():
+        if sec == section and name in data:
+            if data.pop(name) != old_default:
+                raise EdgetuneError(f"The setting {section}.{name} in {where} was removed.", fix=instead)
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)

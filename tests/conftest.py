@@ -2,10 +2,16 @@
 
 Tests never touch the network or the user's models home: an autouse fixture points
 ``EDGETUNE_HOME`` at a temp dir and sets ``HF_HUB_OFFLINE=1``.
+
+Fast tests need nothing outside the repository: the SmolLM2 tokenizer is committed under
+``tests/fixtures/smollm2-tokenizer``. Only tests marked ``slow`` may use the real 135M demo model
+(``demo_model_dir``, ``demo_gguf_path``); collection fails for any other test that asks for it,
+and a fast test sees ``EDGETUNE_DEMO_MODEL`` pointing at a folder that does not exist.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +20,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "models" / "base" / "smollm2-135m-instruct"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "smollm2-tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+DEMO_FIXTURES = ("demo_model_dir", "demo_gguf_path")  # the real 135M model: slow tests only
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,9 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
+def _isolated_home(request, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path / "edgetune-home"))
-    monkeypatch.setenv("EDGETUNE_DEMO_MODEL", str(DEMO_DIR))
+    # a fast test that falls back to the demo model by default finds no model rather than the real one
+    slow = request.node.get_closest_marker("slow") is not None
+    monkeypatch.setenv("EDGETUNE_DEMO_MODEL", str(DEMO_DIR if slow else tmp_path / "no-demo-model-in-fast-tests"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the precision verdict may depend on EDGETUNE_CPU_BF16, which a test may set: decide afresh
     from edgetune.precision import cpu_bf16
@@ -53,18 +63,18 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The real SmolLM2 tokenizer (ChatML chat template) alone in a folder."""
-    from edgetune.demo_model import fetch_demo
-
-    src = fetch_demo(DEMO_DIR)
+    """The real SmolLM2 tokenizer (ChatML chat template) alone in a folder: a copy of the committed
+    fixture, so a test that writes into it cannot change the repository."""
     dst = tmp_path_factory.mktemp("smollm2-tokenizer")
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, dst / name)
+        shutil.copy(TOKENIZER_FIXTURE / name, dst / name)
     return dst
 
 
-def build_tiny_model(out_dir: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+# Helpers shared by several test modules live here and reach the tests as fixtures (each returns the
+# function), so test modules import nothing from each other or from this file.
+
+def _build_tiny_model(out_dir: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a tiny random model of ``model_type`` with the real tokenizer; seconds to build.
 
     2 layers, hidden 64, 4 heads (2 KV heads), vocab = the tokenizer's. Weights are bf16.
@@ -102,10 +112,177 @@ def build_tiny_model(out_dir: Path, tokenizer_dir: Path, model_type: str = "llam
     return out_dir
 
 
+PEFT_IDS = [[1, 504, 3458, 314, 253, 1234, 28, 2, 9690, 17]]  # a short SmolLM2-tokenized prompt
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _make_peft_adapter(base_dir, out_dir, *, dora=False, r=4, alpha=8, seed=0, **extra):
+    """A PEFT adapter with random (non-zero) A and B on every linear layer, so it changes the
+    model's outputs; returns (adapter dir, the adapted model's fp32 logits on ``PEFT_IDS``)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=PEFT_TARGETS, use_dora=dora, init_lora_weights=False, **extra)
+    pm = get_peft_model(base, cfg)
+    pm.save_pretrained(str(out_dir))
+    with torch.no_grad():
+        logits = pm(torch.tensor(PEFT_IDS)).logits[0].numpy()
+    return out_dir, logits
+
+
+def _hf_logits(model_dir):
+    """An HF folder's fp32 logits on ``PEFT_IDS`` (to compare with ``make_peft_adapter``'s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return m(torch.tensor(PEFT_IDS)).logits[0].numpy()
+
+
+def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
+    """The same adapter in mlx-lm's format: lora_a in×r, lora_b r×out, scale in lora_parameters."""
+    import numpy as np
+
+    from edgetune.export.tensors import SafetensorsWriter
+    from edgetune.fuse import load_adapter
+
+    ad = load_adapter(peft_dir)
+    out_dir.mkdir()
+    plan, arrays = [], []
+    for module, layer in ad.layers.items():
+        plan += [(f"{module}.lora_a", "F32", layer.A.T.shape), (f"{module}.lora_b", "F32", layer.B.T.shape)]
+        arrays += [np.ascontiguousarray(layer.A.T), np.ascontiguousarray(layer.B.T)]
+        if dora:
+            plan.append((f"{module}.m", "F32", layer.magnitude.shape))
+            arrays.append(layer.magnitude)
+    with SafetensorsWriter(out_dir / "adapters.safetensors", plan) as w:
+        for (name, _, _), arr in zip(plan, arrays, strict=False):
+            w.write(name, arr.astype(np.float32))
+    scale = next(iter(ad.layers.values())).scale
+    cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": scale, "dropout": 0.0}}
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    return out_dir
+
+
+def _make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0):
+    """A real llama.cpp LoRA adapter GGUF for the SmolLM2-135M demo model (random attn_q deltas
+    on the first layers, large enough to change greedy answers)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 2.0 * rank)
+    for i in range(layers):  # HF shapes: A (rank, in), B (out, rank); hidden size 576
+        w.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.5).astype(np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((576, rank)) * 0.5).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _greedy_chat(llm, text: str, max_tokens: int = 12) -> str:
+    """A llama.cpp model's greedy answer to one user turn."""
+    r = llm.create_chat_completion([{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
+    return r["choices"][0]["message"]["content"]
+
+
+def _tiny_recipe(tmp_path: Path, model_dir: Path, n: int = 120, **train) -> Path:
+    """A recipe for ``edgetune run`` on ``model_dir`` with the first ``n`` demo tickets and a few
+    torch steps (seconds on CPU); ``train`` overrides train fields."""
+    import yaml
+
+    from edgetune import pipeline
+
+    data = tmp_path / "tickets.jsonl"
+    if not data.exists():
+        lines = pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)
+        data.write_text("".join(lines[:n]), encoding="utf-8")
+    raw = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "output": str(tmp_path / "runs"),
+        "data": {"path": str(data), "max_seq_len": 256},
+        "train": {"backend": "torch", "iters": 4, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
+                  "eval_every": 0, "save_every": 2, "num_threads": 1, **train},
+        "ollama": {"name": "tiny-triage"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text("# edgetune run tiny.yaml\n" + yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_meta_gguf(tmp_path_factory) -> Path:
+    """A real GGUF holding only the SmolLM2 prompting metadata (chat template, <|im_start|> /
+    <|im_end|> as BOS / EOS) and no tensors: enough for writing a Modelfile, in milliseconds."""
+    from gguf import GGUFWriter
+
+    path = tmp_path_factory.mktemp("smollm2-meta") / "smollm2-meta.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template((TOKENIZER_FIXTURE / "chat_template.jinja").read_text(encoding="utf-8"))
+    w.add_context_length(8192)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def build_tiny_model():
+    """``build_tiny_model(out_dir, tokenizer_dir, model_type="llama", seed=0, **config_overrides)``."""
+    return _build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def make_peft_adapter():
+    """``make_peft_adapter(base_dir, out_dir, dora=False, r=4, alpha=8, seed=0, **lora_config)``."""
+    return _make_peft_adapter
+
+
+@pytest.fixture(scope="session")
+def hf_logits():
+    return _hf_logits
+
+
+@pytest.fixture(scope="session")
+def write_mlx_adapter():
+    return _write_mlx_adapter
+
+
+@pytest.fixture(scope="session")
+def make_lora_gguf():
+    return _make_lora_gguf
+
+
+@pytest.fixture(scope="session")
+def greedy_chat():
+    return _greedy_chat
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    """``tiny_recipe(tmp_path, model_dir, n=120, **train_overrides)``: path of a tiny run recipe."""
+    return _tiny_recipe
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random LlamaForCausalLM (2 layers, hidden 64) with the real SmolLM2 tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama")
+    return _build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama")
 
 
 def _cuda_available() -> bool:
@@ -128,6 +305,13 @@ def pytest_collection_modifyitems(config, items):
     cuda = None
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
     mlx = has_module("mlx") and has_module("mlx_lm")
+    unmarked = [item.nodeid for item in items
+                if item.get_closest_marker("slow") is None and set(DEMO_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the real demo model (" + ", ".join(DEMO_FIXTURES) + ") but are not marked slow; "
+            "mark them @pytest.mark.slow or use a tiny model:\n  " + "\n  ".join(unmarked)
+        )
     for item in items:
         if "cuda" in item.keywords:
             if cuda is None:

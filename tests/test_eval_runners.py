@@ -60,6 +60,7 @@ def tiny_ggufs(tiny_llama_dir, tiny_adapter_dir, tmp_path_factory):
     return model, lora
 
 
+@pytest.mark.slow
 def test_gguf_runner_generates_greedy_with_counts_and_timing(demo_gguf_path):
     r = make_runner(f"gguf:{demo_gguf_path}", n_ctx=512)
     try:
@@ -142,6 +143,7 @@ def test_mlx_runner_on_cpu_matches_hf_logits(tiny_llama_dir):
     assert nll_mlx == pytest.approx(nll_hf, rel=0.05)
 
 
+@pytest.mark.slow
 def test_openai_runner_against_edgetune_serve(demo_gguf_path):
     from edgetune.serve import make_server
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tiny_model
-from test_fuse import make_peft_adapter
 
 from edgetune.errors import UnsupportedError
 from edgetune.export.adapter import export_adapter
@@ -16,7 +14,7 @@ from edgetune.fuse import fuse
 
 
 @pytest.fixture(scope="module")
-def sharp_llama(tmp_path_factory, tokenizer_dir):
+def sharp_llama(tmp_path_factory, tokenizer_dir, build_tiny_model):
     """Peaked logits (initializer_range 0.3), saved in float32 so that the fused reference carries
     no bf16 rounding: base + adapter and fused then differ only by f16 storage, and greedy
     decoding must agree token for token."""
@@ -34,7 +32,7 @@ def base_gguf(sharp_llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra", [{}, {"rank_pattern": {"down_proj": 2}}], ids=["uniform", "rank_pattern"])
-def test_adapter_gguf_reproduces_fused(sharp_llama, base_gguf, tmp_path, extra):
+def test_adapter_gguf_reproduces_fused(sharp_llama, base_gguf, tmp_path, extra, make_peft_adapter):
     adapter, _ = make_peft_adapter(sharp_llama, tmp_path / "adapter", alpha=2, **extra)
     gguf_adapter = export_adapter(sharp_llama, adapter, tmp_path / "adapter.gguf")
     fused = fuse(sharp_llama, adapter, tmp_path / "fused", show_progress=False)
@@ -56,25 +54,23 @@ def test_adapter_gguf_reproduces_fused(sharp_llama, base_gguf, tmp_path, extra):
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
 
 
-def test_mlx_adapter_exports(sharp_llama, base_gguf, tmp_path):
-    from test_fuse import _write_mlx_adapter
-
+def test_mlx_adapter_exports(sharp_llama, base_gguf, tmp_path, make_peft_adapter, write_mlx_adapter):
     peft_dir, _ = make_peft_adapter(sharp_llama, tmp_path / "peft", alpha=2)
-    mlx_dir = _write_mlx_adapter(peft_dir, tmp_path / "mlx")
+    mlx_dir = write_mlx_adapter(peft_dir, tmp_path / "mlx")
     g = export_adapter(sharp_llama, mlx_dir, tmp_path / "mlx.gguf")
     fused_gguf = convert(fuse(sharp_llama, peft_dir, tmp_path / "fused", show_progress=False), tmp_path / "f.gguf", "f16", verify=False, show_progress=False)
     rep = verify_adapter(base_gguf, g, fused_gguf, max_tokens=12)
     assert rep.passed and rep.row.mean_kl < 1e-3
 
 
-def test_dora_refused(sharp_llama, tmp_path):
+def test_dora_refused(sharp_llama, tmp_path, make_peft_adapter):
     adapter, _ = make_peft_adapter(sharp_llama, tmp_path / "adapter", dora=True)
     with pytest.raises(UnsupportedError, match="DoRA"):
         export_adapter(sharp_llama, adapter, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 
 
-def test_cli_export_adapter(sharp_llama, base_gguf, tmp_path):
+def test_cli_export_adapter(sharp_llama, base_gguf, tmp_path, make_peft_adapter):
     from click.testing import CliRunner
 
     from edgetune.cli import cli

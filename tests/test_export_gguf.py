@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import build_tiny_model
 
 from edgetune import arch as arch_table
 from edgetune.errors import EdgetuneError, UnsupportedError
@@ -16,7 +15,7 @@ from edgetune.export.verify import PROMPTS, load_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tokenizer_dir):
+def tiny_models(tmp_path_factory, tokenizer_dir, build_tiny_model):
     cache = {}
 
     def get(model_type):
@@ -69,26 +68,19 @@ def test_other_outtypes(tiny_llama_dir, tmp_path, outtype):
 
 
 def test_tokenizer_metadata(tiny_llama_dir, tmp_path):
-    from gguf import GGUFReader
+    from edgetune.export.gguf_info import read_metadata
 
     out = gg.convert(tiny_llama_dir, tmp_path / "m.gguf", "f16", verify=False, show_progress=False)
-    r = GGUFReader(str(out))
-
-    def s(key):
-        f = r.fields[key]
-        return bytes(f.parts[-1]).decode()
-
-    assert s("tokenizer.ggml.model") == "gpt2"
-    assert s("tokenizer.ggml.pre") in gg.PRE_TOKENIZERS.values()
-    assert "<|im_start|>" in s("tokenizer.chat_template")
+    meta = read_metadata(out, ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template",
+                               "tokenizer.ggml.eos_token_id", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"])
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] in gg.PRE_TOKENIZERS.values()
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
     tok_cfg = json.loads((tiny_llama_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|im_end|>"
-    eos = int(r.fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
-    assert eos == 2
-    types = r.fields["tokenizer.ggml.token_type"]
-    im_start_type = int(types.parts[types.data[1]][0])
-    assert im_start_type == 3  # CONTROL: parsed as one special token by llama.cpp
-    assert len(r.fields["tokenizer.ggml.merges"].data) > 40000
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.ggml.token_type"][1] == 3  # <|im_start|> is CONTROL: one special token to llama.cpp
+    assert len(meta["tokenizer.ggml.merges"]) > 40000
     # special tokens and chat template text tokenize identically (checked in verify, spot-check here)
     llm = load_llama(out, logits_all=False)
     try:
@@ -143,7 +135,7 @@ def test_bf16_bits_roundtrip():
 
 
 @pytest.fixture(scope="module")
-def sentencepiece_llama(tmp_path_factory):
+def sentencepiece_llama(tmp_path_factory, build_tiny_model):
     """A tiny llama with a SentencePiece BPE tokenizer (byte fallback) trained here in < 1 s."""
     import sentencepiece as spm
     from transformers import AutoTokenizer

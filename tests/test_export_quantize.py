@@ -47,10 +47,10 @@ def test_quantize_errors(f16_gguf, tmp_path):
 
 def _legacy_imatrix(gguf_path, path):
     """An importance matrix in llama-imatrix's legacy .dat layout, one entry per 2-D weight."""
-    from gguf import GGUFReader
+    from edgetune.export.gguf_info import read_tensor_infos
 
-    r = GGUFReader(str(gguf_path))
-    entries = [(t.name, int(t.shape[0])) for t in r.tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
+    infos = read_tensor_infos(gguf_path)
+    entries = [(t.name, t.shape[0]) for t in infos if len(t.shape) == 2 and t.name != "token_embd.weight"]
     with open(path, "wb") as fh:
         fh.write(np.int32(len(entries)).tobytes())
         for name, n in entries:

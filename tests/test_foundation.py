@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -227,3 +228,27 @@ def test_artifacts_get_umask_modes_not_tempfile_modes(tmp_path: Path):
         os.umask(old)
     assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.slow
+def test_committed_tokenizer_fixture_is_what_fetch_demo_writes(demo_model_dir: Path, tokenizer_dir: Path):
+    """The fast tests' SmolLM2 tokenizer (tests/fixtures) is the demo model's, file for file."""
+    from transformers import AutoTokenizer
+
+    from edgetune.demo_model import check_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tokenizer_dir / name).read_bytes() == (demo_model_dir / name).read_bytes(), name
+    assert check_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(demo_model_dir)) >= 4
+
+
+def test_removed_setting_export_adapter_gguf():
+    """export.adapter_gguf was never read and is gone; old run.yaml files (adapter_gguf: false) still load."""
+    from edgetune.config import ExportConfig
+
+    assert "adapter_gguf" not in {f.name for f in dataclasses.fields(ExportConfig)}
+    cfg = config_from_dict({"export": {"adapter_gguf": False, "quants": ["q8_0"]}})
+    assert cfg.export.quants == ["q8_0"]
+    with pytest.raises(EdgetuneError, match="export.adapter_gguf .* was removed") as ei:
+        config_from_dict({"export": {"adapter_gguf": True}})
+    assert "edgetune export adapter" in ei.value.fix

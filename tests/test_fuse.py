@@ -11,40 +11,12 @@ import numpy as np
 import pytest
 
 from edgetune.errors import EdgetuneError, UnsupportedError
-from edgetune.export.tensors import SafetensorsReader, SafetensorsWriter
+from edgetune.export.tensors import SafetensorsReader
 from edgetune.fuse import fuse, load_adapter
-
-IDS = [[1, 504, 3458, 314, 253, 1234, 28, 2, 9690, 17]]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_peft_adapter(base_dir, out_dir, *, dora=False, r=4, alpha=8, seed=0, **extra):
-    """A PEFT adapter with random (non-zero) A and B, so it changes the model's outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, use_dora=dora, init_lora_weights=False, **extra)
-    pm = get_peft_model(base, cfg)
-    pm.save_pretrained(str(out_dir))
-    with torch.no_grad():
-        logits = pm(torch.tensor(IDS)).logits[0].numpy()
-    return out_dir, logits
-
-
-def hf_logits(model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    with torch.no_grad():
-        return m(torch.tensor(IDS)).logits[0].numpy()
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_peft_fuse_matches_adapted_model(tiny_llama_dir, tmp_path, dora):
+def test_peft_fuse_matches_adapted_model(tiny_llama_dir, tmp_path, dora, make_peft_adapter, hf_logits):
     adapter, adapted = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter", dora=dora)
     out = fuse(tiny_llama_dir, adapter, tmp_path / "fused", show_progress=False)
     base = hf_logits(tiny_llama_dir)
@@ -56,12 +28,14 @@ def test_peft_fuse_matches_adapted_model(tiny_llama_dir, tmp_path, dora):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (out / f).exists(), f
     rec = json.loads((out / "edgetune_fuse.json").read_text())
-    assert rec["dora"] is dora and rec["merged_layers"] == 2 * len(TARGETS)
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == 7  # every linear layer of both blocks
+    assert rec["dora"] is dora and rec["merged_layers"] == 2 * len(targets)
     # same dtype as the base (bf16), never quantized
     assert {r.dtype for r in SafetensorsReader(out).refs.values()} == {"BF16"}
 
 
-def test_rslora_and_rank_pattern(tiny_llama_dir, tmp_path):
+def test_rslora_and_rank_pattern(tiny_llama_dir, tmp_path, make_peft_adapter, hf_logits):
     adapter, adapted = make_peft_adapter(
         tiny_llama_dir, tmp_path / "a", use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3}
     )
@@ -73,30 +47,10 @@ def test_rslora_and_rank_pattern(tiny_llama_dir, tmp_path):
     assert np.abs(adapted - base).max() > 20 * np.abs(adapted - fused).max()
 
 
-def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
-    """The same adapter in mlx-lm's format: lora_a in×r, lora_b r×out, scale in lora_parameters."""
-    ad = load_adapter(peft_dir)
-    out_dir.mkdir()
-    plan, arrays = [], []
-    for module, layer in ad.layers.items():
-        plan += [(f"{module}.lora_a", "F32", layer.A.T.shape), (f"{module}.lora_b", "F32", layer.B.T.shape)]
-        arrays += [np.ascontiguousarray(layer.A.T), np.ascontiguousarray(layer.B.T)]
-        if dora:
-            plan.append((f"{module}.m", "F32", layer.magnitude.shape))
-            arrays.append(layer.magnitude)
-    with SafetensorsWriter(out_dir / "adapters.safetensors", plan) as w:
-        for (name, _, _), arr in zip(plan, arrays, strict=False):
-            w.write(name, arr.astype(np.float32))
-    scale = next(iter(ad.layers.values())).scale
-    cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": scale, "dropout": 0.0}}
-    (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    return out_dir
-
-
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_mlx_adapter_format(tiny_llama_dir, tmp_path, dora):
+def test_mlx_adapter_format(tiny_llama_dir, tmp_path, dora, make_peft_adapter, write_mlx_adapter):
     peft_dir, adapted = make_peft_adapter(tiny_llama_dir, tmp_path / "peft", dora=dora)
-    mlx_dir = _write_mlx_adapter(peft_dir, tmp_path / "mlx", dora=dora)
+    mlx_dir = write_mlx_adapter(peft_dir, tmp_path / "mlx", dora=dora)
     assert load_adapter(mlx_dir).format == "mlx"
     a = fuse(tiny_llama_dir, peft_dir, tmp_path / "fa", show_progress=False)
     b = fuse(tiny_llama_dir, mlx_dir, tmp_path / "fb", show_progress=False)
@@ -105,7 +59,7 @@ def test_mlx_adapter_format(tiny_llama_dir, tmp_path, dora):
         assert np.array_equal(ra.load(name), rb.load(name)), name
 
 
-def test_fuse_without_torch(tiny_llama_dir, tmp_path):
+def test_fuse_without_torch(tiny_llama_dir, tmp_path, make_peft_adapter):
     """The merge path imports no torch (a Mac with only [mlx] can fuse)."""
     adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
     code = (
@@ -118,7 +72,7 @@ def test_fuse_without_torch(tiny_llama_dir, tmp_path):
     assert (tmp_path / "fused" / "model.safetensors").exists()
 
 
-def test_quantized_base_refused(tiny_llama_dir, tmp_path):
+def test_quantized_base_refused(tiny_llama_dir, tmp_path, make_peft_adapter):
     adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
     q = tmp_path / "q4"
     shutil.copytree(tiny_llama_dir, q)
@@ -130,9 +84,7 @@ def test_quantized_base_refused(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_base_refused(tiny_llama_dir, tokenizer_dir, tmp_path):
-    from conftest import build_tiny_model
-
+def test_wrong_base_refused(tiny_llama_dir, tokenizer_dir, tmp_path, make_peft_adapter, build_tiny_model):
     adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
     other = build_tiny_model(tmp_path / "other", tokenizer_dir, "llama", hidden_size=32, intermediate_size=64, head_dim=8)
     with pytest.raises(EdgetuneError, match="shape"):
@@ -145,7 +97,7 @@ def test_not_an_adapter(tiny_llama_dir, tmp_path):
         fuse(tiny_llama_dir, tmp_path, tmp_path / "out")
 
 
-def test_cli_fuse(tiny_llama_dir, tmp_path):
+def test_cli_fuse(tiny_llama_dir, tmp_path, make_peft_adapter):
     from click.testing import CliRunner
 
     from edgetune.cli import cli

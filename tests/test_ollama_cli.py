@@ -24,6 +24,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return ei.value.code or 0, cap.out, cap.err
 
 
+@pytest.mark.slow
 def test_write_check_and_create_without_ollama(tmp_path, capsys, monkeypatch, demo_gguf_path, tokenizer_dir):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no ollama here
     out = tmp_path / "out"
@@ -42,6 +43,7 @@ def test_write_check_and_create_without_ollama(tmp_path, capsys, monkeypatch, de
     assert {c["compared"] for c in data["conversations"]} == {"tokens"}
 
 
+@pytest.mark.slow
 def test_check_exits_1_with_a_diff(tmp_path, capsys, demo_gguf_path, tokenizer_dir):
     code, _, err = run_cli(capsys, "ollama", "write", demo_gguf_path, "-o", tmp_path, "--model-dir", tokenizer_dir)
     assert code == 0, err
@@ -52,14 +54,14 @@ def test_check_exits_1_with_a_diff(tmp_path, capsys, demo_gguf_path, tokenizer_d
     assert "DIFFERENT" in err and "part at position" in err
 
 
-def test_bad_inputs_are_errors_without_traceback(tmp_path, capsys, demo_gguf_path):
+def test_bad_inputs_are_errors_without_traceback(tmp_path, capsys, smollm2_meta_gguf):
     tfile = tmp_path / "bad.tmpl"
     tfile.write_text("{{ if .System }}never closed")
-    code, _, err = run_cli(capsys, "ollama", demo_gguf_path, "-o", tmp_path, "--template", tfile)
+    code, _, err = run_cli(capsys, "ollama", smollm2_meta_gguf, "-o", tmp_path, "--template", tfile)
     assert code == 1 and "not a valid Go template" in err and "Traceback" not in err
-    code, _, err = run_cli(capsys, "ollama", demo_gguf_path, "-o", tmp_path, "--name", "bad name!")
+    code, _, err = run_cli(capsys, "ollama", smollm2_meta_gguf, "-o", tmp_path, "--name", "bad name!")
     assert code == 1 and "not a valid Ollama model name" in err
-    code, _, err = run_cli(capsys, "ollama", demo_gguf_path, "-o", tmp_path, "--top-p", "3")
+    code, _, err = run_cli(capsys, "ollama", smollm2_meta_gguf, "-o", tmp_path, "--top-p", "3")
     assert code == 1 and "ollama.top_p" in err
     assert not (tmp_path / "Modelfile").exists()
 
@@ -84,12 +86,12 @@ class _FakeOllamaAPI(BaseHTTPRequestHandler):
         pass
 
 
-def test_create_runs_ollama_create_then_smoke_chat(tmp_path, monkeypatch, demo_gguf_path):
+def test_create_runs_ollama_create_then_smoke_chat(tmp_path, monkeypatch, smollm2_meta_gguf):
     """No Ollama binary exists on CI: a stand-in executable records its argv and a stand-in HTTP
     endpoint answers /api/chat, so the --create path (command line, request, tokens/s) is exercised."""
     from edgetune.export.modelfile import write_modelfile
 
-    mf_path = write_modelfile(demo_gguf_path, tmp_path, "smol")
+    mf_path = write_modelfile(smollm2_meta_gguf, tmp_path, "smol")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     argv_file = tmp_path / "argv.txt"

@@ -112,6 +112,7 @@ def test_family_from_hf_folder_and_text_identity(tmp_path, name):
     assert mf.parameters["num_ctx"] == ["4096"]
 
 
+@pytest.mark.slow
 def test_smollm2_tokens_identical(tmp_path, tokenizer_dir, demo_gguf_path):
     """The demo model's Modelfile: token ids from the real SmolLM2 tokenizer are identical."""
     mf_path = write_modelfile(demo_gguf_path, tmp_path, "smollm2-demo", model_dir=tokenizer_dir)
@@ -125,6 +126,7 @@ def test_smollm2_tokens_identical(tmp_path, tokenizer_dir, demo_gguf_path):
     assert "You are a helpful AI assistant named SmolLM" in mf.get("template")  # template's default system
 
 
+@pytest.mark.slow
 def test_tampered_template_is_caught_with_a_diff(tmp_path, tokenizer_dir, demo_gguf_path):
     mf_path = write_modelfile(demo_gguf_path, tmp_path, "smollm2-demo", model_dir=tokenizer_dir)
     text = mf_path.read_text().replace("<|im_end|>\n{{ end }}\n{{- if and", "<|im_end|>{{ end }}\n{{- if and")

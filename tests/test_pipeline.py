@@ -11,39 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edgetune import pipeline
 from edgetune.errors import EdgetuneError
 from edgetune.io import read_json
-
-DEMO = pipeline.demo_data_path()
-
-
-def _recipe(tmp_path: Path, model_dir: Path, n: int = 120, **train) -> Path:
-    data = tmp_path / "tickets.jsonl"
-    if not data.exists():
-        data.write_text("".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
-    raw = {
-        "name": "tiny",
-        "model": str(model_dir),
-        "output": str(tmp_path / "runs"),
-        "data": {"path": str(data), "max_seq_len": 256},
-        "train": {"backend": "torch", "iters": 4, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
-                  "eval_every": 0, "save_every": 2, "num_threads": 1, **train},
-        "ollama": {"name": "tiny-triage"},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text("# edgetune run tiny.yaml\n" + yaml.safe_dump(raw), encoding="utf-8")
-    return path
 
 
 def _status(run_dir: Path) -> dict[str, str]:
     return {k: v["status"] for k, v in read_json(run_dir / "manifest.json")["stages"].items()}
 
 
-def test_run_skips_done_stages_and_reruns_on_change(tmp_path, tiny_llama_dir):
-    recipe = _recipe(tmp_path, tiny_llama_dir)
+def test_run_skips_done_stages_and_reruns_on_change(tmp_path, tiny_llama_dir, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir)
     cfg = pipeline.load_recipe(recipe)
     r1 = pipeline.run(cfg, to_stage="train")
     run_dir = r1.run_dir
@@ -77,8 +56,8 @@ def test_run_skips_done_stages_and_reruns_on_change(tmp_path, tiny_llama_dir):
     assert r5.ran == ["data", "train"]
 
 
-def test_missing_outputs_are_rebuilt(tmp_path, tiny_llama_dir):
-    recipe = _recipe(tmp_path, tiny_llama_dir)
+def test_missing_outputs_are_rebuilt(tmp_path, tiny_llama_dir, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir)
     r1 = pipeline.run(pipeline.load_recipe(recipe), to_stage="train")
     import shutil
 
@@ -88,8 +67,8 @@ def test_missing_outputs_are_rebuilt(tmp_path, tiny_llama_dir):
     assert (r1.run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir):
-    recipe = _recipe(tmp_path, tiny_llama_dir)
+def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir)
     with pytest.raises(EdgetuneError, match="Unknown stage"):
         pipeline.run(pipeline.load_recipe(recipe), to_stage="nope")
     with pytest.raises(EdgetuneError, match="Training data not found"):
@@ -110,9 +89,9 @@ def test_failed_stage_is_recorded_and_clear(tmp_path, tiny_llama_dir):
     assert not (run_dir / ".lock").exists()
 
 
-def test_killed_training_resumes_without_redoing_data(tmp_path, tiny_llama_dir):
+def test_killed_training_resumes_without_redoing_data(tmp_path, tiny_llama_dir, tiny_recipe):
     """SIGKILL `edgetune run` mid-training; the same command then resumes from the checkpoint."""
-    recipe = _recipe(tmp_path, tiny_llama_dir, iters=60, save_every=3)
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, iters=60, save_every=3)
     run_dir = tmp_path / "runs" / "tiny"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from edgetune.cli import main; main()", "run", str(recipe), "--to", "train"]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from click.testing import CliRunner
-from test_pipeline import _recipe
 
 from edgetune import pipeline, registry
 from edgetune.cli import cli
 from edgetune.io import read_json
 
 
-def test_all_stages_then_registry_once(tmp_path, tiny_llama_dir):
-    recipe = _recipe(tmp_path, tiny_llama_dir, n=60, iters=2)
+def test_all_stages_then_registry_once(tmp_path, tiny_llama_dir, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, n=60, iters=2)
     sets = ["eval.limit=2", "eval.max_tokens=4", "eval.regression=false"]
     args = ["run", str(recipe)] + [x for s in sets for x in ("--set", s)]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)

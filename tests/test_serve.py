@@ -14,32 +14,6 @@ from edgetune.serve import chat_loop, is_loopback, load_llm, make_server
 KEY = "sk-edgetune-test"
 
 
-def make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0):
-    """A real llama.cpp LoRA adapter GGUF for the SmolLM2-135M demo model (random attn_q deltas
-    on the first layers, large enough to change greedy answers)."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 2.0 * rank)
-    for i in range(layers):  # HF shapes: A (rank, in), B (out, rank); hidden size 576
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.5).astype(np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((576, rank)) * 0.5).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def greedy_chat(llm, text: str, max_tokens: int = 12) -> str:
-    r = llm.create_chat_completion([{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
-    return r["choices"][0]["message"]["content"]
-
-
 @pytest.fixture(scope="module")
 def server(demo_gguf_path):
     srv = make_server(demo_gguf_path, port=None, api_key=KEY, n_ctx=1024, n_threads=2, alias="smol")
@@ -48,11 +22,13 @@ def server(demo_gguf_path):
     assert not srv.thread.is_alive()  # stopped cleanly
 
 
+@pytest.mark.slow
 def test_bound_to_loopback_by_default(server):
     assert server.host == "127.0.0.1" and is_loopback(server.host)
     assert not is_loopback("0.0.0.0")
 
 
+@pytest.mark.slow
 def test_models_and_non_streamed_chat(server):
     from openai import OpenAI
 
@@ -68,6 +44,7 @@ def test_models_and_non_streamed_chat(server):
     assert resp.usage.prompt_tokens == 37 and 0 < resp.usage.completion_tokens <= 16
 
 
+@pytest.mark.slow
 def test_streamed_chat_matches_greedy_answer(server):
     from openai import OpenAI
 
@@ -80,6 +57,7 @@ def test_streamed_chat_matches_greedy_answer(server):
     assert streamed == full.choices[0].message.content  # greedy: same tokens either way
 
 
+@pytest.mark.slow
 def test_plain_completion_over_http(server):
     body = json.dumps({"prompt": "The sky is", "max_tokens": 4, "temperature": 0}).encode()
     req = urllib.request.Request(server.base_url + "/completions", data=body,
@@ -89,6 +67,7 @@ def test_plain_completion_over_http(server):
     assert data["choices"][0]["text"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong-key"}, {}])
 def test_wrong_or_missing_api_key_is_401(server, headers):
     req = urllib.request.Request(server.base_url + "/models", headers=headers)
@@ -102,6 +81,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
         make_server(tmp_path / "nope.gguf")
 
 
+@pytest.mark.slow
 def test_terminal_chat_commands_and_history(demo_gguf_path):
     llm = load_llm(demo_gguf_path, n_ctx=1024, n_threads=2)
     inputs = iter(["Hi!", "/system You are a pirate.", "Who are you?", "/reset", "Hello again", "/exit", "never read"])
@@ -115,7 +95,8 @@ def test_terminal_chat_commands_and_history(demo_gguf_path):
     assert next(inputs) == "never read"
 
 
-def test_chat_with_adapter_changes_answers(tmp_path, demo_gguf_path):
+@pytest.mark.slow
+def test_chat_with_adapter_changes_answers(tmp_path, demo_gguf_path, make_lora_gguf, greedy_chat):
     adapter = make_lora_gguf(tmp_path / "lora.gguf")
     q = "What is the capital of France?"
     plain = greedy_chat(load_llm(demo_gguf_path, n_ctx=512, n_threads=2), q)

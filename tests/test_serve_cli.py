@@ -13,14 +13,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from test_serve import greedy_chat, make_lora_gguf
+import pytest
 
 from edgetune.serve import free_port, load_llm
 
 EDGETUNE = shutil.which("edgetune", path=str(Path(sys.executable).parent)) or "edgetune"
 
 
-def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path):
+@pytest.mark.slow
+def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path, make_lora_gguf, greedy_chat):
     adapter = make_lora_gguf(tmp_path / "lora.gguf")
     port = free_port()
     env = {**os.environ, "EDGETUNE_API_KEY": "k3y"}
@@ -58,6 +59,7 @@ def test_serve_command_with_adapter_answers_and_stops(tmp_path, demo_gguf_path):
     assert "server stopped" in output and proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_chat_command_reads_stdin_until_exit(demo_gguf_path):
     proc = subprocess.run([EDGETUNE, "chat", str(demo_gguf_path), "--max-tokens", "4", "--temperature", "0",
                            "--n-ctx", "512", "--threads", "2"],

@@ -11,7 +11,7 @@ from edgetune.config import TrainConfig
 from edgetune.errors import UnsupportedError
 from edgetune.hardware import Hardware
 from edgetune.train import estimate_memory
-from edgetune.train.batching import IGNORE, Example, lr_lambda, padding_fraction, plan_epoch
+from edgetune.train.batching import IGNORE, TokenizedExample, lr_lambda, padding_fraction, plan_epoch
 from edgetune.train.select import choose_backend
 
 
@@ -44,7 +44,7 @@ def _examples(n=40, seed=0):
     for _ in range(n):
         L = rng.randint(5, 60)
         p = rng.randint(1, L - 2)
-        out.append(Example(list(range(1, L + 1)), [0] * p + [1] * (L - p)))
+        out.append(TokenizedExample(list(range(1, L + 1)), [0] * p + [1] * (L - p)))
     return out
 
 

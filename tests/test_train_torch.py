@@ -94,8 +94,7 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
 
 
 @pytest.mark.precision
-def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path):
-    from conftest import build_tiny_model
+def test_adapter_moves_greedy_answer_toward_target(tokenizer_dir, tmp_path, build_tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -140,14 +139,14 @@ def test_packed_rows_do_not_attend_across_examples(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     from edgetune.data.template import encode_example, load_tokenizer
-    from edgetune.train.batching import Example, plan_epoch
+    from edgetune.train.batching import TokenizedExample, plan_epoch
     from edgetune.train.torch_backend import CompletionLoss
 
     tok = load_tokenizer(tiny_llama_dir)
     exs = []
     for q, a in QA:
         e = encode_example(tok, chat(q, a))
-        exs.append(Example(e.input_ids, e.loss_mask))
+        exs.append(TokenizedExample(e.input_ids, e.loss_mask))
     model = CompletionLoss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)).eval()
     kw = dict(max_seq_len=512, group_by_length=False, pad_id=tok.pad_token_id, seed=0, epoch=0, shuffle=False)
     packed = plan_epoch(exs, batch_size=1, packing=True, **kw)

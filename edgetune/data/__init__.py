@@ -11,9 +11,9 @@ Public entry points (imported lazily so ``import edgetune.data`` stays cheap):
 from __future__ import annotations
 
 _LAZY = {
-    "prepare": "pipeline",
-    "validate": "pipeline",
-    "ValidationReport": "pipeline",
+    "prepare": "preparation",
+    "validate": "preparation",
+    "ValidationReport": "preparation",
     "load_tokenizer": "template",
     "encode_example": "template",
     "render_prompt": "template",

@@ -19,16 +19,8 @@ from ..console import console, progress
 from ..errors import EdgetuneError
 from . import metrics as M
 from .data import Example, load_examples, load_regression, run_check
+from .runner_args import gen_params, runner_options
 from .runners import GenParams, Runner, make_runner, parse_spec
-
-
-def runner_options(cfg: EvalConfig) -> dict:
-    return {"n_ctx": cfg.n_ctx, "dtype": cfg.dtype, "chat_template": cfg.chat_template}
-
-
-def gen_params(cfg: EvalConfig, max_tokens: int | None = None) -> GenParams:
-    return GenParams(max_tokens=max_tokens or cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                     top_k=cfg.top_k, stop=list(cfg.stop), seed=cfg.seed)
 
 
 def resolve_metrics(cfg: EvalConfig, examples: list[Example]) -> list[str]:

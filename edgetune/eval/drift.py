@@ -16,6 +16,7 @@ from ..config import EvalConfig
 from ..console import progress
 from ..errors import EdgetuneError
 from .data import Example
+from .runner_args import runner_options
 from .runners import Runner, Spec, make_runner, parse_spec
 
 
@@ -57,8 +58,6 @@ def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], la
 
 def run_drift(reference_spec: str, candidate_specs: list[str], examples: list[Example], cfg: EvalConfig | None = None) -> dict:
     """Load the reference once and compare each candidate to it (one candidate in memory at a time)."""
-    from .core import runner_options
-
     cfg = cfg or EvalConfig()
     opts = runner_options(cfg)
     ref_spec = parse_spec(reference_spec)

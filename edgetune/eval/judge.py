@@ -12,6 +12,7 @@ import re
 from ..config import EvalConfig
 from ..console import progress
 from .data import Example
+from .runner_args import runner_options
 from .runners import GenParams, Runner, make_runner
 
 PROMPT = """You are an impartial judge comparing two answers to the same request.
@@ -58,8 +59,6 @@ def judge_models(judge_spec: str | Runner, examples: list[Example], outputs: dic
                  cfg: EvalConfig | None = None) -> dict:
     """Per non-baseline model: wins/ties/losses vs the baseline, win rate (ties count half),
     unparseable verdicts and how often the judge picked the first position."""
-    from .core import runner_options
-
     judge = make_runner(judge_spec, **runner_options(cfg or EvalConfig())) if isinstance(judge_spec, str) else judge_spec
     res: dict = {"judge": judge.spec}
     try:

@@ -275,13 +275,12 @@ def compare_ggufs(ref_gguf, test_ggufs: dict[str, Path], token_lists: list[list[
 
 def gguf_outtype(path) -> str:
     """The dominant weight type of a GGUF file ("f16", "q4_k", ...), from its tensor infos."""
-    from gguf import GGUFReader
+    from .gguf_info import read_tensor_infos
 
-    r = GGUFReader(str(path))
     counts: dict[str, int] = {}
-    for t in r.tensors:
+    for t in read_tensor_infos(path):
         if len(t.shape) >= 2:
-            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
+            counts[t.type_name] = counts.get(t.type_name, 0) + t.n_elements
     return max(counts, key=counts.get) if counts else "f32"
 
 

@@ -34,7 +34,9 @@ SPLITS = ("train", "valid", "test")
 
 
 @dataclass
-class Example:
+class TokenizedExample:
+    """One training sequence: token ids and its loss mask (1 = a token the loss is taken on)."""
+
     ids: list[int]
     mask: list[int]
 
@@ -87,7 +89,7 @@ def check_data_dir(data_dir: str | Path) -> dict[str, Path]:
     return found
 
 
-def encode_split(path: Path, tokenizer, max_seq_len: int) -> tuple[list[Example], int]:
+def encode_split(path: Path, tokenizer, max_seq_len: int) -> tuple[list[TokenizedExample], int]:
     """Encode one split; returns (examples with at least one target token, number dropped)."""
     from ..data.template import encode_example
 
@@ -99,7 +101,7 @@ def encode_split(path: Path, tokenizer, max_seq_len: int) -> tuple[list[Example]
             if not exc.where:
                 exc.where = f"{path}:{lineno}"
             raise
-        ex = Example(list(enc.input_ids), list(enc.loss_mask))
+        ex = TokenizedExample(list(enc.input_ids), list(enc.loss_mask))
         if len(ex.ids) < 2 or ex.n_target == 0:
             dropped += 1  # nothing to learn (e.g. the completion was truncated away)
             continue
@@ -107,9 +109,9 @@ def encode_split(path: Path, tokenizer, max_seq_len: int) -> tuple[list[Example]
     return examples, dropped
 
 
-def _pack_rows(order: list[Example], max_len: int, window: int = 64) -> list[list[Example]]:
+def _pack_rows(order: list[TokenizedExample], max_len: int, window: int = 64) -> list[list[TokenizedExample]]:
     """First-fit packing into rows of ``max_len`` tokens, scanning the last ``window`` open rows."""
-    rows: list[list[Example]] = []
+    rows: list[list[TokenizedExample]] = []
     room: list[int] = []
     for ex in order:
         n = len(ex.ids)
@@ -125,7 +127,7 @@ def _pack_rows(order: list[Example], max_len: int, window: int = 64) -> list[lis
     return rows
 
 
-def _collate(rows: list[list[Example]], pad_id: int, multiple: int = 8) -> Batch:
+def _collate(rows: list[list[TokenizedExample]], pad_id: int, multiple: int = 8) -> Batch:
     width = max(sum(len(e.ids) for e in r) for r in rows)
     width = -(-width // multiple) * multiple  # round up: fewer distinct shapes, same real tokens
     B = len(rows)
@@ -152,7 +154,7 @@ def _collate(rows: list[list[Example]], pad_id: int, multiple: int = 8) -> Batch
 
 
 def plan_epoch(
-    examples: list[Example],
+    examples: list[TokenizedExample],
     *,
     batch_size: int,
     max_seq_len: int,

@@ -35,7 +35,7 @@ class GGUFRunner(Runner):
         self.adapter = Path(adapter).expanduser() if adapter else None
         if self.adapter and not self.adapter.is_file():
             raise EdgetuneError(f"GGUF LoRA adapter not found: {self.adapter}", where=str(self.adapter),
-                                fix="export the adapter with `edgetune export --adapter-gguf`")
+                                fix="export the adapter with `edgetune export adapter --base MODEL_DIR --adapter ADAPTER_DIR -o LORA.gguf`")
         self.n_ctx = n_ctx
         self.n_threads = n_threads or 2
         self.llm = self._load(logits_all=False)
