@@ -195,6 +195,23 @@ def _greedy_chat(llm, text: str, max_tokens: int = 12) -> str:
     return r["choices"][0]["message"]["content"]
 
 
+def _legacy_imatrix(gguf_path, path, lo: float = 0.5, hi: float = 2.0):
+    """An importance matrix in llama-imatrix's legacy .dat layout for ``gguf_path``: one entry per
+    2-D weight (token embedding excluded) holding a ramp from ``lo`` to ``hi``. Returns (path, entries)."""
+    import numpy as np
+
+    from edgetune.export.gguf_info import read_tensor_infos
+
+    entries = [(t.name, t.shape[0]) for t in read_tensor_infos(gguf_path) if len(t.shape) == 2 and t.name != "token_embd.weight"]
+    with open(path, "wb") as fh:
+        fh.write(np.int32(len(entries)).tobytes())
+        for name, n in entries:
+            b = name.encode()
+            fh.write(np.int32(len(b)).tobytes() + b + np.int32(1).tobytes() + np.int32(n).tobytes())
+            fh.write(np.linspace(lo, hi, n, dtype=np.float32).tobytes())
+    return path, entries
+
+
 def _tiny_recipe(tmp_path: Path, model_dir: Path, n: int = 120, **train) -> Path:
     """A recipe for ``edgetune run`` on ``model_dir`` with the first ``n`` demo tickets and a few
     torch steps (seconds on CPU); ``train`` overrides train fields."""
@@ -271,6 +288,12 @@ def make_lora_gguf():
 @pytest.fixture(scope="session")
 def greedy_chat():
     return _greedy_chat
+
+
+@pytest.fixture(scope="session")
+def legacy_imatrix():
+    """``legacy_imatrix(gguf_path, out_path, lo=0.5, hi=2.0) -> (out_path, entries)``."""
+    return _legacy_imatrix
 
 
 @pytest.fixture(scope="session")

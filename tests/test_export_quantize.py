@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -45,23 +44,8 @@ def test_quantize_errors(f16_gguf, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def _legacy_imatrix(gguf_path, path):
-    """An importance matrix in llama-imatrix's legacy .dat layout, one entry per 2-D weight."""
-    from edgetune.export.gguf_info import read_tensor_infos
-
-    infos = read_tensor_infos(gguf_path)
-    entries = [(t.name, t.shape[0]) for t in infos if len(t.shape) == 2 and t.name != "token_embd.weight"]
-    with open(path, "wb") as fh:
-        fh.write(np.int32(len(entries)).tobytes())
-        for name, n in entries:
-            b = name.encode()
-            fh.write(np.int32(len(b)).tobytes() + b + np.int32(1).tobytes() + np.int32(n).tobytes())
-            fh.write(np.linspace(0.5, 2.0, n, dtype=np.float32).tobytes())
-    return path, entries
-
-
-def test_imatrix_is_read_and_used(f16_gguf, tmp_path):
-    im, entries = _legacy_imatrix(f16_gguf, tmp_path / "imatrix.dat")
+def test_imatrix_is_read_and_used(f16_gguf, tmp_path, legacy_imatrix):
+    im, entries = legacy_imatrix(f16_gguf, tmp_path / "imatrix.dat")
     data = load_imatrix(im)
     assert set(data) == {n for n, _ in entries}
     out = quantize(f16_gguf, tmp_path / "tiny-iq4_nl.gguf", "iq4_nl", imatrix=im)

@@ -1,6 +1,6 @@
 """Each stage of `edgetune run` gives what its standalone command gives on the same inputs.
 
-One tiny run goes through every stage (with an importance matrix in the recipe); then each
+One tiny run goes through every stage (`edgetune run`) (with an importance matrix in the recipe); then each
 stage's CLI command is pointed at the run folder (or at the same inputs) and its outputs are
 compared with the pipeline's. A recipe field the pipeline ignored (``export.imatrix`` was) or a
 flag the pipeline forgot (``data.chat_template`` for training was) shows up here.
@@ -8,14 +8,13 @@ flag the pipeline forgot (``data.chat_template`` for training was) shows up here
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from safetensors.numpy import load_file  # noqa: F401
+from safetensors.numpy import load_file
 
 from edgetune import pipeline, registry
 from edgetune.cli import cli
@@ -26,26 +25,19 @@ from edgetune.runfolder import RunFolder
 TIMING = ("tokens_per_s", "ttft_s", "_s", "seconds")  # wall-clock metrics differ between two runs
 
 
-def _imatrix(model_dir, path):
-    """A legacy-layout importance matrix (llama-imatrix .dat) with a ramp per 2-D weight of the model."""
-    from edgetune.export.gguf import convert
-
-    f16 = convert(model_dir, path.with_suffix(".gguf"), "f16", verify=False, show_progress=False)
-    from gguf import GGUFReader
-
-    entries = [(t.name, int(t.shape[0])) for t in GGUFReader(str(f16)).tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
-    with open(path, "wb") as fh:
-        fh.write(np.int32(len(entries)).tobytes())
-        for name, n in entries:
-            b = name.encode()
-            fh.write(np.int32(len(b)).tobytes() + b + np.int32(1).tobytes() + np.int32(n).tobytes())
-            fh.write(np.linspace(0.1, 4.0, n, dtype=np.float32).tobytes())
-    return path
+def _cli(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
 
 
 @pytest.fixture(scope="module")
-def done_run(tiny_llama_dir, tmp_path_factory):
+def done_run(tiny_llama_dir, tmp_path_factory, legacy_imatrix):
     tmp = tmp_path_factory.mktemp("stages")
+    from edgetune.export.gguf import convert
+
+    f16 = convert(tiny_llama_dir, tmp / "base-f16.gguf", "f16", verify=False, show_progress=False)
+    imatrix, _ = legacy_imatrix(f16, tmp / "imatrix.dat", 0.1, 4.0)
     lines = pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:60]
     (tmp / "tickets.jsonl").write_text("".join(lines), encoding="utf-8")
     raw = {
@@ -55,22 +47,19 @@ def done_run(tiny_llama_dir, tmp_path_factory):
         "data": {"path": str(tmp / "tickets.jsonl"), "max_seq_len": 256},
         "train": {"backend": "torch", "iters": 2, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
                   "eval_every": 0, "save_every": 2, "num_threads": 1},
-        "export": {"quants": ["q4_k_m", "iq4_nl"], "imatrix": str(_imatrix(tiny_llama_dir, tmp / "imatrix.dat"))},
+        "export": {"quants": ["q4_k_m", "iq4_nl"], "imatrix": str(imatrix)},
         "ollama": {"name": "tiny-triage"},
         "eval": {"limit": 2, "max_tokens": 4, "regression": False},
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test home is set: use our own
         mp.setenv("EDGETUNE_HOME", str(tmp / "home"))
-        res = pipeline.run(pipeline.load_recipe(tmp / "tiny.yaml"))
-    assert res.ran == list(pipeline.STAGES)
-    return RunFolder(res.run_dir), tmp
-
-
-def _cli(*args):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r
+        r = _cli("run", tmp / "tiny.yaml")
+    run = RunFolder(tmp / "runs" / "tiny")
+    assert all(st["status"] == "done" for st in run.manifest()["stages"].values())
+    assert list(run.manifest()["stages"]) == list(pipeline.STAGES)
+    assert "ollama create tiny-triage -f" in r.output and "registry: tiny-triage:v1" in r.output
+    return run, tmp
 
 
 def test_run_folder_layout(done_run):
@@ -112,8 +101,8 @@ def test_fuse_stage_equals_fuse_command(done_run, tmp_path):
 
 def test_export_stage_equals_export_command_and_uses_the_imatrix(done_run, tmp_path):
     run, _ = done_run
-    r = _cli("export", run.root, "-o", tmp_path)  # a run folder: its fused model, export settings and names
-    assert "top-1" in r.output
+    # a run folder: its fused model, export settings (imatrix included) and names; the stage verified already
+    _cli("export", run.root, "-o", tmp_path, "--no-verify")
     for t in run.export_types:
         assert (tmp_path / run.gguf(t).name).read_bytes() == run.gguf(t).read_bytes(), t
     # export.imatrix reached the quantizer: without it the same quant type rounds differently
@@ -135,18 +124,25 @@ def test_eval_stage_equals_eval_command(done_run, tmp_path):
         assert a == b, name
 
 
-def test_register_stage_equals_models_register(done_run, monkeypatch):
-    run, _ = done_run
+def test_register_stage_equals_models_register_and_registers_once(done_run, monkeypatch):
+    run, tmp = done_run
     stage = run.manifest()["stages"]["register"]["summary"]
     monkeypatch.setenv("EDGETUNE_HOME", str(Path(stage["path"]).parents[1]))  # the home the stage registered into
-    entries = registry.list_entries()
-    assert len(entries) == 1, [(e.ref, str(e.path)) for e in entries]
-    (entry,) = entries
+    (entry,) = registry.list_entries()
+    assert entry.ref == "tiny-triage:v1" and entry.manifest["metrics"] == run.eval_metrics()
+    assert entry.manifest["base_model"]["fingerprint"] == run.manifest()["model_fingerprint"]
+    assert entry.manifest["artifacts"]["tiny-triage-q4_k_m.gguf"]["sha256"]
+    assert entry.manifest["export"]["imatrix"] == run.cfg.export.imatrix
+    assert (entry.path / "Modelfile").read_text().count("FROM ./tiny-triage-q4_k_m.gguf") == 1
     r = _cli("models", "register", run.root)
     assert f"already registered as {entry.ref}" in r.output  # the same fingerprint: the CLI found the stage's entry
-    assert len(registry.list_entries()) == 1
-    assert entry.manifest["metrics"] == run.eval_metrics()
-    assert json.loads(json.dumps(entry.manifest["export"]))["imatrix"] == run.cfg.export.imatrix
+    # forcing the stage again finds the same artifacts; a run folder is itself a recipe and continuing it skips everything
+    assert pipeline.run(pipeline.load_recipe(tmp / "tiny.yaml"), from_stage="register").stage("register")["created"] is False
+    assert pipeline.run(pipeline.load_recipe(run.root)).ran == [] and len(registry.list_entries()) == 1
+    # removing the entry and re-running registers a new, higher version (numbers are never reused)
+    registry.remove("tiny-triage:v1")
+    r4 = pipeline.run(pipeline.load_recipe(tmp / "tiny.yaml"))
+    assert r4.ran == ["register"] and r4.stage("register")["ref"] == "tiny-triage:v2"
 
 
 def test_ollama_stage_equals_ollama_command(done_run, tmp_path):

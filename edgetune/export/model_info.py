@@ -91,41 +91,28 @@ def info_from_hf(model_dir: str | os.PathLike) -> ModelInfo:
 _GGUF_CACHE: dict[tuple, dict] = {}
 
 
-def _gguf_fields(path: Path) -> dict[str, Any]:
-    """GGUF key/values (cached per file and mtime: GGUFReader takes seconds on a 50k-token vocab)."""
+def _gguf_meta(path: Path) -> dict[str, Any]:
+    """The metadata a Modelfile needs from a GGUF (cached per file and mtime), read with the fast
+    header reader: gguf-py's GGUFReader decodes every value and takes seconds on a 50k-token vocab."""
+    from gguf import Keys
+
+    from .gguf_info import read_metadata
+
     key = (str(path.resolve()), path.stat().st_mtime_ns)
     if key not in _GGUF_CACHE:
         if len(_GGUF_CACHE) >= 4:
             _GGUF_CACHE.pop(next(iter(_GGUF_CACHE)))
-        _GGUF_CACHE[key] = _read_gguf_fields(path)
+        t = Keys.Tokenizer
+        try:
+            meta = read_metadata(path, [t.CHAT_TEMPLATE, t.BOS_ID, t.EOS_ID, t.EOT_ID, t.EOM_ID, t.ADD_BOS, t.LIST,
+                                        Keys.General.ARCHITECTURE, Keys.General.LICENSE])
+            arch = meta.get(Keys.General.ARCHITECTURE)
+            if arch:
+                meta |= read_metadata(path, [Keys.LLM.CONTEXT_LENGTH.format(arch=arch)])
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a GGUF we can read"
+            raise EdgetuneError(f"Cannot read GGUF metadata: {exc}", where=str(path), exit_code=2) from None
+        _GGUF_CACHE[key] = meta
     return _GGUF_CACHE[key]
-
-
-def _read_gguf_fields(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a GGUF we can read"
-        raise EdgetuneError(f"Cannot read GGUF metadata: {exc}", where=str(path), exit_code=2) from None
-    return reader.fields
-
-
-def _gguf_scalar(fields: dict, key: str) -> Any:
-    f = fields.get(key)
-    if f is None:
-        return None
-    v = f.contents()
-    return v
-
-
-def _gguf_token(fields: dict, token_id: int | None) -> str | None:
-    from gguf import Keys
-
-    f = fields.get(Keys.Tokenizer.LIST)
-    if f is None or token_id is None or token_id >= len(f.data):
-        return None
-    return bytes(f.parts[f.data[token_id]]).decode("utf-8", errors="replace")
 
 
 def info_from_gguf(gguf_path: str | os.PathLike) -> ModelInfo:
@@ -134,21 +121,24 @@ def info_from_gguf(gguf_path: str | os.PathLike) -> ModelInfo:
     p = Path(gguf_path)
     if not p.exists():
         raise EdgetuneError(f"GGUF file not found: {p}", where=str(p), exit_code=2)
-    fields = _gguf_fields(p)
+    meta = _gguf_meta(p)
+    t = Keys.Tokenizer
+    tokens = meta.get(t.LIST) or []
+
+    def token(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
     info = ModelInfo(source=str(p))
-    info.chat_template = _gguf_scalar(fields, Keys.Tokenizer.CHAT_TEMPLATE)
-    info.bos_token = _gguf_token(fields, _gguf_scalar(fields, Keys.Tokenizer.BOS_ID))
-    info.eos_token = _gguf_token(fields, _gguf_scalar(fields, Keys.Tokenizer.EOS_ID))
-    for key in (Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID):
-        t = _gguf_token(fields, _gguf_scalar(fields, key))
-        if t:
-            info.extra_eos.append(t)
-    ab = _gguf_scalar(fields, Keys.Tokenizer.ADD_BOS)
+    info.chat_template = meta.get(t.CHAT_TEMPLATE)
+    info.bos_token, info.eos_token = token(t.BOS_ID), token(t.EOS_ID)
+    info.extra_eos = [x for x in (token(t.EOT_ID), token(t.EOM_ID)) if x]
+    ab = meta.get(t.ADD_BOS)
     info.add_bos = None if ab is None else bool(ab)
-    arch = _gguf_scalar(fields, Keys.General.ARCHITECTURE)
+    arch = meta.get(Keys.General.ARCHITECTURE)
     if arch:
-        info.context_length = _gguf_scalar(fields, Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
-    info.license = _gguf_scalar(fields, Keys.General.LICENSE)
+        info.context_length = meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
+    info.license = meta.get(Keys.General.LICENSE)
     return info
 
 
