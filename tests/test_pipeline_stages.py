@@ -47,7 +47,8 @@ def done_run(tiny_llama_dir, tmp_path_factory, legacy_imatrix):
         "data": {"path": str(tmp / "tickets.jsonl"), "max_seq_len": 256},
         "train": {"backend": "torch", "iters": 2, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
                   "eval_every": 0, "save_every": 2, "num_threads": 1},
-        "export": {"quants": ["q4_k_m", "iq4_nl"], "imatrix": str(imatrix)},
+        # verification (llama.cpp vs HF logits, quant drift) is export_model's and tested with it; off here for time
+        "export": {"quants": ["q4_k_m", "iq4_nl"], "imatrix": str(imatrix), "verify": False},
         "ollama": {"name": "tiny-triage"},
         "eval": {"limit": 2, "max_tokens": 4, "regression": False},
     }
@@ -109,7 +110,7 @@ def test_export_stage_equals_export_command_and_uses_the_imatrix(done_run, tmp_p
     plain = quantize(run.gguf("f16"), tmp_path / "plain-iq4_nl.gguf", "iq4_nl")
     assert plain.read_bytes() != run.gguf("iq4_nl").read_bytes()
     summary = run.manifest()["stages"]["export"]["summary"]
-    assert set(summary["drift"]) == {"q4_k_m", "iq4_nl"} and all(0 <= d["top1"] <= 1 for d in summary["drift"].values())
+    assert set(summary["gguf"]) == {"f16", "q4_k_m", "iq4_nl"} and "drift" not in summary  # export.verify: false was honoured
 
 
 def test_eval_stage_equals_eval_command(done_run, tmp_path):
