@@ -20,14 +20,14 @@ demo-model:
 demo: install demo-model
 	$(BIN)/edgetune quickstart
 
-# The whole suite with the precision policy this machine chooses, then the tests marked `precision`
-# again with the policy flipped (EDGETUNE_CPU_BF16=slow on a CPU with fast bf16, =fast on one
-# without), so both numeric paths are exercised on any machine. The slowest tests are listed.
+# The tests marked `precision` with the policy flipped (EDGETUNE_CPU_BF16=slow on a CPU with fast
+# bf16, =fast on one without), then the whole suite with the policy this machine chooses, so both
+# numeric paths are exercised on any machine. The suite's slowest tests are listed last.
 OTHER_PATH = $(shell $(BIN)/python -c "from edgetune.precision import cpu_bf16; print('slow' if cpu_bf16().fast_train else 'fast')" 2>/dev/null || echo slow)
 
 test: install-dev demo-model
+	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision
 	$(BIN)/python -m pytest -q --durations=15
-	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision --durations=5
 
 # Fast tests need nothing beyond the repository (tiny models built in seconds, the committed
 # SmolLM2 tokenizer), so no demo model is fetched; the tests marked `slow` use it.
