@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlength": ("drop", "truncate", "keep"),
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
+    "train.objective": ("sft",),  # rows of edgetune/train/objectives.py's table
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
@@ -79,6 +80,7 @@ class DataConfig:
 class TrainConfig:
     backend: str = "auto"  # auto|mlx|torch
     method: str = "lora"  # lora|dora|qlora|full
+    objective: str = "sft"  # what a step optimises (train/objectives.py): sft = completion-only cross entropy
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
     dropout: float = 0.05

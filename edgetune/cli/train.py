@@ -20,6 +20,8 @@ from .options import json_option, model_option, output_option, seed_option
               help="Recipe YAML (or a run folder's run.yaml): its `train:` section, model and data.chat_template are the starting point (flags win).")
 @click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
 @click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
+@click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
+              help="What training optimises: sft = completion-only cross entropy on the prepared chats.")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--dropout", type=float, default=None, help="LoRA dropout.")
