@@ -234,3 +234,12 @@ def test_epochs_and_early_stopping(backend, tiny_llama_dir, tmp_path):
     name = "adapters.safetensors" if backend == "mlx" else "adapter_model.safetensors"
     folder = "adapter_mlx" if backend == "mlx" else "adapter"
     assert (tmp_path / "run" / folder / name).read_bytes() == (best / name).read_bytes()
+
+
+def test_plan_notes_a_refused_setting(tiny_llama_dir):
+    pytest.importorskip("mlx_lm")
+    from edgetune.config import RunConfig
+    from edgetune.pipeline import plan
+
+    p = plan(RunConfig(model=str(tiny_llama_dir), train=TrainConfig(backend="mlx", packing=True)))
+    assert any("train.packing" in n and "mlx backend" in n for n in p.notes), p.notes
