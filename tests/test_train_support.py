@@ -243,3 +243,39 @@ def test_plan_notes_a_refused_setting(tiny_llama_dir):
 
     p = plan(RunConfig(model=str(tiny_llama_dir), train=TrainConfig(backend="mlx", packing=True)))
     assert any("train.packing" in n and "mlx backend" in n for n in p.notes), p.notes
+
+
+def neg_loss_objective_loss(lm, arrays):
+    """A stand-in for a preference objective's loss: SFT's loss plus a metric to maximise."""
+    from edgetune.train.torch_backend import completion_ce_sum
+
+    loss = completion_ce_sum(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"])
+    return loss, {"neg_loss": -loss.detach()}
+
+
+def test_a_new_objective_is_a_table_row_not_a_loop_edit(tiny_llama_dir, tmp_path, monkeypatch):
+    """An objective's metrics are logged per step and on the valid split; best/ follows its monitor."""
+    pytest.importorskip("peft")
+    from dataclasses import replace
+
+    from edgetune.train import train
+
+    probe = replace(objectives.OBJECTIVES["sft"], name="probe", monitor="neg_loss", maximize=True,
+                    losses={"torch": "test_train_support:neg_loss_objective_loss"})
+    monkeypatch.setitem(objectives.OBJECTIVES, "probe", probe)
+    monkeypatch.setitem(CHOICES, "train.objective", ("sft", "probe"))
+    data = write_data(tmp_path / "d", rows()[:4], rows()[:4])
+    cfg = TrainConfig(backend="torch", objective="probe", iters=5, batch_size=2, max_seq_len=48, learning_rate=2e-2,
+                      warmup_ratio=0.0, dropout=0.0, eval_every=1, early_stopping_patience=100, num_threads=1)
+    res = train(tiny_llama_dir, data, tmp_path / "run", cfg)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["neg_loss"] == pytest.approx(-r["loss"], rel=1e-5) for r in metrics)
+    val = [r["val_neg_loss"] for r in metrics]
+    assert val == pytest.approx([-r["val_loss"] for r in metrics], rel=1e-5)
+    assert val[-1] > val[0]  # it learns the valid rows (they are the train rows)
+    best = max(range(len(val)), key=val.__getitem__) + 1
+    assert res.adapter_from == f"best@{best}" and best > 1
+    assert res.extra["monitor"] == "val_neg_loss" and res.extra["best_monitor"] == pytest.approx(max(val))
+    assert res.best_val_loss == pytest.approx(metrics[best - 1]["val_loss"])  # still a loss
+    resolved = json.loads((tmp_path / "run" / "run.json").read_text())["resolved"]
+    assert resolved["objective"] == "probe"

@@ -308,10 +308,14 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
         report.write_metrics(out_dir, rows)
         report.plot_loss(out_dir, rows)
     k = max(1, min(10, len(losses) // 10))
+    # best_val_loss stays a loss when the objective monitors another number (then also in extra)
+    best_val_loss = next((r.get("val_loss") for r in rows if r["step"] == best_step), None)
+    if monitor != "loss" and best_val is not None:
+        extra = {**extra, "monitor": f"val_{monitor}", "best_monitor": best_val}
     result = report.TrainResult(
         adapter_dir=str(adapter_dir),
         final_train_loss=float(np.mean(losses[-k:])) if losses else None,
-        best_val_loss=best_val,
+        best_val_loss=best_val_loss,
         steps=step,
         tokens_seen=tokens_seen,
         wall_s=round(time.perf_counter() - t_start, 3),
