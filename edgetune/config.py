@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlength": ("drop", "truncate", "keep"),
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
+    "train.objective": ("sft",),  # rows of edgetune/train/objectives.py's table
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
@@ -79,6 +80,7 @@ class DataConfig:
 class TrainConfig:
     backend: str = "auto"  # auto|mlx|torch
     method: str = "lora"  # lora|dora|qlora|full
+    objective: str = "sft"  # what a step optimises (train/objectives.py): sft = completion-only cross entropy
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
     dropout: float = 0.05
@@ -94,15 +96,17 @@ class TrainConfig:
     seed: int = 42
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    packing: bool = True  # padding-free batches: concatenate examples, no pad compute
-    group_by_length: bool = False
+    # None = the backend's default (train/support.py): torch packs, MLX pads length-grouped batches
+    # (its models take no position ids, so packed examples would attend to each other)
+    packing: bool | None = None  # padding-free batches: concatenate examples, no pad compute
+    group_by_length: bool | None = None  # padded batches of similar lengths
     eval_every: int = 50  # validation loss every N optimizer steps (0 = only at the end)
     save_every: int = 100  # checkpoint every N steps (resume point)
     early_stopping_patience: int | None = None  # evals without improvement before stopping
     precision: str = "auto"  # auto|bf16|fp16|fp32 (auto: bf16 autocast where the CPU/GPU supports it)
     gradient_checkpointing: bool = False
     report_to: str = "none"  # none|tensorboard|wandb
-    num_threads: int | None = None  # torch CPU threads (None = all cores)
+    num_threads: int | None = None  # torch CPU threads (None = all cores); MLX refuses it
 
     def __post_init__(self):
         _check_choices("train", self)

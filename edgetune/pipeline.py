@@ -500,9 +500,11 @@ def plan(cfg: RunConfig) -> Plan:
     backend = reason = None
     try:
         from .train.select import choose_backend
+        from .train.support import resolve
 
         ch = choose_backend(cfg.train.backend, cfg.train.method)
         backend, reason = f"{ch.backend} ({ch.device})", ch.reason
+        resolve(cfg.train, ch.backend)  # a setting this backend refuses (train/support.py)
     except EdgetuneError as exc:
         notes.append(f"training cannot run here: {exc.message}" + (f" — {exc.fix}" if exc.fix else ""))
     memory = None

@@ -113,3 +113,34 @@ def test_mlx_resume_matches_uninterrupted(tiny_llama_dir, tmp_path):
     resumed = train(tiny_llama_dir, data, tmp_path / "cut", cfg, resume=True)
     assert resumed.steps == 4 and resumed.tokens_seen == full.tokens_seen
     assert resumed.final_train_loss == pytest.approx(full.final_train_loss, rel=1e-4)
+
+
+def test_mlx_gradient_checkpointing_keeps_loss_and_gradients(tiny_llama_dir):
+    """Checkpointed blocks recompute activations in backward: same loss and LoRA gradients, and
+    only the model asked for it is changed (mlx-lm's grad_checkpoint patches the class process-wide)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from edgetune.train.mlx_backend import build_model, checkpoint_layers, sft_loss
+
+    cfg = TrainConfig(backend="mlx", dropout=0.0)
+    ids = [1, 504, 3075, 282, 4649, 47, 198, 1780, 30, 2]
+    arrays = {"input_ids": mx.array([ids]), "labels": mx.array([ids[1:] + [-100]])}
+    results, models = [], []
+    for ckpt in (False, True):
+        model, _ = build_model(Path(tiny_llama_dir), cfg, ["q_proj", "v_proj", "down_proj"])  # seeded: same init
+        params = tree_flatten(model.trainable_parameters())  # B starts at zero: make the adapter matter
+        model.update(tree_unflatten([(k, mx.full(v.shape, 0.05) if k.endswith("lora_b") else v) for k, v in params]))
+        if ckpt:
+            checkpoint_layers(model)
+        (loss, _), grads = nn.value_and_grad(model, sft_loss)(model, arrays)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+        models.append(model)
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and any(float(mx.abs(v).max()) > 0 for k, v in g0.items() if "lora_a" in k)
+    for k in g0:
+        np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-4, atol=1e-6)
+    assert type(models[1].layers[0]).__name__.startswith("Checkpointed")
+    assert not type(models[0].layers[0]).__name__.startswith("Checkpointed")

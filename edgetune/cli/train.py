@@ -20,6 +20,8 @@ from .options import json_option, model_option, output_option, seed_option
               help="Recipe YAML (or a run folder's run.yaml): its `train:` section, model and data.chat_template are the starting point (flags win).")
 @click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
 @click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
+@click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
+              help="What training optimises: sft = completion-only cross entropy on the prepared chats.")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--dropout", type=float, default=None, help="LoRA dropout.")
@@ -32,8 +34,10 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--batch-size", "-b", type=int, default=None)
 @click.option("--grad-accum", type=int, default=None)
 @click.option("--max-seq-len", type=int, default=None)
-@click.option("--packing/--no-packing", default=None, help="Padding-free packed batches (torch).")
-@click.option("--group-by-length/--no-group-by-length", default=None)
+@click.option("--packing/--no-packing", default=None,
+              help="Padding-free packed batches (default: on with torch; MLX pads and refuses --packing).")
+@click.option("--group-by-length/--no-group-by-length", default=None,
+              help="Padded batches of similar lengths (default: on with MLX; needs --no-packing with torch).")
 @click.option("--eval-every", type=int, default=None, help="Validation loss every N steps (0 = at the end only).")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
@@ -42,7 +46,7 @@ from .options import json_option, model_option, output_option, seed_option
               help="Compute dtype (default auto: edgetune.precision's choice for this device; see edgetune doctor).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--report-to", type=click.Choice(CHOICES["train.report_to"]), default=None)
-@click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads (MLX refuses it).")
 @click.option("--chat-template", default=None, help="Template file or family name for models without one.")
 @seed_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")

@@ -1,7 +1,9 @@
 """Training: one interface over the MLX and PyTorch backends.
 
 ``train(model_dir, data_dir, out_dir, cfg)`` picks the backend (``select.choose_backend``), checks
-every input before loading a model, trains, and leaves the run folder other stages read:
+every input before loading a model (``support.py``: each setting is honoured by that backend or
+refused), trains with the shared loop (``loop.py``) on the chosen objective (``objectives.py``),
+and leaves the run folder other stages read:
 
     OUT/adapter/          PEFT adapter (adapter_config.json + adapter_model.safetensors) - always
     OUT/adapter_mlx/      native mlx-lm adapter, when the mlx backend ran
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import EdgetuneError, UnsupportedError
+from ..errors import EdgetuneError
 from .memory import estimate_memory
 from .report import TrainResult
 from .select import Choice, choose_backend
@@ -26,13 +28,10 @@ def preflight(model_dir, data_dir, cfg) -> Choice:
     """Everything that can be checked without loading a model; raises before any heavy work."""
     from ..arch import arch_of_model_dir
     from .batching import check_data_dir
+    from .support import resolve
 
     choice = choose_backend(cfg.backend, cfg.method)
-    if cfg.method == "full":
-        raise UnsupportedError(
-            "--method full is not implemented yet.",
-            fix="use --method lora or dora (fuse merges the adapter into a full model afterwards)",
-        )
+    resolve(cfg, choice.backend)  # every setting is honoured on this backend or refused here, with the fix
     if not Path(model_dir).is_dir():
         raise EdgetuneError(f"Base model folder not found: {model_dir}", where=str(model_dir),
                             fix="pass an HF model folder (edgetune models fetch-demo makes the demo one)")

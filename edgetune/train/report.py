@@ -37,6 +37,51 @@ class TrainResult:
         return getattr(self, key)
 
 
+class Reporter:
+    """``report_to`` tensorboard|wandb: every metrics row also goes there (rank 0 only).
+
+    A missing package is an error before training starts, not a run that quietly logs nowhere.
+    """
+
+    def __init__(self, kind: str, out_dir: Path, cfg, enabled: bool = True):
+        self.kind, self.w = kind, None
+        if not enabled or kind == "none":
+            return
+        from ..errors import EdgetuneError
+
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.w = SummaryWriter(str(out_dir / "tensorboard"))
+            elif kind == "wandb":
+                import wandb
+
+                from ..config import to_dict
+
+                self.w = wandb.init(project="edgetune", config=to_dict(cfg), dir=str(out_dir))
+        except ImportError as exc:
+            pkg = "torch + tensorboard" if kind == "tensorboard" else "wandb"
+            raise EdgetuneError(f"train.report_to = {kind!r} needs {pkg}, which is not installed ({exc}).",
+                                fix=f"pip install {'tensorboard' if kind == 'tensorboard' else 'wandb'}, "
+                                    "or use --report-to none (metrics.jsonl is always written)") from None
+
+    def log(self, row: dict) -> None:
+        if self.w is None:
+            return
+        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for k, v in vals.items():
+                self.w.add_scalar(k, v, row["step"])
+        else:
+            self.w.log(vals, step=row["step"])
+
+    def close(self) -> None:
+        if self.w is not None:
+            (self.w.close if self.kind == "tensorboard" else self.w.finish)()
+            self.w = None
+
+
 def peak_rss_gb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1 << 30 if sys.platform == "darwin" else 1 << 20), 3)

@@ -1,24 +1,20 @@
 """PyTorch backend: transformers + PEFT LoRA/DoRA on CPU/MPS/CUDA, QLoRA (bitsandbytes NF4) on CUDA.
 
-We drive the loop ourselves instead of ``transformers.Trainer`` for three measured reasons on CPU:
-packed rows with position-id restarts (padding-free, the Trainer collators pad), logits computed only
-at completion-token positions (the 49k-vocab head dominates a 135M model's FLOPs; the Trainer computes
-it for every token), and checkpoints that carry the data position so ``--resume`` replays exactly.
+The loop is ``loop.py``'s, shared with MLX; this module is the torch side of it
+(:class:`TorchBackend`): model + adapter setup, one optimizer step with autocast / GradScaler / DDP,
+eval, optimizer + scheduler + RNG state, and the PEFT adapter files. We drive the step ourselves
+instead of ``transformers.Trainer`` for measured reasons on CPU: packed rows with position-id
+restarts (padding-free, the Trainer collators pad), logits computed only at completion-token
+positions (the 49k-vocab head dominates a 135M model's FLOPs; the Trainer computes it for every
+token, :func:`completion_ce_sum`), and LoRA layers made cheaper on CPU (:func:`speed_up_lora`).
 Everything model-related (loading, LoRA/DoRA layers, saving adapters, 4-bit) is transformers/PEFT.
-
-Why this module is over 600 lines: it is the whole torch trainer (model + adapter setup, the loop,
-validation, checkpoint/resume, the merged-LoRA fast path) and today the loop is not shared with the
-MLX backend; the backend-independent loop (issue 13: one loop for SFT and DPO/ORPO on both
-backends) moves out of here, leaving model setup and the torch step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..console import console
-from ..errors import EdgetuneError, UnsupportedError
-from . import batching, report
+from ..errors import UnsupportedError
+from . import batching
 from .batching import lr_lambda
-from .common import RESUME_KEYS, StopFlag, TrainingInterrupted
+from .common import TrainingInterrupted  # noqa: F401  (re-exported: callers catch it from here)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -43,26 +39,31 @@ def resolve_precision(cfg, device: str) -> str:
     return decide("train", device, cfg.precision).dtype
 
 
-class CompletionLoss(torch.nn.Module):
+def completion_ce_sum(lm, input_ids, position_ids, labels):
     """Sum of cross-entropy over the tokens that carry loss; logits only where labels != -100.
 
-    A module (not a function) so DistributedDataParallel can wrap it under ``accelerate launch``.
+    The 49k-vocab head dominates a small model's FLOPs, so it runs on the completion positions only.
     """
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    decoder = getattr(base, base.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    sel = labels != batching.IGNORE
+    logits = base.get_output_embeddings()(hidden[sel]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, labels[sel], reduction="sum")
+
+
+class CompletionLoss(torch.nn.Module):
+    """:func:`completion_ce_sum` as a module over ``(input_ids, position_ids, labels)``."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids, position_ids, labels):
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        decoder = getattr(base, base.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        sel = labels != batching.IGNORE
-        logits = base.get_output_embeddings()(hidden[sel]).float()
-        cap = getattr(base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, labels[sel], reduction="sum")
+        return completion_ce_sum(self.lm, input_ids, position_ids, labels)
 
 
 def _dist(device: str):
@@ -292,343 +293,175 @@ def _make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-class _Reporter:
-    """Optional --report-to tensorboard|wandb, when the package is installed."""
+def _copy_files(src: Path, dst: Path, names) -> None:
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
 
-    def __init__(self, kind: str, out_dir: Path, cfg, enabled: bool):
-        self.kind, self.w = kind, None
-        if not enabled or kind == "none":
-            return
-        try:
-            if kind == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.w = SummaryWriter(str(out_dir / "tensorboard"))
-            elif kind == "wandb":
-                import wandb
+class LossModule(torch.nn.Module):
+    """``loss_fn(lm, arrays)`` as a module, so DistributedDataParallel can wrap it under ``accelerate launch``."""
 
-                from ..config import to_dict
+    def __init__(self, lm, loss_fn):
+        super().__init__()
+        self.lm, self.loss_fn = lm, loss_fn
 
-                self.w = wandb.init(project="edgetune", config=to_dict(cfg), dir=str(out_dir))
-        except ImportError:
-            console.print(f"[yellow]--report-to {kind}: package not installed; metrics.jsonl only[/]")
+    def forward(self, **arrays):
+        return self.loss_fn(self.lm, arrays)
 
-    def log(self, row: dict) -> None:
-        if self.w is None:
-            return
-        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        if self.kind == "tensorboard":
-            for k, v in vals.items():
-                self.w.add_scalar(k, v, row["step"])
+
+class TorchBackend:
+    """The torch side of :class:`edgetune.train.loop.Backend`: PEFT model, AdamW + LambdaLR, autocast, DDP."""
+
+    name = "torch"
+    state_file = STATE_FILE
+
+    def __init__(self, model_dir: Path, cfg, choice, targets: list[str]):
+        self.model_dir, self.cfg, self.targets = Path(model_dir), cfg, targets
+        self.device = choice.device
+        self.precision = resolve_precision(cfg, self.device)
+        if self.device == "cpu" and self.precision == "fp16":
+            console.print("[yellow]fp16 autocast on CPU is slow and unsupported by many kernels; consider bf16 or fp32[/]")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.world_size, self.rank, _ = _dist(self.device)
+        self._modules: dict = {}
+
+    def setup(self, total_steps: int, warmup_steps: int) -> dict:
+        cfg, device = self.cfg, self.device
+        _seed_all(cfg.seed)
+        model = load_model(self.model_dir, cfg, device, self.precision)
+        model = add_adapter(model, cfg, self.targets)
+        self.use_amp = self.precision in ("bf16", "fp16")
+        speed_up_lora(model, device, self.use_amp)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = _make_optimizer(self.params, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total_steps, warmup_steps, cfg.lr_scheduler))
+        self.amp_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        self.dev_type = "cuda" if device == "cuda" else "mps" if device == "mps" else "cpu"
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and device == "cuda" else None
+        model.train()
+        return {"trainable_params": sum(p.numel() for p in self.params)}
+
+    def _autocast(self):
+        return torch.autocast(self.dev_type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+
+    def _arrays(self, batch) -> dict:
+        return {k: torch.from_numpy(v).to(self.device) for k, v in vars(batch).items() if isinstance(v, np.ndarray)}
+
+    def _module(self, loss_fn, train: bool):
+        """The loss as a module (DDP-wrapped for training when there are several processes)."""
+        key = (loss_fn, train and self.world_size > 1)
+        if key not in self._modules:
+            mod = LossModule(self.model, loss_fn)
+            if key[1]:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                mod = DDP(mod, device_ids=[torch.cuda.current_device()] if self.device == "cuda" else None)
+            self._modules[key] = mod
+        return self._modules[key]
+
+    def step(self, batches, loss_fn):
+        from .loop import StepStats
+
+        wrapped = self._module(loss_fn, train=True)
+        mine = batches[self.rank :: self.world_size]
+        units = sum(b.n_target for b in mine)
+        loss_sum, sums = 0.0, {}
+        for i, b in enumerate(mine):
+            last = self.world_size == 1 or i == len(mine) - 1
+            with contextlib.nullcontext() if last else wrapped.no_sync():
+                with self._autocast():
+                    loss, metrics = wrapped(**self._arrays(b))
+                scaled = loss / max(units, 1)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm else None
+        lr = self.sched.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         else:
-            self.w.log(vals, step=row["step"])
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.world_size > 1:
+            t = torch.tensor([loss_sum, float(units), *sums.values()])
+            torch.distributed.all_reduce(t)
+            loss_sum, units = t[0].item(), t[1].item()
+            sums = dict(zip(sums, t[2:].tolist(), strict=True))
+        n = max(units, 1)
+        return StepStats(loss_sum / n, lr, float(gnorm) if gnorm is not None else None, {k: v / n for k, v in sums.items()})
 
-    def close(self) -> None:
-        if self.w is not None:
-            (self.w.close if self.kind == "tensorboard" else self.w.finish)()
+    @torch.no_grad()
+    def eval_loss(self, batches, loss_fn) -> dict:
+        mod = self._module(loss_fn, train=False)
+        self.model.eval()
+        tot = n = 0.0
+        sums: dict = {}
+        for b in batches:
+            with self._autocast():
+                loss, metrics = mod(**self._arrays(b))
+            tot += loss.item()
+            n += b.n_target
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.model.train()
+        n = max(n, 1)
+        return {"loss": tot / n, **{k: v / n for k, v in sums.items()}}
 
+    def save_adapter(self, dirpath: Path) -> None:
+        self.model.save_pretrained(str(dirpath))
+        _fix_adapter_config(dirpath, self.model_dir)
 
-def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):
-    """Train with torch + PEFT; returns a :class:`report.TrainResult`."""
-    from ..arch import arch_of_model_dir
-    from ..data.template import load_tokenizer
+    def save_state(self, dirpath: Path, loop_state: dict) -> None:
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+        torch.save({**loop_state, **state}, dirpath / STATE_FILE)
 
-    t_start = time.perf_counter()
-    model_dir, data_dir, out_dir = Path(model_dir).resolve(), Path(data_dir), Path(out_dir)
-    arch = arch_of_model_dir(model_dir)
-    splits = batching.check_data_dir(data_dir)
-    device = choice.device
-    precision = resolve_precision(cfg, device)
-    if device == "cpu" and precision == "fp16":
-        console.print("[yellow]fp16 autocast on CPU is slow and unsupported by many kernels; consider bf16 or fp32[/]")
-    targets = list(cfg.target_modules or arch.lora_targets)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    world, rank, _state = _dist(device)
-    main = rank == 0
+    def read_state(self, dirpath: Path) -> dict:
+        return torch.load(dirpath / STATE_FILE, weights_only=False)
 
-    ckpt_last = out_dir / "checkpoints" / "last"
-    state = None
-    if resume and (ckpt_last / STATE_FILE).exists():
-        state = torch.load(ckpt_last / STATE_FILE, weights_only=False)
-        changed = [k for k in RESUME_KEYS if state["cfg"].get(k) != getattr(cfg, k)]
-        if changed:
-            raise EdgetuneError(
-                f"Cannot resume: {', '.join(changed)} differ from the checkpointed run.",
-                where=str(ckpt_last),
-                fix="resume with the same settings, or start a new run in another output folder",
-            )
-    elif resume and main:
-        console.print(f"[yellow]--resume: no checkpoint in {ckpt_last}; starting from step 0[/]")
-    elif not resume and ckpt_last.exists():
-        raise EdgetuneError(
-            f"{out_dir} already holds a training run (checkpoints/last).",
-            where=str(out_dir),
-            fix="add --resume to continue it, or choose another output folder",
-        )
-
-    # --- data ---------------------------------------------------------------------------------
-    tok = load_tokenizer(model_dir, chat_template=chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    train_ex, dropped = batching.encode_split(splits["train"], tok, cfg.max_seq_len)
-    if not train_ex:
-        raise EdgetuneError("No training example has a completion token to learn from.", where=str(splits["train"]))
-    val_ex = batching.encode_split(splits["valid"], tok, cfg.max_seq_len)[0] if "valid" in splits else []
-    plan_kw = dict(
-        batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
-        group_by_length=cfg.group_by_length, pad_id=pad_id, seed=cfg.seed,
-    )
-    plans: dict[int, list] = {}
-
-    def plan(epoch: int):
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = batching.plan_epoch(train_ex, epoch=epoch, **plan_kw)
-        return plans[epoch]
-
-    per_step = cfg.grad_accum * world
-    n_epoch0 = len(plan(0))
-    if n_epoch0 < per_step:
-        raise EdgetuneError(
-            f"Only {n_epoch0} batch(es) per epoch but a step needs {per_step} (grad_accum x processes).",
-            fix="lower grad_accum / batch_size or add data",
-        )
-    total = cfg.iters if cfg.iters else max(1, math.ceil(cfg.epochs * n_epoch0 / per_step))
-    warmup = int(round(cfg.warmup_ratio * total))
-    val_batches = batching.plan_epoch(val_ex, epoch=0, shuffle=False, **plan_kw) if val_ex else []
-    pad_frac = batching.padding_fraction(plan(0))
-
-    # --- model --------------------------------------------------------------------------------
-    _seed_all(cfg.seed)
-    model = load_model(model_dir, cfg, device, precision)
-    model = add_adapter(model, cfg, targets)
-    speed_up_lora(model, device, precision in ("bf16", "fp16"))
-    lossmod = CompletionLoss(model)
-    wrapped = lossmod
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        wrapped = DDP(lossmod, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    opt = _make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, cfg.lr_scheduler))
-    use_amp = precision in ("bf16", "fp16")
-    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    dev_type = "cuda" if device == "cuda" else "mps" if device == "mps" else "cpu"
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device == "cuda" else None
-
-    def autocast():
-        return torch.autocast(dev_type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-
-    def to_dev(a):
-        return torch.from_numpy(a).to(device if device != "cpu" else "cpu")
-
-    # --- state --------------------------------------------------------------------------------
-    step, epoch, index, tokens_seen, elapsed = 0, 0, 0, 0, 0.0
-    rows: list[dict] = []
-    losses: list[float] = []
-    best_val, best_step, bad_evals = None, None, 0
-    if state is not None:
+    def load_state(self, dirpath: Path, loop_state: dict) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(ckpt_last / "adapter_model.safetensors")))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, epoch, index = state["step"], state["epoch"], state["index"]
-        tokens_seen, elapsed, rows, losses = state["tokens_seen"], state["elapsed"], state["rows"], state["losses"]
-        best_val, best_step, bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
-        if main:
-            console.print(f"resumed from step {step} (epoch {epoch}, batch {index})")
+        set_peft_model_state_dict(self.model, load_file(str(dirpath / "adapter_model.safetensors")))
+        self.opt.load_state_dict(loop_state["optimizer"])
+        self.sched.load_state_dict(loop_state["scheduler"])
+        _set_rng_state(loop_state["rng"])
 
-    def save_checkpoint(which: str) -> None:
-        if not main:
-            return
+    def export_adapter(self, out_dir: Path, src: Path | None):
         from ..io import atomic_dir
 
-        with atomic_dir(out_dir / "checkpoints" / which) as tmp:
-            model.save_pretrained(str(tmp))
-            _fix_adapter_config(tmp, model_dir)
-            torch.save(
-                {
-                    "cfg": {k: getattr(cfg, k) for k in RESUME_KEYS},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                    "step": step, "epoch": epoch, "index": index, "tokens_seen": tokens_seen,
-                    "elapsed": elapsed + (time.perf_counter() - t_loop), "rows": rows, "losses": losses,
-                    "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
-                },
-                tmp / STATE_FILE,
-            )
-
-    @torch.no_grad()
-    def evaluate() -> float | None:
-        if not val_batches:
-            return None
-        lossmod.eval()
-        tot = n = 0.0
-        for b in val_batches:
-            with autocast():
-                tot += lossmod(to_dev(b.input_ids), to_dev(b.position_ids), to_dev(b.labels)).item()
-            n += b.n_target
-        lossmod.train()
-        return tot / max(n, 1)
-
-    def next_micro_batches(n: int):
-        nonlocal epoch, index
-        out = []
-        while len(out) < n:
-            p = plan(epoch)
-            if index >= len(p):
-                epoch, index = epoch + 1, 0
-                continue
-            out.append(p[index])
-            index += 1
-        return out
-
-    reporter = _Reporter(cfg.report_to, out_dir, cfg, main)
-    resolved = {
-        "backend": "torch", "device": device, "precision": precision, "target_modules": targets,
-        "total_steps": total, "warmup_steps": warmup, "processes": world, "trainable_params": n_trainable,
-        "train_examples": len(train_ex), "dropped_examples": dropped, "valid_examples": len(val_ex),
-        "padding_fraction": round(pad_frac, 4), "batches_per_epoch": n_epoch0, "base_model": str(model_dir),
-    }
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        report.write_train_config(out_dir, cfg, resolved)
-        console.print(
-            f"torch {cfg.method} on {device} ({precision}), {n_trainable / 1e6:.2f}M trainable params, "
-            f"{len(train_ex)} examples, {total} steps, padding {pad_frac:.1%}"
-        )
-
-    from rich.progress import TextColumn
-
-    from ..console import progress
-
-    lossmod.train()
-    stopped_early = False
-    t_loop = time.perf_counter()
-    bar = progress(
-        TextColumn("ep {task.fields[ep]:.2f}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("val {task.fields[val]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        transient=False,
-    )
-    last_val = "-" if best_val is None else f"{rows[-1].get('val_loss', best_val):.3f}"
-    with StopFlag() as stop, (bar if main else contextlib.nullcontext()):
-        task = bar.add_task("train", total=total, completed=step, ep=0.0, loss="-", val=last_val, tps="-") if main else None
-        while step < total:
-            t0 = time.perf_counter()
-            mbs = next_micro_batches(per_step)
-            mine = mbs[rank::world]
-            n_tgt = sum(b.n_target for b in mine)
-            loss_sum = 0.0
-            for i, b in enumerate(mine):
-                sync = contextlib.nullcontext() if world == 1 or i == len(mine) - 1 else wrapped.no_sync()
-                with sync:
-                    with autocast():
-                        loss = wrapped(to_dev(b.input_ids), to_dev(b.position_ids), to_dev(b.labels))
-                    scaled = loss / max(n_tgt, 1)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.item()
-            if scaler:
-                scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            lr = sched.get_last_lr()[0]
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            step_tokens = sum(b.n_tokens for b in mbs)
-            tokens_seen += step_tokens
-            if world > 1:
-                t = torch.tensor([loss_sum, float(n_tgt)])
-                torch.distributed.all_reduce(t)
-                loss_sum, n_tgt = t[0].item(), t[1].item()
-            step_loss = loss_sum / max(n_tgt, 1)
-            losses.append(step_loss)
-            dt = time.perf_counter() - t0
-            ep = epoch + index / max(1, len(plan(epoch)))
-            row = {"step": step, "epoch": round(ep, 4), "loss": step_loss, "lr": lr, "tokens": tokens_seen,
-                   "tok_s": step_tokens / dt, "grad_norm": float(gnorm) if gnorm is not None else None}
-            if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
-                v = evaluate()
-                if v is not None:
-                    row["val_loss"] = v
-                    last_val = f"{v:.3f}"
-                    if best_val is None or v < best_val - 1e-6:
-                        best_val, best_step, bad_evals = v, step, 0
-                        save_checkpoint("best")
-                    else:
-                        bad_evals += 1
-                        if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                            stopped_early = True
-            rows.append(row)
-            reporter.log(row)
-            if main:
-                bar.update(task, completed=step, ep=ep, loss=f"{step_loss:.3f}", val=last_val, tps=f"{row['tok_s']:.0f}")
-            if on_step is not None:
-                on_step(step, row)
-            last_step = step == total or stopped_early
-            if main and (last_step or stop.requested or (cfg.save_every and step % cfg.save_every == 0)):
-                save_checkpoint("last")
-                report.write_metrics(out_dir, rows)
-            if stopped_early:
-                if main:
-                    console.print(f"early stopping at step {step}: val loss did not improve for {bad_evals} evaluations")
-                break
-            if stop.requested:
-                reporter.close()
-                raise TrainingInterrupted(
-                    f"Training interrupted at step {step}/{total}; checkpoint saved.",
-                    where=str(ckpt_last),
-                    fix="continue with the same command plus --resume",
-                    exit_code=130,
-                )
-    reporter.close()
-    elapsed += time.perf_counter() - t_loop
-
-    # --- outputs ------------------------------------------------------------------------------
-    use_best = bool(cfg.early_stopping_patience) and best_step is not None
-    adapter_dir = out_dir / "adapter"
-    if main:
-        from ..io import atomic_dir
-
+        adapter_dir = out_dir / "adapter"
         with atomic_dir(adapter_dir) as tmp:
-            if use_best:
-                src = out_dir / "checkpoints" / "best"
-                for name in ("adapter_config.json", "adapter_model.safetensors"):
-                    (tmp / name).write_bytes((src / name).read_bytes())
+            if src is not None:
+                _copy_files(src, tmp, ("adapter_config.json", "adapter_model.safetensors"))
             else:
-                model.save_pretrained(str(tmp))
-                _fix_adapter_config(tmp, model_dir)
-        report.write_metrics(out_dir, rows)
-        report.plot_loss(out_dir, rows)
-    k = max(1, min(10, len(losses) // 10))
-    result = report.TrainResult(
-        adapter_dir=str(adapter_dir),
-        final_train_loss=float(np.mean(losses[-k:])) if losses else None,
-        best_val_loss=best_val,
-        steps=step,
-        tokens_seen=tokens_seen,
-        wall_s=round(time.perf_counter() - t_start, 3),
-        backend="torch",
-        device=device,
-        precision=precision,
-        stopped_early=stopped_early,
-        adapter_from=f"best@{best_step}" if use_best else "last",
-        padding_fraction=round(pad_frac, 4),
-        peak_rss_gb=report.peak_rss_gb(),
-        extra={"train_time_s": round(elapsed, 3), "world_size": world},
-    )
-    if main:
-        report.write_run_json(out_dir, model_dir=model_dir, data_dir=data_dir, result=result, resolved=resolved)
-    if world > 1:
-        torch.distributed.barrier()
-    return result
+                self.save_adapter(tmp)
+        return adapter_dir, {}
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def sft_loss(lm, arrays: dict):
+    """The ``sft`` objective on torch: completion-token cross entropy summed over the batch (no metrics)."""
+    return completion_ce_sum(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"]), {}
+
+
+def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):
+    """Train with torch + PEFT on ``cfg.objective`` through the shared loop; returns a :class:`report.TrainResult`."""
+    from ..arch import arch_of_model_dir
+    from . import loop, objectives, support
+
+    cfg = support.resolve(cfg, "torch")
+    targets = list(cfg.target_modules or arch_of_model_dir(Path(model_dir).resolve()).lora_targets)
+    backend = TorchBackend(Path(model_dir).resolve(), cfg, choice, targets)
+    return loop.run(backend, objectives.get(cfg.objective), model_dir, data_dir, out_dir, cfg, targets=targets,
+                    resume=resume, on_step=on_step, chat_template=chat_template)
