@@ -258,7 +258,9 @@ def test_accelerate_launch_two_cpu_processes(tiny_llama_dir, small_data, tmp_pat
         "from edgetune.train import train\n"
         "cfg = TrainConfig(backend='torch', iters=3, batch_size=1, max_seq_len=96, learning_rate=1e-2, eval_every=3)\n"
         "r = train(sys.argv[1], sys.argv[2], sys.argv[3], cfg)\n"
-        "print('RESULT', torch.distributed.get_rank(), r.extra['world_size'], r.final_train_loss, flush=True)\n"
+        # one write() of a short line is atomic on a pipe: print() may write its pieces separately when unbuffered
+        "import os\n"
+        "os.write(1, f\"RESULT {torch.distributed.get_rank()} {r.extra['world_size']} {r.final_train_loss}\\n\".encode())\n"
     )
     # CPU processes over gloo even where a GPU exists (two ranks on one GPU is an NCCL error)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
