@@ -23,14 +23,15 @@ demo: install demo-model
 # The tests marked `precision` with the policy flipped (EDGETUNE_CPU_BF16=slow on a CPU with fast
 # bf16, =fast on one without), then the whole suite with the policy this machine chooses, so both
 # numeric paths are exercised on any machine. The suite's slowest tests are listed last.
-# One pytest worker per core (pytest-xdist); a test module stays on one worker so its module-scoped
-# fixtures (a tiny run through every stage, converted GGUFs) are built once. PARALLEL= runs serially.
-PARALLEL ?= -n auto --dist loadfile
+# One pytest worker per core (pytest-xdist). In the whole suite a test module stays on one worker so
+# its module-scoped fixtures on the demo model are built once. PARALLEL= runs serially.
+PARALLEL ?= -n auto
+BY_MODULE = $(if $(PARALLEL),--dist loadfile)
 OTHER_PATH = $(shell $(BIN)/python -c "from edgetune.precision import cpu_bf16; print('slow' if cpu_bf16().fast_train else 'fast')" 2>/dev/null || echo slow)
 
 test: install-dev demo-model
-	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision $(PARALLEL)
-	$(BIN)/python -m pytest -q --durations=15 $(PARALLEL)
+	EDGETUNE_CPU_BF16=$(OTHER_PATH) $(BIN)/python -m pytest -q -m precision $(PARALLEL) $(BY_MODULE)
+	$(BIN)/python -m pytest -q --durations=15 $(PARALLEL) $(BY_MODULE)
 
 # Fast tests need nothing beyond the repository (tiny models built in seconds, the committed
 # SmolLM2 tokenizer), so no demo model is fetched; the tests marked `slow` use it.
