@@ -210,3 +210,42 @@ def test_demo_tuned_beats_base_on_the_task(demo_model_dir, tmp_path):
     if q4 is not None:
         assert by["q4_k_m"]["json_fields"] >= by["base"]["json_fields"] + 0.3, by
     shutil.rmtree(tmp_path / "fused", ignore_errors=True)
+
+
+def _overlaps(a, b) -> bool:
+    return a.width > 0 and b.width > 0 and a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_report_charts_have_no_overlapping_titles():
+    """Render every report chart and measure its text boxes: the figure title, the subplot titles and
+    the tick labels never overlap one another, and nothing is drawn outside the figure."""
+    from edgetune.eval.report import chart_figures
+
+    names = ["base", "tuned-with-a-long-name", "q4_k_m"]
+    metrics = {"json_valid": 0.9, "json_fields": 0.8, "exact_match": 0.5, "ttft_s": 0.12, "latency_s": 0.8, "tokens_per_s": 41.0}
+    report = {"headline": "json_fields", "models": [{"name": n, "metrics": metrics} for n in names],
+              "drift": {"reference": "tuned-with-a-long-name",
+                        "candidates": {"q4_k_m": {"kl": 0.02, "top1_agreement": 0.95}, "q8_0": {"kl": 0.001, "top1_agreement": 0.99}}}}
+    figs = chart_figures(report)
+    assert set(figs) == {"quality", "latency", "drift"}
+    for name, fig in figs.items():
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        page = fig.bbox
+        titles = [("figure title", fig._suptitle)] if fig._suptitle else []
+        titles += [(f"title of subplot {i}", ax.title) for i, ax in enumerate(fig.axes) if ax.get_title()]
+        ticks = []
+        for i, ax in enumerate(fig.axes):  # the labels drawn: ticks inside the view limits
+            for locs, labels, (lo, hi) in ((ax.get_xticks(), ax.get_xticklabels(), sorted(ax.get_xlim())),
+                                           (ax.get_yticks(), ax.get_yticklabels(), sorted(ax.get_ylim()))):
+                ticks += [(f"tick label {t.get_text()!r} of subplot {i}", t) for v, t in zip(locs, labels, strict=False)
+                          if t.get_text() and lo <= v <= hi]
+        boxes = [(label, t.get_window_extent(r)) for label, t in titles + ticks]
+        for label, box in boxes:
+            assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, (name, label)
+        for i, (la, a) in enumerate(boxes[: len(titles)]):
+            for lb, b in boxes[i + 1:]:
+                assert not _overlaps(a, b), f"{name}: {la} overlaps {lb}"
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

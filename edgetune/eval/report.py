@@ -178,6 +178,12 @@ def _png(fig) -> str:
 
 def charts(report: dict) -> dict[str, str]:
     """name -> base64 PNG: quality metrics per model, latency, drift."""
+    return {name: _png(fig) for name, fig in chart_figures(report).items()}
+
+
+def chart_figures(report: dict) -> dict:
+    """name -> matplotlib Figure for :func:`charts`. Every figure uses constrained layout, which
+    places the figure title, the subplot titles and the tick labels so that none overlaps another."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,11 +192,11 @@ def charts(report: dict) -> dict[str, str]:
 
     models = report["models"]
     names = [m["name"] for m in models]
-    out: dict[str, str] = {}
+    out: dict = {}
     quality = [k for k in metric_order(report) if k.split(".")[-1] in PERCENT and not k.startswith("per_")
                and ".per_" not in k]
     if quality:
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(quality) * len(names) / 2 + 3), 3.6))
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(quality) * len(names) / 2 + 3), 3.6), layout="constrained")
         x = np.arange(len(quality))
         w = 0.8 / len(names)
         for i, m in enumerate(models):
@@ -202,28 +208,28 @@ def charts(report: dict) -> dict[str, str]:
         ax.set_ylim(0, 110)
         ax.legend(fontsize=8)
         ax.set_title("Quality metrics per model")
-        out["quality"] = _png(fig)
+        out["quality"] = fig
     lat = [(k, lab) for k, lab in (("ttft_s", "time to first token (s)"), ("latency_s", "median latency (s)"),
                                    ("tokens_per_s", "decode tokens/s")) if any(k in m["metrics"] for m in models)]
     if lat:
-        fig, axes = plt.subplots(1, len(lat), figsize=(4 * len(lat), 3))
+        fig, axes = plt.subplots(1, len(lat), figsize=(4 * len(lat), 3.2), layout="constrained")
         axes = np.atleast_1d(axes)
         for ax, (k, lab) in zip(axes, lat, strict=False):
             ax.bar(names, [m["metrics"].get(k) or 0 for m in models], color="tab:gray")
             ax.set_title(lab, fontsize=9)
             ax.tick_params(axis="x", rotation=20, labelsize=8)
         fig.suptitle("Latency (task set)")
-        out["latency"] = _png(fig)
+        out["latency"] = fig
     if report.get("drift"):
         c = report["drift"]["candidates"]
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), layout="constrained")
         axes[0].bar(list(c), [d["kl"] for d in c.values()], color="tab:red")
         axes[0].set_title("mean KL vs reference (nats)", fontsize=9)
         axes[1].bar(list(c), [100 * d["top1_agreement"] for d in c.values()], color="tab:green")
         axes[1].set_title("top-1 agreement (%)", fontsize=9)
         axes[1].set_ylim(0, 100)
         fig.suptitle(f"Drift vs {report['drift']['reference']}")
-        out["drift"] = _png(fig)
+        out["drift"] = fig
     return out
 
 
