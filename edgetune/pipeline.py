@@ -192,7 +192,8 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
     summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": f"pass ({n_conv} conversations token-identical)"}
     if o.create:
         create = _api("edgetune.ollama_client", "ollama_create", "ollama")
-        res = create(modelfile, run.model_name)
+        prompt = run.sample_prompt()  # a prompt of the user's own task, not a generic greeting
+        res = create(modelfile, run.model_name, **({"prompt": prompt} if prompt else {}))
         summary["create"] = {"ran": res.ran, "command": res.command, "message": res.message, "answer": res.answer}
     return summary
 

@@ -204,6 +204,31 @@ class RunFolder:
         p = self.eval_report("json")
         return report_metrics(read_json(p)) if p.is_file() else {}
 
+    def sample_prompt(self, max_chars: int = 300) -> str | None:
+        """A user prompt from the run's own held-out data (test, else valid, else train split): what
+        the run summary suggests trying and what the post-create smoke chat asks; one line preferred.
+        None without one."""
+        import json
+
+        multi_line = None
+        for split in ("test", "valid", "train"):
+            p = self.split(split)
+            if not p.is_file():
+                continue
+            with open(p, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    users = [m.get("content") for m in row.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+                    text = users[-1] if users else row.get("prompt")
+                    if isinstance(text, str) and text.strip() and len(text) <= max_chars:
+                        if "\n" not in text.strip():
+                            return text.strip()  # one line reads best on a command line
+                        multi_line = multi_line or " ".join(text.split())
+        return multi_line
+
     def require(self, path: Path, stage: str) -> Path:
         """``path`` if it exists; otherwise an error naming the stage that writes it."""
         if not path.exists():

@@ -8,6 +8,7 @@ flag the pipeline forgot (``data.chat_template`` for training was) shows up here
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,24 @@ def test_standalone_commands_name_the_missing_stage(tmp_path, tiny_llama_dir):
     assert r.exit_code != 0 and "'fuse' stage has not run" in str(r.exception) and "--to fuse" in str(r.exception)
     r = CliRunner().invoke(cli, ["eval", "--run", str(tmp_path)])
     assert r.exit_code != 0 and "is not a run folder" in str(r.exception)
+
+
+def test_run_summary_suggests_a_prompt_from_the_users_own_data(tiny_llama_dir, tmp_path):
+    """Not the demo's support ticket: a unit-conversion run suggests one of its own held-out prompts."""
+    rows = []
+    for i in range(60):
+        km = 3 + i
+        rows.append({"messages": [{"role": "user", "content": f"Convert {km} km to miles."},
+                                  {"role": "assistant", "content": f"{km * 0.621371:.2f} miles"}]})
+    (tmp_path / "units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    raw = {"name": "units", "model": str(tiny_llama_dir), "output": str(tmp_path / "runs"),
+           "data": {"path": str(tmp_path / "units.jsonl"), "max_seq_len": 128},
+           "train": {"backend": "torch", "iters": 1, "batch_size": 2, "max_seq_len": 128, "rank": 4, "num_threads": 1, "eval_every": 0},
+           "export": {"quants": [], "verify": False}}
+    (tmp_path / "units.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    r = _cli("run", tmp_path / "units.yaml", "--to", "ollama")
+    run = RunFolder(tmp_path / "runs" / "units")
+    prompt = run.sample_prompt()
+    test_prompts = [json.loads(x)["messages"][0]["content"] for x in run.split("test").read_text().splitlines()]
+    assert prompt == test_prompts[0] and prompt.startswith("Convert ")
+    assert f"ollama run units '{prompt}'" in r.output and "PayWell" not in r.output

@@ -98,7 +98,7 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
     from ..ollama_client import check_model_name, create_command, ollama_create
     from ..runfolder import RunFolder
 
-    base_cfg = OllamaConfig()
+    base_cfg, run = OllamaConfig(), None
     if model.is_dir():  # a run folder: its chosen GGUF, fused model, train split, ollama settings and RUN/ollama/
         run = RunFolder.open(model)
         base_cfg = run.cfg.ollama
@@ -119,7 +119,8 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
         import shlex
 
         return shlex.join(create_command(name, path))
-    created = ollama_create(path, name) if cfg.create else None
+    prompt = run.sample_prompt() if run else None  # a run folder's own held-out prompt for the smoke chat
+    created = (ollama_create(path, name, **({"prompt": prompt} if prompt else {})) if cfg.create else None)
     if as_json:
         payload = {"modelfile": str(path), "name": name, "check": result.to_dict() if result else None}
         if created:

@@ -70,6 +70,8 @@ def _fmt(v) -> str:
 def print_summary(result, seconds: float) -> None:
     from rich.table import Table
 
+    from ..runfolder import RunFolder
+
     st = result.stage
     done = result.ran + result.skipped
     out.print()
@@ -98,12 +100,15 @@ def print_summary(result, seconds: float) -> None:
     if reg.get("ref"):
         out.print(f"  registry: {reg['ref']} → {reg['path']}" + ("" if reg.get("created", True) else " (already registered)"),
                   soft_wrap=True)
-    name = result.cfg.ollama.name or result.cfg.name
+    run = RunFolder(result.run_dir, result.cfg)
+    name = run.model_name
     if modelfile:
+        import shlex
+
+        prompt = run.sample_prompt()  # from this run's held-out data, so it speaks about the user's task
         out.print("\nTry it:")
         out.print(f"  ollama create {name} -f {modelfile}", soft_wrap=True)
-        out.print(f"  ollama run {name} \"Hi, my PayWell invoice is wrong and I need it fixed today!\"" if result.cfg.model == "demo"
-                  else f"  ollama run {name}", soft_wrap=True)
+        out.print(f"  ollama run {name}" + (f" {shlex.quote(prompt)}" if prompt else ""), soft_wrap=True)
     quant_path = gguf.get(st("ollama").get("gguf") and _quant_of(st("ollama")["gguf"], gguf)) if gguf else None
     if quant_path or gguf:
         target = quant_path or next(iter(gguf.values()))
