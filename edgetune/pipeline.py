@@ -167,9 +167,8 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    write_modelfile = _api("edgetune.export.modelfile", "write_modelfile", "ollama")
+    build_modelfile = _api("edgetune.export.modelfile", "build_modelfile", "ollama")
     options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
-    check_modelfile = _api("edgetune.export.ollama_check", "check_modelfile", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
     if not gguf.is_file():
@@ -178,35 +177,26 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
             fix=f"add {run.modelfile_quant} to export.quants or set ollama.quant to one of {c.cfg.export.quants}",
         )
     o = c.cfg.ollama
-    # the same options `edgetune ollama RUN` builds; SYSTEM None: the training data's dominant system prompt
+    # the same options and the same writer as `edgetune ollama RUN`; SYSTEM None: the training data's
+    # dominant system prompt. A family template that does not reproduce the chat template raises here;
+    # a custom ollama.template is checked and reported, not refused (as the command does).
     opts = options.from_config(o, model_dir=run.fused_dir, train_data=run.split("train"))
-    modelfile = Path(write_modelfile(gguf, run.ollama_dir, run.model_name, opts))
-    check = check_modelfile(modelfile, run.fused_dir)
-    if not _check_ok(check):
-        raise EdgetuneError(
-            "The Modelfile's template does not render the same tokens as the training chat template.",
-            where=str(modelfile),
-            fix=f"see `edgetune ollama check {modelfile} --model-dir {run.fused_dir}`",
-        )
-    n_conv = len(getattr(check, "conversations", []) or [])
-    summary = {"modelfile": str(modelfile), "gguf": str(gguf), "check": f"pass ({n_conv} conversations token-identical)"}
+    text, check = build_modelfile(gguf, run.ollama_dir, run.model_name, opts)
+    modelfile = write_text(run.modelfile, text)
+    summary: dict[str, Any] = {"modelfile": str(modelfile), "gguf": str(gguf)}
+    if check is None:
+        summary["check"] = "off (ollama.check: false)" if not o.check else "skipped (no chat template)"
+    elif check.ok:
+        summary["check"] = f"pass ({check.n_identical} conversations token-identical)"
+    else:
+        summary["check"] = f"DIFFERENT: the custom template does not render the chat template (edgetune ollama check {run.root})"
+        c.log(f"[yellow]warning:[/] {summary['check']}")
     if o.create:
         create = _api("edgetune.ollama_client", "ollama_create", "ollama")
         prompt = run.sample_prompt()  # a prompt of the user's own task, not a generic greeting
         res = create(modelfile, run.model_name, **({"prompt": prompt} if prompt else {}))
         summary["create"] = {"ran": res.ran, "command": res.command, "message": res.message, "answer": res.answer}
     return summary
-
-
-def _check_ok(check: Any) -> bool:
-    if isinstance(check, bool):
-        return check
-    if isinstance(check, dict):
-        return bool(check.get("ok", check.get("passed", True)))
-    for attr in ("ok", "passed"):
-        if hasattr(check, attr):
-            return bool(getattr(check, attr))
-    return True  # a checker that raises on failure and returns a report otherwise
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -226,7 +216,8 @@ def _eval_inputs(c: Ctx) -> dict:
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
     specs = c.run.eval_specs()
-    report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, c.cfg.eval, baseline="base")
+    report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, c.cfg.eval,
+                      baseline=c.cfg.eval.baseline or "base")
     gates = report.get("gates") or {}
     summary = {
         "specs": specs,
@@ -255,8 +246,8 @@ def _register_inputs(c: Ctx) -> dict:
 
 def _register_run(c: Ctx, resume: bool) -> dict:
     register_run = _api("edgetune.registry", "register_run", "register")
-    _save_manifest(c)  # register_run reads the base model and data it ran on from the manifest
-    entry, created = register_run(c.run, metrics=c.manifest["stages"].get("eval", {}).get("summary", {}).get("metrics", {}))
+    _save_manifest(c)  # register_run reads the base model, data and eval verdict from the manifest
+    entry, created = register_run(c.run)  # metrics: from RUN/eval/report.json, as `edgetune models register` reads them
     return {"ref": entry.ref, "path": str(entry.path), "created": created}
 
 
@@ -387,8 +378,8 @@ def prepare_run(cfg: RunConfig) -> Ctx:
     manifest = read_json(run.manifest_path) if run.manifest_path.is_file() else {}
     manifest.setdefault("stages", {})
     manifest["run_dir"] = str(run.root)
-    manifest["model_dir"] = str(model_dir)
-    manifest["data_path"] = str(data_path)
+    manifest["model_dir"] = str(model_dir.resolve())  # absolute: later commands may run from elsewhere
+    manifest["data_path"] = str(data_path.resolve())
     manifest["model_fingerprint"] = model_fingerprint(model_dir)
     return Ctx(cfg, run, model_dir, data_path, manifest)
 

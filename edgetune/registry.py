@@ -285,6 +285,10 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
 
     cfg = run.cfg
     ran = run.manifest()
+    verdict = ran.get("stages", {}).get("eval", {}).get("summary", {}).get("gates_passed")
+    if verdict is False:  # the register stage never runs after failed gates; neither does this
+        raise EdgetuneError(f"{run.root} failed its eval gates; a model that fails them is not registered.",
+                            where=str(run.eval_report("md")), fix="improve the model or relax eval.gates / eval.max_regression, then re-run")
     base = run.base_model_dir
     base_fp = ran.get("model_fingerprint") or model_fingerprint(base)
     arts = run_artifacts(run)

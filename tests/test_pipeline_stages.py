@@ -190,3 +190,23 @@ def test_run_summary_suggests_a_prompt_from_the_users_own_data(tiny_llama_dir, t
     test_prompts = [json.loads(x)["messages"][0]["content"] for x in run.split("test").read_text().splitlines()]
     assert prompt == test_prompts[0] and prompt.startswith("Convert ")
     assert f"ollama run units '{prompt}'" in r.output and "PayWell" not in r.output
+
+
+def test_eval_on_a_run_with_own_models_compares_against_the_first(done_run, tmp_path):
+    run, _ = done_run
+    _cli("eval", run.root, "-m", f"tuned=hf:{run.fused_dir}", "-m", f"q=gguf:{run.gguf('q4_k_m')}", "-o", tmp_path)
+    report = read_json(tmp_path / "report.json")
+    assert [m["name"] for m in report["models"]] == ["tuned", "q"] and report["baseline"] == "tuned"
+
+
+def test_a_run_that_failed_its_gates_is_not_registered(done_run, tmp_path):
+    import shutil
+
+    run, _ = done_run
+    copy = RunFolder(shutil.copytree(run.root, tmp_path / "tiny"))
+    m = copy.manifest()
+    m["stages"]["eval"]["summary"]["gates_passed"] = False
+    copy.manifest_path.write_text(json.dumps(m), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["models", "register", str(copy.root)])
+    assert r.exit_code != 0 and "failed its eval gates" in str(r.exception)
+    assert registry.list_entries() == []

@@ -84,12 +84,13 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
 
         run = RunFolder.open(run_dir)
         cfg = cfg if recipe else run.cfg.eval
-        data_path = data_path or str(run.require(run.eval_data, "data"))
+        # eval.data is the user's own file (evaluate names it if missing); else the run's test split
+        data_path = data_path or cfg.data or str(run.require(run.split("test"), "data"))
         if not models:
             run.require(run.fused_dir, "fuse")
             models = tuple(f"{k}={v}" for k, v in run.eval_specs().items())
+            baseline = baseline or cfg.baseline or "base"  # what the run's eval stage compares against
         out_dir = out_dir or str(run.eval_dir)
-        baseline = baseline or ("base" if not cfg.baseline else None)
     out_dir = out_dir or "eval-report"
     data_path = data_path or cfg.data
     if not data_path:

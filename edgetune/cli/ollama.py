@@ -82,7 +82,8 @@ def _default_name(gguf: Path) -> str:
 @click.option("--repeat-penalty", type=float)
 @click.option("--num-ctx", type=int, help="Context window (default: the model's, capped at 8192).")
 @click.option("--no-check", is_flag=True, help="Skip the TEMPLATE-vs-chat-template check.")
-@click.option("--create", is_flag=True, help="Run `ollama create` and a smoke prompt when ollama is on PATH.")
+@click.option("--create/--no-create", default=None,
+              help="Run `ollama create` and a smoke prompt when ollama is on PATH (default: off, or the run's ollama.create).")
 @json_option
 def write_cmd(model, name, adapter, output, model_dir, system, train_data, template_file, temperature, top_p, top_k,
               repeat_penalty, num_ctx, no_check, create, as_json):
@@ -108,7 +109,7 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
         train_data = train_data or (run.split("train") if run.split("train").is_file() else None)
     cfg = override(base_cfg, name=name, system=system, template=str(template_file) if template_file else None,
                    temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, num_ctx=num_ctx,
-                   create=True if create else None, check=False if no_check else None)
+                   create=create, check=False if no_check else None)
     name = check_model_name(cfg.name or _default_name(model))
     out_dir = output or model.parent
     options = ModelfileOptions.from_config(cfg, model_dir=model_dir, adapter_gguf=adapter, train_data=train_data)
