@@ -92,7 +92,9 @@ class TrainConfig:
     iters: int | None = None  # overrides epochs when set
     batch_size: int = 4
     grad_accum: int = 1
-    max_seq_len: int = 1024
+    # None = from the data (train/sizing.py): the prepared train split's p99 length rounded up to 64,
+    # capped by the model's context; a fixed 2048 packs ~180 short chats into one row and runs for hours
+    max_seq_len: int | None = None
     seed: int = 42
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0

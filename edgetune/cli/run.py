@@ -162,7 +162,7 @@ def plan(recipe, overrides):
     tr = cfg.train
     steps = f"{tr.iters} iterations" if tr.iters else f"{tr.epochs:g} epoch(s)"
     out.print(f"training: {tr.method}, rank {tr.rank}, lr {tr.learning_rate:g}, batch {tr.batch_size}×{tr.grad_accum}, "
-              f"seq {tr.max_seq_len}, {steps}")
+              f"seq {tr.max_seq_len or 'from the data'}, {steps}")
     if p.backend:
         out.print(f"backend:  {p.backend} — {p.backend_reason}")
     if p.params:

@@ -33,7 +33,8 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--iters", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", "-b", type=int, default=None)
 @click.option("--grad-accum", type=int, default=None)
-@click.option("--max-seq-len", type=int, default=None)
+@click.option("--max-seq-len", type=int, default=None,
+              help="Row length in tokens (default: the train split's p99 rounded up to 64, capped by the model's context and 2048).")
 @click.option("--packing/--no-packing", default=None,
               help="Padding-free packed batches (default: on with torch; MLX pads and refuses --packing).")
 @click.option("--group-by-length/--no-group-by-length", default=None,
@@ -50,7 +51,7 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--chat-template", default=None, help="Template file or family name for models without one.")
 @seed_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
-@click.option("--dry-run", is_flag=True, help="Print the backend choice and a memory estimate; load nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the backend, max_seq_len, what a step holds, the epochs and a memory estimate; load no model.")
 @json_option
 def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_json, target_modules, **flags):
     """Fine-tune MODEL on prepared DATA; writes OUTPUT/adapter (PEFT format) and friends.
@@ -60,7 +61,7 @@ def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_js
       edgetune train -m models/base/smollm2-135m-instruct -d data/prepared -o runs/demo --iters 200
     """
     from ..config import TrainConfig, load_config, override
-    from ..console import console, out
+    from ..console import out
     from ..paths import demo_model_dir
 
     rc = load_config(recipe) if recipe else None
@@ -77,25 +78,21 @@ def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_js
     cfg.__post_init__()
     model = model or str(demo_model_dir())
 
-    from ..train import estimate_memory, preflight
+    from ..train import preflight, sizing
 
     choice = preflight(model, data_dir, cfg)
     if dry_run:
-        est = estimate_memory(model, cfg)
-        info = {"backend": choice.backend, "device": choice.device, "reason": choice.reason, "memory": est}
+        cfg, plan = sizing.size(model, data_dir, cfg, choice.backend, chat_template=chat_template)
+        est = plan.memory
         if as_json:
+            info = {"backend": choice.backend, "device": choice.device, "reason": choice.reason, **plan.as_dict()}
             out.print_json(json.dumps(info))
             return
         out.print(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
+        sizing.announce(plan, out)
         for k, v in est.items():
             out.print(f"  {k:20s} {v}")
-        if est.get("fits") is False:
-            console.print(f"[yellow]warning: ~{est['total_gb']} GB needed, {est['available_gb']} GB free; "
-                          "lower --batch-size / --max-seq-len or add --gradient-checkpointing[/]")
         return
-    est = estimate_memory(model, cfg)
-    if est.get("fits") is False:
-        console.print(f"[yellow]warning: this run may need ~{est['total_gb']} GB, {est['available_gb']} GB is free[/]")
 
     from ..train import train as run_train
 

@@ -13,7 +13,7 @@ TOKENIZE_BATCH = 2048
 
 
 def length_stats(lengths: Sequence[int]) -> dict:
-    """count/min/p50/p95/max/mean/total; nearest-rank percentiles so the numbers are exact ints."""
+    """count/min/p50/p95/p99/max/mean/total; nearest-rank percentiles so the numbers are exact ints."""
     if not lengths:
         return {"count": 0, "total": 0}
     s = sorted(lengths)
@@ -24,7 +24,7 @@ def length_stats(lengths: Sequence[int]) -> dict:
 
     return {
         "count": n, "total": int(sum(s)), "min": s[0], "p50": pct(0.5), "p95": pct(0.95),
-        "max": s[-1], "mean": round(sum(s) / n, 2),
+        "p99": pct(0.99), "max": s[-1], "mean": round(sum(s) / n, 2),
     }
 
 

@@ -2,7 +2,7 @@
 
 ``train(model_dir, data_dir, out_dir, cfg)`` picks the backend (``select.choose_backend``), checks
 every input before loading a model (``support.py``: each setting is honoured by that backend or
-refused), trains with the shared loop (``loop.py``) on the chosen objective (``objectives.py``),
+refused), sizes the rows to the data and says what a step holds (``sizing.py``), trains with the shared loop (``loop.py``) on the chosen objective (``objectives.py``),
 and leaves the run folder other stages read:
 
     OUT/adapter/          PEFT adapter (adapter_config.json + adapter_model.safetensors) - always
@@ -45,7 +45,17 @@ def train(model_dir, data_dir, out_dir, cfg, resume: bool = False, *, on_step=No
 
     ``on_step(step, row)`` is called after every optimizer step (tests use it to interrupt a run).
     """
+    import os
+
+    from . import sizing
+
     choice = preflight(model_dir, data_dir, cfg)
+    # max_seq_len resolved once here (None = from the data), so the loop, checkpoints and
+    # train_config.yaml all see the number; the summary prints before any model loads
+    cfg, plan = sizing.size(model_dir, data_dir, cfg, choice.backend, chat_template=chat_template,
+                            world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        sizing.announce(plan)
     if choice.backend == "mlx":
         from . import mlx_backend
 

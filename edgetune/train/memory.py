@@ -72,10 +72,12 @@ def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
         ad = n_params
     adapter = ad * 4.0  # fp32 master
     optimizer = ad * 4.0 * 3  # gradient + two AdamW moments (fp32); paged 8-bit would be less
-    tokens = cfg.batch_size * cfg.max_seq_len
+    # unset max_seq_len (from the data, train/sizing.py) before the data exists: its cap, the most it picks
+    seq = cfg.max_seq_len or 2048
+    tokens = cfg.batch_size * seq
     act_b = 2.0 if precision in ("bf16", "fp16") else 4.0
     h, L = s["hidden"], s["layers"]
-    attn_scores = cfg.batch_size * s["heads"] * cfg.max_seq_len**2 * 4.0
+    attn_scores = cfg.batch_size * s["heads"] * seq**2 * 4.0
     if cfg.gradient_checkpointing or cfg.method == "qlora":
         acts = L * tokens * h * act_b + (tokens * h * 17 * act_b + attn_scores)
     else:
