@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlength": ("drop", "truncate", "keep"),
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
-    "train.objective": ("sft",),  # rows of edgetune/train/objectives.py's table
+    "train.objective": ("sft", "dpo", "orpo"),  # rows of edgetune/train/objectives.py's table
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
@@ -81,6 +81,9 @@ class TrainConfig:
     backend: str = "auto"  # auto|mlx|torch
     method: str = "lora"  # lora|dora|qlora|full
     objective: str = "sft"  # what a step optimises (train/objectives.py): sft = completion-only cross entropy
+    # dpo: -logsigmoid(beta * margin of log-ratios vs the adapter-disabled model); orpo: NLL + lambda * odds-ratio term
+    beta: float = 0.1  # DPO's beta (TRL DPOConfig.beta default 0.1)
+    orpo_lambda: float = 0.1  # ORPO's lambda on the odds-ratio term (TRL ORPOConfig calls it beta, default 0.1)
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
     dropout: float = 0.05
@@ -114,6 +117,8 @@ class TrainConfig:
         _check_choices("train", self)
         _check_range("train", "dropout", self.dropout, 0.0, 0.9)
         _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
+        _check_range("train", "beta", self.beta, 1e-6, 100.0)
+        _check_range("train", "orpo_lambda", self.orpo_lambda, 0.0, 100.0)
         if self.rank < 1:
             raise EdgetuneError(f"train.rank must be >= 1, got {self.rank}.", fix="use e.g. rank: 16")
         if self.batch_size < 1 or self.grad_accum < 1:

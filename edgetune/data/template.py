@@ -120,8 +120,11 @@ def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool =
     return _render(tokenizer, messages, add_generation_prompt)
 
 
-def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any) -> list[tuple[int, int]]:
-    """Character spans in ``full`` of each assistant turn: content + end-of-turn token."""
+def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, score_from: int = 0) -> list[tuple[int, int]]:
+    """Character spans in ``full`` of each assistant turn: content + end-of-turn token.
+
+    Turns before message index ``score_from`` are located (to keep the cursor right) but not returned.
+    """
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, msg in enumerate(messages):
@@ -150,7 +153,7 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any) -> 
                     fix="this template rewrites turns in a way edgetune cannot map; pass --chat-template with a prefix-stable template",
                 )
             start, end = span
-        if end > start:
+        if end > start and i >= score_from:
             spans.append((start, end))
         cursor = max(cursor, end)
     return spans
@@ -207,6 +210,40 @@ def _check_messages(messages: Any) -> list[dict]:
     return messages
 
 
+def _as_messages(x: Any, role: str, what: str) -> list[dict]:
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    return _check_messages(x) if isinstance(x, list) else _bad_field(what)
+
+
+def _bad_field(what: str):
+    raise EdgetuneError(f"'{what}' must be a string or a list of {{role, content}} messages.")
+
+
+def encode_preference(tokenizer, row: dict, *, max_seq_len: int | None = None) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected) token ids + masks for one prepared preference row.
+
+    ``prompt`` (a string = one user turn, or a list of messages) is followed by ``chosen`` / ``rejected``
+    (a string = one assistant turn, or a list of messages); each conversation is rendered through the
+    chat template as SFT's are, and only the assistant turns of the answer carry loss: assistant turns
+    inside a multi-turn prompt are context, never scored. Truncated to ``max_seq_len`` tokens each.
+    """
+    if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
+        raise EdgetuneError("A preference row needs 'prompt', 'chosen' and 'rejected'.",
+                            fix="prepare the data with `edgetune data prepare` first")
+    prompt = _as_messages(row["prompt"], "user", "prompt")
+    out = []
+    for which in ("chosen", "rejected"):
+        messages = prompt + _as_messages(row[which], "assistant", which)
+        tools = row.get("tools")
+        full = _render(tokenizer, messages, False, tools)
+        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools, len(prompt)))
+        if max_seq_len is not None and len(enc.input_ids) > max_seq_len:
+            enc = Encoded(enc.input_ids[:max_seq_len], enc.loss_mask[:max_seq_len])
+        out.append(enc)
+    return out[0], out[1]
+
+
 def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, truncate: bool = True) -> Encoded:
     """Token ids + loss mask for one prepared row (mlx-lm layouts).
 
@@ -251,9 +288,9 @@ def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, trun
         enc = Encoded(ids, [1] * len(ids))
     elif "chosen" in row and "rejected" in row:
         raise UnsupportedError(
-            "Preference rows (prompt/chosen/rejected) need a DPO/ORPO trainer; edgetune trains SFT only so far.",
-            fix="for SFT, turn each row into {\"messages\": [user prompt, assistant chosen]}; "
-                "for DPO use TRL's DPOTrainer on the prepared split, then fuse/export its adapter with edgetune",
+            "Preference rows (prompt/chosen/rejected) are DPO/ORPO data: train them with --objective dpo or orpo, not sft.",
+            fix="add --objective dpo (or orpo) with --backend torch; for SFT, turn each row into "
+                "{\"messages\": [user prompt, assistant chosen]}",
         )
     else:
         raise EdgetuneError(

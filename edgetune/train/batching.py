@@ -205,3 +205,97 @@ def lr_lambda(total: int, warmup: int, kind: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+# --- preference pairs (dpo, orpo) -----------------------------------------------------------------
+
+
+@dataclass
+class PairExample:
+    """One preference example: the prompt + chosen and the prompt + rejected sequences."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+
+    @property
+    def ids(self) -> list[int]:  # the longer branch: what sizing and length grouping look at
+        return max(self.chosen.ids, self.rejected.ids, key=len)
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B padded rows: rows ``[:B]`` are the chosen sequences, ``[B:]`` the rejected ones.
+
+    ``n_target`` counts pairs (the DPO/ORPO losses are per pair); ``n_completion`` the scored tokens.
+    """
+
+    input_ids: np.ndarray  # [2B, L]
+    labels: np.ndarray  # [2B, L] shifted, IGNORE on prompt tokens, the last token and padding
+    position_ids: np.ndarray  # [2B, L]
+    n_tokens: int
+    n_target: int  # pairs
+    n_completion: int = 0
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.input_ids.size)
+
+
+def encode_pairs(path: Path, tokenizer, max_seq_len: int | None) -> tuple[list[PairExample], int]:
+    """Encode a prepared preference split; a pair whose chosen or rejected has no scored token is dropped."""
+    from ..data.template import encode_preference
+
+    examples, dropped = [], 0
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        if "chosen" not in row or "rejected" not in row:
+            raise EdgetuneError(
+                "DPO/ORPO train on preference rows (prompt/chosen/rejected); this row has none.",
+                where=f"{path}:{lineno}", fix="prepare preference data with `edgetune data prepare`, or use --objective sft",
+            )
+        try:
+            c, r = encode_preference(tokenizer, row, max_seq_len=max_seq_len)
+        except EdgetuneError as exc:
+            if not exc.where:
+                exc.where = f"{path}:{lineno}"
+            raise
+        pair = PairExample(TokenizedExample(list(c.input_ids), list(c.loss_mask)),
+                           TokenizedExample(list(r.input_ids), list(r.loss_mask)))
+        if min(len(pair.chosen.ids), len(pair.rejected.ids)) < 2 or not pair.chosen.n_target or not pair.rejected.n_target:
+            dropped += 1
+            continue
+        examples.append(pair)
+    return examples, dropped
+
+
+def plan_pairs(
+    examples: list[PairExample],
+    *,
+    batch_size: int,
+    max_seq_len: int,
+    packing: bool,
+    group_by_length: bool,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[PairBatch]:
+    """All pair batches of one epoch (padded, never packed), a pure function of its arguments."""
+    if packing:
+        raise EdgetuneError("Preference pairs are not packed.", fix="use --no-packing with --objective dpo/orpo")
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(examples)
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        chunk = batch_size * 50
+        order = [p for i in range(0, len(order), chunk) for p in sorted(order[i : i + chunk], key=lambda p: len(p.ids))]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle and group_by_length:
+        rng.shuffle(groups)
+    out = []
+    for g in groups:
+        if not g:
+            continue
+        b = _collate([[p.chosen] for p in g] + [[p.rejected] for p in g], pad_id)
+        out.append(PairBatch(b.input_ids, b.labels, b.position_ids, b.n_tokens, len(g), b.n_target))
+    return out

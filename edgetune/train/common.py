@@ -8,7 +8,7 @@ import threading
 from ..errors import EdgetuneError
 
 # settings that change which batches a step sees: a resumed run must not differ in them
-RESUME_KEYS = ("seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "method", "rank")
+RESUME_KEYS = ("seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "method", "rank", "objective")
 
 
 class TrainingInterrupted(EdgetuneError):

@@ -151,7 +151,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
     main = backend.rank == 0
     splits = batching.check_data_dir(data_dir)
     state = _check_resume(backend, cfg, out_dir, resume)
-    loss_fn = objective.loss_for(backend.name)
+    loss_fn = objective.loss_for(backend.name, cfg)
 
     # --- data ---------------------------------------------------------------------------------
     train_ex, dropped, val_ex, plan_kw = _load_data(objective, splits, model_dir, cfg, chat_template)

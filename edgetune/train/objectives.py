@@ -19,6 +19,7 @@ Contracts (what ``loop.py`` relies on):
   maps names to scalars also summed over those units (the loop logs their per-unit means, on train
   steps and on the valid split). The loop divides by the units of the whole step, so gradient
   accumulation and data parallelism weigh every unit the same.
+* ``params``: ``TrainConfig`` fields passed to the loss as keyword arguments (DPO's ``beta``).
 * ``monitor``: the validation number that picks the best checkpoint and drives early stopping
   (``"loss"`` or a metric name), ``maximize`` its direction.
 """
@@ -36,11 +37,14 @@ class Objective:
     encode: object  # (path, tokenizer, max_seq_len) -> (examples, n_dropped)
     plan: object  # plan_epoch-like, see the module docstring
     losses: dict[str, str] = field(default_factory=dict)  # backend -> "module:function"
+    params: tuple[str, ...] = ()  # TrainConfig fields the loss takes as keyword arguments
     monitor: str = "loss"
     maximize: bool = False
 
-    def loss_for(self, backend: str):
-        """The loss function of this objective for ``backend`` (imported here, lazily)."""
+    def loss_for(self, backend: str, cfg=None):
+        """The loss function of this objective for ``backend`` (imported here, lazily), with its
+        ``params`` bound from ``cfg``."""
+        from functools import partial
         from importlib import import_module
 
         from ..errors import UnsupportedError
@@ -51,7 +55,10 @@ class Objective:
                 fix=f"use --backend {' or '.join(sorted(self.losses))}, or another objective",
             )
         module, name = self.losses[backend].split(":")
-        return getattr(import_module(module), name)
+        fn = getattr(import_module(module), name)
+        if self.params and cfg is not None:
+            fn = partial(fn, **{p: getattr(cfg, p) for p in self.params})
+        return fn
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -61,6 +68,28 @@ OBJECTIVES: dict[str, Objective] = {
         encode=batching.encode_split,
         plan=batching.plan_epoch,
         losses={"torch": "edgetune.train.torch_backend:sft_loss", "mlx": "edgetune.train.mlx_backend:sft_loss"},
+    ),
+    # preference pairs (prompt/chosen/rejected rows), padded 2B-row batches: chosen rows then rejected;
+    # a loss unit is a pair. MLX: refused in support.py until its losses exist.
+    # DPO, sigmoid loss; the reference is the same model with its adapter disabled (no second copy)
+    "dpo": Objective(
+        "dpo",
+        encode=batching.encode_pairs,
+        plan=batching.plan_pairs,
+        losses={"torch": "edgetune.train.torch_backend:dpo_loss"},
+        params=("beta",),
+        monitor="reward_accuracy",
+        maximize=True,
+    ),
+    # ORPO: mean NLL of the chosen completion + orpo_lambda * odds-ratio term; no reference model
+    "orpo": Objective(
+        "orpo",
+        encode=batching.encode_pairs,
+        plan=batching.plan_pairs,
+        losses={"torch": "edgetune.train.torch_backend:orpo_loss"},
+        params=("orpo_lambda",),
+        monitor="reward_accuracy",
+        maximize=True,
     ),
 }
 

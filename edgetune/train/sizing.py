@@ -73,22 +73,23 @@ def _card_stats(model_dir, data_dir) -> dict | None:
     return stats
 
 
-def _tokenized_stats(model_dir, data_dir, chat_template) -> dict:
+def _tokenized_stats(model_dir, data_dir, chat_template, preference: bool = False) -> dict:
     from ..data.stats import length_stats
     from ..data.template import load_tokenizer
-    from .batching import encode_split
+    from .batching import encode_pairs, encode_split
 
     tok = load_tokenizer(model_dir, chat_template=chat_template)
-    examples, _ = encode_split(Path(data_dir) / "train.jsonl", tok, None)
+    train = Path(data_dir) / "train.jsonl"
+    examples, _ = (encode_pairs if preference else encode_split)(train, tok, None)
     return length_stats([len(e.ids) for e in examples])
 
 
-def train_length_stats(model_dir, data_dir, chat_template=None) -> tuple[dict, str]:
+def train_length_stats(model_dir, data_dir, chat_template=None, preference: bool = False) -> tuple[dict, str]:
     """(length stats of the train split, where they came from)."""
     stats = _card_stats(model_dir, data_dir)
     if stats is not None:
         return stats, "data_card.json"
-    return _tokenized_stats(model_dir, data_dir, chat_template), "train.jsonl tokenized"
+    return _tokenized_stats(model_dir, data_dir, chat_template, preference), "train.jsonl tokenized"
 
 
 def seq_len_from_data(stats: dict, where: str, context: int | None) -> tuple[int, str]:
@@ -107,9 +108,9 @@ def seq_len_from_data(stats: dict, where: str, context: int | None) -> tuple[int
 def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_size: int = 1):
     """(``cfg`` with ``max_seq_len`` resolved, :class:`Sizing`) for training on ``backend``."""
     from .memory import estimate_memory
-    from .support import resolve
+    from .support import PAIRED, resolve
 
-    stats, where = train_length_stats(model_dir, data_dir, chat_template)
+    stats, where = train_length_stats(model_dir, data_dir, chat_template, cfg.objective in PAIRED)
     if cfg.max_seq_len is None:
         seq, source = seq_len_from_data(stats, where, model_context(model_dir))
         cfg = dataclasses.replace(cfg, max_seq_len=seq)

@@ -28,11 +28,21 @@ class Refuse:
 
 
 LOOP = "the shared loop (loop.py)"
+PAIRED = ("dpo", "orpo")  # objectives whose examples are (chosen, rejected) pairs: padded, never packed
 
 # field -> {backend: where it is honoured | Refuse(...)}
 SUPPORT: dict[str, dict[str, object]] = {
     "backend": {"torch": "select.choose_backend", "mlx": "select.choose_backend"},
-    "objective": {"torch": "objectives.OBJECTIVES", "mlx": "objectives.OBJECTIVES"},
+    "objective": {
+        "torch": "objectives.OBJECTIVES (sft, dpo, orpo)",
+        "mlx": Refuse(lambda v, c: v != "sft", "preference objectives (dpo, orpo) are implemented on torch only "
+                      "so far (issue 13: the MLX losses are not written yet)",
+                      "use --backend torch for --objective dpo/orpo", honoured="sft"),
+    },
+    "beta": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
+             "mlx": "unused (mlx trains sft only; dpo is refused under train.objective)"},
+    "orpo_lambda": {"torch": "objectives orpo loss (torch_backend.orpo_loss); unused by sft/dpo",
+                    "mlx": "unused (mlx trains sft only; orpo is refused under train.objective)"},
     "method": {
         b: Refuse(lambda v, c: v == "full", "full fine-tuning is not implemented yet",
                   "use --method lora or dora (fuse merges the adapter into a full model afterwards)",
@@ -56,7 +66,10 @@ SUPPORT: dict[str, dict[str, object]] = {
     "max_grad_norm": {"torch": "clip_grad_norm_", "mlx": "optim.clip_grad_norm"},
     "weight_decay": {"torch": "AdamW weight_decay", "mlx": "AdamW weight_decay"},
     "packing": {
-        "torch": "batching.plan_epoch (position ids restart per example); default on",
+        "torch": Refuse(lambda v, c: v is True and c.objective in PAIRED, "preference pairs are padded batches "
+                        "(chosen and rejected rows side by side); packing them is not implemented",
+                        "drop --packing (or set train.packing: false) with --objective dpo/orpo",
+                        honoured="batching.plan_epoch (position ids restart per example); default on for sft"),
         "mlx": Refuse(lambda v, c: v is True, "mlx-lm models take no position ids, so examples packed into "
                       "one row would attend to each other", "leave train.packing unset or use --no-packing",
                       honoured="padded batches (the default)"),
@@ -89,7 +102,10 @@ DEFAULTS: dict[str, dict[str, object]] = {
 
 
 def _fill(cfg, backend: str):
-    given = {k: v for k, v in DEFAULTS[backend].items() if getattr(cfg, k) is None}
+    defaults = dict(DEFAULTS[backend])
+    if cfg.objective in PAIRED:
+        defaults["packing"] = False  # pairs are padded batches
+    given = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **given) if given else cfg
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..console import console
-from ..errors import UnsupportedError
+from ..errors import EdgetuneError, UnsupportedError
 from . import batching
 from .batching import lr_lambda
 from .common import TrainingInterrupted  # noqa: F401  (re-exported: callers catch it from here)
@@ -53,6 +53,86 @@ def completion_ce_sum(lm, input_ids, position_ids, labels):
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, labels[sel], reduction="sum")
+
+
+def sequence_logps(lm, input_ids, position_ids, labels):
+    """(sum of log-probs of the scored tokens, number of scored tokens) per row, both ``[rows]`` fp32.
+
+    Same selection as :func:`completion_ce_sum`: the LM head runs only where ``labels != -100``.
+    """
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    decoder = getattr(base, base.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    sel = labels != batching.IGNORE
+    logits = base.get_output_embeddings()(hidden[sel]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
+    rows = sel.nonzero()[:, 0]
+    n = labels.shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=tok_logp.device).index_add(0, rows, tok_logp)
+    counts = sel.sum(dim=1).to(torch.float32)
+    return sums, counts
+
+
+def _pair_logps(lm, arrays: dict, reference: bool = False):
+    """(chosen sums, rejected sums, chosen counts, rejected counts) for a pair batch; ``reference``:
+    the same model with its adapter disabled, without gradient (DPO's reference, no second copy)."""
+    args = (arrays["input_ids"], arrays["position_ids"], arrays["labels"])
+    if reference:
+        if not hasattr(lm, "disable_adapter"):
+            raise EdgetuneError("DPO's reference model is the base with the adapter disabled; this model has no adapter.",
+                                fix="train DPO with --method lora, dora or qlora")
+        with torch.no_grad(), lm.disable_adapter():
+            sums, counts = sequence_logps(lm, *args)
+    else:
+        sums, counts = sequence_logps(lm, *args)
+    b = sums.shape[0] // 2
+    return sums[:b], sums[b:], counts[:b], counts[b:]
+
+
+def dpo_pair_losses(pc, pr, rc, rr, beta: float):
+    """DPO sigmoid loss per pair from summed log-probs (policy/reference, chosen/rejected), and the
+    implicit rewards ``beta * (policy - reference)`` (as TRL's DPOTrainer logs them)."""
+    loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    return loss, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_pair_losses(avg_c, avg_r, nll_c, lam: float):
+    """ORPO per pair: ``nll_c - lam * logsigmoid(log odds ratio)``, the log odds taken on per-token
+    AVERAGE log-probs (TRL's ORPOTrainer.odds_ratio_loss); returns (loss, log_odds, rewards c/r)."""
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    loss = nll_c - lam * F.logsigmoid(log_odds)
+    return loss, log_odds.detach(), lam * avg_c.detach(), lam * avg_r.detach()
+
+
+def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
+    return {"reward_margin": (rew_c - rew_r).sum(), "reward_accuracy": (rew_c > rew_r).float().sum(),
+            "logps_chosen": pc.detach().sum(), "logps_rejected": pr.detach().sum(),
+            **{k: v.detach().sum() for k, v in extra.items()}}
+
+
+def dpo_loss(lm, arrays: dict, *, beta: float = 0.1):
+    """The ``dpo`` objective on torch: sigmoid DPO loss summed over the batch's pairs, + pair metrics."""
+    pc, pr, _, _ = _pair_logps(lm, arrays)
+    rc, rr, _, _ = _pair_logps(lm, arrays, reference=True)
+    loss, rew_c, rew_r = dpo_pair_losses(pc, pr, rc, rr, beta)
+    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+
+
+def orpo_loss(lm, arrays: dict, *, orpo_lambda: float = 0.1):
+    """The ``orpo`` objective on torch: per pair, the mean NLL of the chosen completion tokens plus
+    ``orpo_lambda`` times the odds-ratio term; summed over the batch's pairs, + pair metrics."""
+    pc, pr, nc, nr = _pair_logps(lm, arrays)
+    avg_c, avg_r = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+    loss, log_odds, rew_c, rew_r = orpo_pair_losses(avg_c, avg_r, -avg_c, orpo_lambda)
+    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r, nll=-avg_c, log_odds_ratio=log_odds)
 
 
 class CompletionLoss(torch.nn.Module):
