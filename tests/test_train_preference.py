@@ -77,6 +77,16 @@ def test_support_table_refuses_mlx_and_packing():
     assert support.resolve(TrainConfig(), "torch").packing is True
 
 
+def test_loss_params_bound_from_config():
+    from edgetune.train import objectives
+
+    cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25)
+    assert objectives.get("dpo").loss_for("torch", cfg).keywords == {"beta": 0.5}
+    assert objectives.get("orpo").loss_for("torch", cfg).keywords == {"orpo_lambda": 0.25}
+    with pytest.raises(UnsupportedError, match="not implemented on the mlx backend"):
+        objectives.get("dpo").loss_for("mlx", cfg)
+
+
 def _model_and_batch(tiny_llama_dir, tmp_path):
     from edgetune.train import torch_backend as tb
     from edgetune.train.batching import encode_pairs, plan_pairs

@@ -51,6 +51,8 @@ REFUSED = {
     ("method", "torch"): ("full", {}),
     ("method", "mlx"): ("full", {}),
     ("packing", "mlx"): (True, {}),
+    ("packing", "torch"): (True, {"objective": "dpo"}),  # preference pairs are padded, never packed
+    ("objective", "mlx"): ("dpo", {}),  # dpo/orpo are torch-only so far
     ("group_by_length", "torch"): (True, {}),  # torch packs by default
     ("group_by_length", "mlx"): (True, {"packing": True}),  # refused on packing first, which is also right
     ("num_threads", "mlx"): (2, {}),
@@ -211,7 +213,9 @@ def test_non_default_settings_take_effect(backend, tiny_llama_dir, tmp_path, mon
     failed = [k for k, ok in checks.items() if not ok]
     assert not failed, failed
     # fields honoured on this backend and not checked here are checked by a named test instead
-    elsewhere = {"epochs": "test_epochs_and_early_stopping", "early_stopping_patience": "test_epochs_and_early_stopping"}
+    elsewhere = {"epochs": "test_epochs_and_early_stopping", "early_stopping_patience": "test_epochs_and_early_stopping",
+                 # the preference objectives' parameters: test_train_preference.py (loss binding + TRL parity)
+                 "beta": "test_loss_params_bound_from_config", "orpo_lambda": "test_loss_params_bound_from_config"}
     honoured = {n for n, row in support.SUPPORT.items()
                 if isinstance(row[backend], str) or row[backend].honoured}
     assert honoured == set(checks) | set(elsewhere)
