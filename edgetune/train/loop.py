@@ -143,6 +143,21 @@ def _check_resume(backend, cfg, out_dir: Path, resume: bool) -> dict | None:
     return None
 
 
+def train_with(backend_cls, model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None,
+               chat_template=None):
+    """Build ``backend_cls`` (a :class:`Backend` with a ``name``) for ``cfg`` and train it on
+    ``cfg.objective`` through :func:`run`; what each backend module's ``run`` is."""
+    from ..arch import arch_of_model_dir
+    from . import objectives, support
+
+    cfg = support.resolve(cfg, backend_cls.name)
+    resolved = Path(model_dir).resolve()
+    targets = list(cfg.target_modules or arch_of_model_dir(resolved).lora_targets)
+    backend = backend_cls(resolved, cfg, choice, targets)
+    return run(backend, objectives.get(cfg.objective), model_dir, data_dir, out_dir, cfg, targets=targets,
+               resume=resume, on_step=on_step, chat_template=chat_template)
+
+
 def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resume=False, on_step=None,
         chat_template=None) -> report.TrainResult:
     """Train ``backend``'s model on ``objective``; ``cfg`` has its backend defaults resolved (support.py)."""

@@ -255,11 +255,7 @@ def sft_loss(model, arrays: dict):
 
 def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):
     """Train with mlx-lm on ``cfg.objective`` through the shared loop; returns a :class:`report.TrainResult`."""
-    from ..arch import arch_of_model_dir
-    from . import loop, objectives, support
+    from .loop import train_with
 
-    cfg = support.resolve(cfg, "mlx")
-    targets = list(cfg.target_modules or arch_of_model_dir(Path(model_dir).resolve()).lora_targets)
-    backend = MLXBackend(Path(model_dir).resolve(), cfg, choice, targets)
-    return loop.run(backend, objectives.get(cfg.objective), model_dir, data_dir, out_dir, cfg, targets=targets,
-                    resume=resume, on_step=on_step, chat_template=chat_template)
+    return train_with(MLXBackend, model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                      chat_template=chat_template)

@@ -39,11 +39,9 @@ def resolve_precision(cfg, device: str) -> str:
     return decide("train", device, cfg.precision).dtype
 
 
-def completion_ce_sum(lm, input_ids, position_ids, labels):
-    """Sum of cross-entropy over the tokens that carry loss; logits only where labels != -100.
-
-    The 49k-vocab head dominates a small model's FLOPs, so it runs on the completion positions only.
-    """
+def _scored_logits(lm, input_ids, position_ids, labels):
+    """(fp32 logits at the scored positions, the ``labels != -100`` mask). The LM head runs only there:
+    the 49k-vocab head dominates a small model's FLOPs. Softcapped where the model softcaps."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     decoder = getattr(base, base.base_model_prefix)
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -52,6 +50,12 @@ def completion_ce_sum(lm, input_ids, position_ids, labels):
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
+    return logits, sel
+
+
+def completion_ce_sum(lm, input_ids, position_ids, labels):
+    """Sum of cross-entropy over the tokens that carry loss; logits only where labels != -100."""
+    logits, sel = _scored_logits(lm, input_ids, position_ids, labels)
     return F.cross_entropy(logits, labels[sel], reduction="sum")
 
 
@@ -60,14 +64,7 @@ def sequence_logps(lm, input_ids, position_ids, labels):
 
     Same selection as :func:`completion_ce_sum`: the LM head runs only where ``labels != -100``.
     """
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    decoder = getattr(base, base.base_model_prefix)
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    sel = labels != batching.IGNORE
-    logits = base.get_output_embeddings()(hidden[sel]).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits, sel = _scored_logits(lm, input_ids, position_ids, labels)
     tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
     rows = sel.nonzero()[:, 0]
     n = labels.shape[0]
@@ -537,11 +534,7 @@ def sft_loss(lm, arrays: dict):
 
 def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):
     """Train with torch + PEFT on ``cfg.objective`` through the shared loop; returns a :class:`report.TrainResult`."""
-    from ..arch import arch_of_model_dir
-    from . import loop, objectives, support
+    from .loop import train_with
 
-    cfg = support.resolve(cfg, "torch")
-    targets = list(cfg.target_modules or arch_of_model_dir(Path(model_dir).resolve()).lora_targets)
-    backend = TorchBackend(Path(model_dir).resolve(), cfg, choice, targets)
-    return loop.run(backend, objectives.get(cfg.objective), model_dir, data_dir, out_dir, cfg, targets=targets,
-                    resume=resume, on_step=on_step, chat_template=chat_template)
+    return train_with(TorchBackend, model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                      chat_template=chat_template)
