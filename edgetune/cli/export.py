@@ -85,10 +85,9 @@ def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, 
     from ..export.quantize import export_model
     from ..runfolder import RunFolder
 
-    cfg = load_config(recipe).export if recipe else ExportConfig()
-    if RunFolder.is_run_folder(model_dir):  # the run's fused model, settings and file names; flags still win
-        run = RunFolder.open(model_dir)
-        cfg = load_config(recipe).export if recipe else run.cfg.export
+    run = RunFolder.open(model_dir) if RunFolder.is_run_folder(model_dir) else None
+    cfg = load_config(recipe).export if recipe else (run.cfg.export if run else ExportConfig())
+    if run:  # the run's fused model, settings and file names; flags still win
         model_dir = run.require(run.fused_dir, "fuse")
         out_dir = out_dir or run.gguf_dir
         name = name or run.model_name
