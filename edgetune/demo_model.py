@@ -8,6 +8,7 @@ HF folder (bf16 safetensors, tokenizer, chat template, config) so every stage ca
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,12 @@ def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: b
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        # transformers saves the load-time `local_files_only` (true under HF_HUB_OFFLINE) into
+        # tokenizer_config.json; it says nothing about the tokenizer, so drop it: same folder offline or not
+        tc_path = Path(tmp) / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8"))
+        if tc.pop("local_files_only", None) is not None:
+            tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         gen = GenerationConfig(
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
