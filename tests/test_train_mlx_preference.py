@@ -29,8 +29,11 @@ from edgetune.config import TrainConfig  # noqa: E402
 from edgetune.train import train  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# a short system turn: SmolLM2's template otherwise adds its ~30-token default one, and mlx on this
+# CPU spends most of a step in the LM head over every position
 PAIRS = [
-    {"prompt": f"Ticket {i}: my order {i} is late", "chosen": f'{{"category": "shipping", "id": {i}}}',
+    {"prompt": [{"role": "system", "content": "Triage."}, {"role": "user", "content": f"Ticket {i}: order {i} is late"}],
+     "chosen": f'{{"category": "shipping", "id": {i}}}',
      "rejected": f"I think this is about billing, maybe {i}."}
     for i in range(12)
 ]

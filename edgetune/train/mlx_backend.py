@@ -263,7 +263,7 @@ _BYPASSED: dict = {}
 def adapter_disabled(model):
     """``model`` as its base for the duration: every mlx-lm LoRA/DoRA layer calls only the layer it
     wraps (``.linear``: the frozen, possibly quantized base), as PEFT's ``disable_adapter()`` does.
-    DPO's reference model without a second copy. Done by switching each adapter layer to a subclass
+    DPO's reference model without a second copy (mlx-lm has no switch for this). Done by switching each adapter layer to a subclass
     whose ``__call__`` skips the adapter (restored on exit); the module tree and its parameters stay as
     they are, so ``value_and_grad`` and checkpointed blocks see the same tree."""
     from mlx_lm.tuner.dora import DoRALinear
