@@ -66,11 +66,13 @@ def test_plan_pairs_rows_and_units(tiny_llama_dir, tmp_path):
         plan_pairs(ex, epoch=0, **{**kw, "packing": True})
 
 
-def test_support_table_refuses_mlx_and_packing():
+def test_support_table_refuses_packing_pairs():
     from edgetune.train import support
 
-    with pytest.raises(UnsupportedError, match="torch only"):
-        support.resolve(TrainConfig(objective="dpo"), "mlx")
+    for backend in support.BACKENDS:  # mlx trains dpo/orpo too (tests/test_train_mlx_preference.py)
+        assert support.resolve(TrainConfig(objective="dpo"), backend).objective == "dpo"
+        with pytest.raises(UnsupportedError, match="packing"):
+            support.resolve(TrainConfig(objective="dpo", packing=True), backend)
     with pytest.raises(UnsupportedError, match="packing"):
         support.resolve(TrainConfig(objective="orpo", packing=True), "torch")
     assert support.resolve(TrainConfig(objective="dpo"), "torch").packing is False
@@ -83,8 +85,9 @@ def test_loss_params_bound_from_config():
     cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25)
     assert objectives.get("dpo").loss_for("torch", cfg).keywords == {"beta": 0.5}
     assert objectives.get("orpo").loss_for("torch", cfg).keywords == {"orpo_lambda": 0.25}
+    probe = objectives.Objective("probe", encode=None, plan=None, losses={"torch": "x:y"})
     with pytest.raises(UnsupportedError, match="not implemented on the mlx backend"):
-        objectives.get("dpo").loss_for("mlx", cfg)
+        probe.loss_for("mlx", cfg)
 
 
 def _model_and_batch(tiny_llama_dir, tmp_path):

@@ -52,7 +52,6 @@ REFUSED = {
     ("method", "mlx"): ("full", {}),
     ("packing", "mlx"): (True, {}),
     ("packing", "torch"): (True, {"objective": "dpo"}),  # preference pairs are padded, never packed
-    ("objective", "mlx"): ("dpo", {}),  # dpo/orpo are torch-only so far
     ("group_by_length", "torch"): (True, {}),  # torch packs by default
     ("group_by_length", "mlx"): (True, {"packing": True}),  # refused on packing first, which is also right
     ("num_threads", "mlx"): (2, {}),
@@ -214,7 +213,8 @@ def test_non_default_settings_take_effect(backend, tiny_llama_dir, tmp_path, mon
     assert not failed, failed
     # fields honoured on this backend and not checked here are checked by a named test instead
     elsewhere = {"epochs": "test_epochs_and_early_stopping", "early_stopping_patience": "test_epochs_and_early_stopping",
-                 # the preference objectives' parameters: test_train_preference.py (loss binding + TRL parity)
+                 # the preference objectives' parameters: test_train_preference.py (loss binding + TRL parity),
+                 # test_train_mlx_preference.py on mlx (loss binding + parity with torch)
                  "beta": "test_loss_params_bound_from_config", "orpo_lambda": "test_loss_params_bound_from_config"}
     honoured = {n for n, row in support.SUPPORT.items()
                 if isinstance(row[backend], str) or row[backend].honoured}

@@ -22,7 +22,7 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
 @click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
               help="What training optimises: sft = completion-only cross entropy on the prepared chats; "
-                   "dpo / orpo = preference training on prompt/chosen/rejected rows (torch only).")
+                   "dpo / orpo = preference training on prompt/chosen/rejected rows (torch and MLX).")
 @click.option("--beta", type=float, default=None, help="DPO beta (default 0.1).")
 @click.option("--orpo-lambda", type=float, default=None, help="ORPO weight of the odds-ratio term (default 0.1).")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")

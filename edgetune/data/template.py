@@ -289,7 +289,7 @@ def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, trun
     elif "chosen" in row and "rejected" in row:
         raise UnsupportedError(
             "Preference rows (prompt/chosen/rejected) are DPO/ORPO data: train them with --objective dpo or orpo, not sft.",
-            fix="add --objective dpo (or orpo) with --backend torch; for SFT, turn each row into "
+            fix="add --objective dpo (or orpo); for SFT, turn each row into "
                 "{\"messages\": [user prompt, assistant chosen]}",
         )
     else:

@@ -15,6 +15,7 @@ conversion in ``convert.py``).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,112 @@ def sft_loss(model, arrays: dict):
     mask = labels != batching.IGNORE
     ce = nn.losses.cross_entropy(logits, mx.where(mask, labels, 0), reduction="none")
     return (ce * mask).sum(), {}
+
+
+# --- preference objectives (dpo, orpo): the same maths as torch_backend's, in mlx ---------------------
+
+_BYPASSED: dict = {}
+
+
+@contextmanager
+def adapter_disabled(model):
+    """``model`` as its base for the duration: every mlx-lm LoRA/DoRA layer calls only the layer it
+    wraps (``.linear``: the frozen, possibly quantized base), as PEFT's ``disable_adapter()`` does.
+    DPO's reference model without a second copy (mlx-lm has no switch for this). Done by switching each adapter layer to a subclass
+    whose ``__call__`` skips the adapter (restored on exit); the module tree and its parameters stay as
+    they are, so ``value_and_grad`` and checkpointed blocks see the same tree."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    swapped = []
+    for _, m in model.named_modules():
+        cls = type(m)
+        if isinstance(m, (LoRALinear, DoRALinear)) and cls not in _BYPASSED.values():
+            if cls not in _BYPASSED:
+                _BYPASSED[cls] = type(f"Bypassed{cls.__name__}", (cls,), {"__call__": lambda self, x: self.linear(x)})
+            m.__class__ = _BYPASSED[cls]
+            swapped.append((m, cls))
+    if not swapped:
+        raise EdgetuneError("DPO's reference model is the base with the adapter disabled; this model has no adapter.",
+                            fix="train DPO with --method lora, dora or qlora")
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def sequence_logps(model, input_ids, labels):
+    """(sum of log-probs of the scored tokens, number of scored tokens) per row, both ``[rows]`` fp32;
+    a token is scored where ``labels != -100`` (completion tokens only: the prompt never is)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = model(input_ids).astype(mx.float32)
+    mask = labels != batching.IGNORE
+    tok_logp = -nn.losses.cross_entropy(logits, mx.where(mask, labels, 0), reduction="none")
+    return (tok_logp * mask).sum(axis=-1), mask.sum(axis=-1).astype(mx.float32)
+
+
+def _pair_logps(model, arrays: dict, reference: bool = False):
+    """(chosen sums, rejected sums, chosen counts, rejected counts) of a pair batch (rows ``[:B]``
+    chosen, ``[B:]`` rejected); ``reference``: the adapter-disabled model, gradient stopped."""
+    import mlx.core as mx
+
+    if reference:
+        with adapter_disabled(model):
+            sums, counts = sequence_logps(model, arrays["input_ids"], arrays["labels"])
+        sums = mx.stop_gradient(sums)
+    else:
+        sums, counts = sequence_logps(model, arrays["input_ids"], arrays["labels"])
+    b = sums.shape[0] // 2
+    return sums[:b], sums[b:], counts[:b], counts[b:]
+
+
+def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
+    """The metrics torch_backend._pair_metrics logs, under the same names, summed over pairs."""
+    import mlx.core as mx
+
+    sg = mx.stop_gradient
+    return {"reward_margin": sg(rew_c - rew_r).sum(), "reward_accuracy": (rew_c > rew_r).astype(mx.float32).sum(),
+            "logps_chosen": sg(pc).sum(), "logps_rejected": sg(pr).sum(),
+            **{k: sg(v).sum() for k, v in extra.items()}}
+
+
+def dpo_loss(model, arrays: dict, *, beta: float = 0.1):
+    """The ``dpo`` objective on MLX: ``-logsigmoid(beta * ((pc - rc) - (pr - rr)))`` summed over the
+    batch's pairs (p: policy, r: adapter-disabled reference; c/r: chosen/rejected summed log-probs),
+    rewards ``beta * (policy - reference)``; as torch_backend.dpo_loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    pc, pr, _, _ = _pair_logps(model, arrays)
+    rc, rr, _, _ = _pair_logps(model, arrays, reference=True)
+    loss = -nn.log_sigmoid(beta * ((pc - rc) - (pr - rr)))
+    rew_c, rew_r = mx.stop_gradient(beta * (pc - rc)), mx.stop_gradient(beta * (pr - rr))
+    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as torch_backend.log1mexp)."""
+    import mlx.core as mx
+
+    return mx.where(x < -0.6931471805599453, mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
+
+
+def orpo_loss(model, arrays: dict, *, orpo_lambda: float = 0.1):
+    """The ``orpo`` objective on MLX: per pair, the mean NLL of the chosen completion tokens minus
+    ``orpo_lambda * logsigmoid(log odds ratio)`` on per-token average log-probs (TRL's
+    ORPOTrainer.odds_ratio_loss), summed over pairs; as torch_backend.orpo_loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    pc, pr, nc, nr = _pair_logps(model, arrays)
+    avg_c, avg_r = pc / mx.maximum(nc, 1), pr / mx.maximum(nr, 1)
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    loss = -avg_c - orpo_lambda * nn.log_sigmoid(log_odds)
+    rew_c, rew_r = mx.stop_gradient(orpo_lambda * avg_c), mx.stop_gradient(orpo_lambda * avg_r)
+    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r, nll=-avg_c, log_odds_ratio=log_odds)
 
 
 def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):

@@ -70,13 +70,13 @@ OBJECTIVES: dict[str, Objective] = {
         losses={"torch": "edgetune.train.torch_backend:sft_loss", "mlx": "edgetune.train.mlx_backend:sft_loss"},
     ),
     # preference pairs (prompt/chosen/rejected rows), padded 2B-row batches: chosen rows then rejected;
-    # a loss unit is a pair. MLX: refused in support.py until its losses exist.
+    # a loss unit is a pair; the torch and MLX losses are the same maths (tests/test_train_mlx_preference.py)
     # DPO, sigmoid loss; the reference is the same model with its adapter disabled (no second copy)
     "dpo": Objective(
         "dpo",
         encode=batching.encode_pairs,
         plan=batching.plan_pairs,
-        losses={"torch": "edgetune.train.torch_backend:dpo_loss"},
+        losses={"torch": "edgetune.train.torch_backend:dpo_loss", "mlx": "edgetune.train.mlx_backend:dpo_loss"},
         params=("beta",),
         monitor="reward_accuracy",
         maximize=True,
@@ -86,7 +86,7 @@ OBJECTIVES: dict[str, Objective] = {
         "orpo",
         encode=batching.encode_pairs,
         plan=batching.plan_pairs,
-        losses={"torch": "edgetune.train.torch_backend:orpo_loss"},
+        losses={"torch": "edgetune.train.torch_backend:orpo_loss", "mlx": "edgetune.train.mlx_backend:orpo_loss"},
         params=("orpo_lambda",),
         monitor="reward_accuracy",
         maximize=True,

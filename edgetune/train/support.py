@@ -33,16 +33,11 @@ PAIRED = ("dpo", "orpo")  # objectives whose examples are (chosen, rejected) pai
 # field -> {backend: where it is honoured | Refuse(...)}
 SUPPORT: dict[str, dict[str, object]] = {
     "backend": {"torch": "select.choose_backend", "mlx": "select.choose_backend"},
-    "objective": {
-        "torch": "objectives.OBJECTIVES (sft, dpo, orpo)",
-        "mlx": Refuse(lambda v, c: v != "sft", "preference objectives (dpo, orpo) are implemented on torch only "
-                      "so far (issue 13: the MLX losses are not written yet)",
-                      "use --backend torch for --objective dpo/orpo", honoured="sft"),
-    },
+    "objective": {"torch": "objectives.OBJECTIVES (sft, dpo, orpo)", "mlx": "objectives.OBJECTIVES (sft, dpo, orpo)"},
     "beta": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
-             "mlx": "unused (mlx trains sft only; dpo is refused under train.objective)"},
+             "mlx": "objectives dpo loss (mlx_backend.dpo_loss); unused by sft/orpo"},
     "orpo_lambda": {"torch": "objectives orpo loss (torch_backend.orpo_loss); unused by sft/dpo",
-                    "mlx": "unused (mlx trains sft only; orpo is refused under train.objective)"},
+                    "mlx": "objectives orpo loss (mlx_backend.orpo_loss); unused by sft/dpo"},
     "method": {
         b: Refuse(lambda v, c: v == "full", "full fine-tuning is not implemented yet",
                   "use --method lora or dora (fuse merges the adapter into a full model afterwards)",
@@ -77,7 +72,7 @@ SUPPORT: dict[str, dict[str, object]] = {
     "group_by_length": {
         b: Refuse(lambda v, c: v is True and c.packing is True, "group_by_length orders padded batches; "
                   "packed rows have no padding to save", "use --no-packing with it, or drop --group-by-length",
-                  honoured="batching.plan_epoch; default " + ("off" if b == "torch" else "on"))
+                  honoured="batching.plan_epoch / plan_pairs; default " + ("off" if b == "torch" else "on"))
         for b in BACKENDS
     },
     "eval_every": {"torch": LOOP, "mlx": LOOP},
