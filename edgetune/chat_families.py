@@ -99,6 +99,11 @@ class Family:
     # (placeholder, regex over the rendering of [user "@U@"]): fixed text the Jinja template
     # always emits (e.g. Llama 3.1's knowledge-date preamble), copied into the Go template
     probes: tuple[tuple[str, str], ...] = ()
+    # Tool calling: the call syntax the model emits ("" = the family has no tool syntax, the TEMPLATE
+    # renders no tools): "hermes" (<tool_call>{json}</tool_call>), "llama3-json" (the whole turn is
+    # {"name", "parameters"}), "mistral" ([TOOL_CALLS] [{name, arguments, id}]). See README "Tool calling".
+    tools: str = ""
+    parallel_calls: bool = False  # several calls in one assistant turn
 
 
 FAMILIES: tuple[Family, ...] = (
