@@ -222,6 +222,24 @@ _GO_QWEN = with_tool_json(
     + _GEN + "<|im_start|>assistant\n{{ end }}{{ $prev = .Role }}{{ end }}"
 )
 
+# Qwen3: the same Hermes tools, no default system prompt, and an empty <think> block on the final
+# assistant turn after the last user query (Ollama's .Thinking fills it when a request carries thinking).
+_GO_QWEN3 = with_tool_json(
+    "{{ if .Tools }}<|im_start|>system\n{{ if " + _FIRST_IS_SYS + " }}{{ (index .Messages 0).Content }}\n\n{{ end }}"
+    + _QWEN_TOOLS_HEAD.removeprefix("\n\n") + '{{ range .Tools }}\n{{ template "tool" . }}{{ end }}' + _QWEN_TOOLS_TAIL
+    + "{{ else if " + _FIRST_IS_SYS + " }}<|im_start|>system\n{{ (index .Messages 0).Content }}<|im_end|>\n{{ end }}"
+    '{{ $lu := -1 }}{{ range $i, $_ := .Messages }}{{ if eq .Role "user" }}{{ $lu = $i }}{{ end }}{{ end }}'
+    '{{ $prev := "" }}{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}' + _PREV_NEXT
+    + '{{ if or (eq .Role "user") (and (eq .Role "system") (ne $i 0)) }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+    '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ if and (gt $i $lu) (or $last .Thinking) }}'
+    "<think>\n{{ .Thinking }}\n</think>\n\n{{ end }}{{ .Content }}"
+    '{{ range $j, $c := .ToolCalls }}{{ if or $j $m.Content }}\n{{ end }}<tool_call>\n{"name": "{{ $c.Function.Name }}", '
+    '"arguments": {{ template "args" $c.Function.Arguments }}}\n</tool_call>{{ end }}<|im_end|>\n'
+    '{{ else if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}\n<tool_response>\n{{ .Content }}'
+    '\n</tool_response>{{ if ne $next "tool" }}<|im_end|>\n{{ end }}{{ end }}'
+    + _GEN + "<|im_start|>assistant\n{{ end }}{{ $prev = .Role }}{{ end }}"
+)
+
 # Llama 3.1/3.2/3.3 (tools in the first user message with tojson(indent=4), one call per turn as
 # {"name", "parameters"}, results in the ipython role, printed with tojson).
 _LLAMA_TOOLS_USER = (
@@ -299,6 +317,17 @@ FAMILIES: tuple[Family, ...] = (
         ("<|im_end|>", "<|im_start|>"),
         probes=(("@DEFSYS@", r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n@U@"),),
         jinja=_JINJA_QWEN25,
+        tools="hermes",
+        parallel_calls=True,
+    ),
+    Family(
+        "qwen3",  # Qwen3 (hybrid thinking): Hermes-style tools, <think> block on the final answer
+        lambda j: "<|im_start|>" in j and "<tool_call>" in j and "last_query_index" in j,
+        _GO_QWEN3,
+        ("<|im_end|>", "<|im_start|>"),
+        note="assistant content holding '</think>' is split by the Jinja template (reasoning), not by Ollama: "
+             "send reasoning as the message's thinking field; a user turn that is only <tool_response> text "
+             "counts as a query in Ollama",
         tools="hermes",
         parallel_calls=True,
     ),

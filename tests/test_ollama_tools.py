@@ -23,7 +23,7 @@ from edgetune.export.ollama_template import go_template_for, render_jinja, rende
 
 TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
-TOOL_FIXTURES = {"qwen2.5": "hermes", "llama3.2": "llama3-json", "mistral-v0.3": "mistral"}
+TOOL_FIXTURES = {"qwen2.5": "hermes", "qwen3": "hermes", "llama3.2": "llama3-json", "mistral-v0.3": "mistral"}
 
 
 def _info(name: str) -> ModelInfo:
