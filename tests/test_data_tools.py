@@ -167,3 +167,23 @@ def test_prepare_records_the_canonical_form_in_the_data_card(tmp_path, tokenizer
     written = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     with_tools = [r for r in written if "tools" in r]
     assert len(with_tools) == 2 and all(r["tools"] == normalise(_row()).tools for r in with_tools)
+
+
+def test_cli_prepare_reports_tools_and_warns(tmp_path, tokenizer_dir):
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+
+    src = tmp_path / "in.jsonl"
+    rows = [_row(), _row(calls_args={"city": "Oslo\x01"})] + [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    res = CliRunner().invoke(cli, ["data", "prepare", str(src), "-o", str(tmp_path / "o"), "--model", str(tokenizer_dir),
+                                   "--chat-template", "qwen2.5"])
+    assert res.exit_code == 0, res.output
+    assert "tools: 2 records declare tools, 2 calls" in res.output
+    assert "warning: tool schemas: dropped keywords Ollama does not keep" in res.output
+    assert "1 tool values print differently in Ollama" in res.output
+    # the demo model's own template (ChatML, no tool syntax) is reported as dropping tools
+    res = CliRunner().invoke(cli, ["data", "validate", str(src), "--model", str(tokenizer_dir)])
+    assert "family chatml) has no tool-call syntax: tools are not rendered" in res.output

@@ -524,19 +524,9 @@ def _tool_summary(res: Result, cfg: DataConfig) -> dict | None:
 
 def _tool_hints(res: Result, cfg: DataConfig) -> list[str]:
     """``data validate``/``prepare`` warn when tool text cannot be reproduced by an Ollama TEMPLATE."""
-    card = _tool_summary(res, cfg)
-    if not card:
-        return []
-    hints = []
-    if card["dropped_schema_keywords"]:
-        kw = ", ".join(f"{k} x{v}" for k, v in card["dropped_schema_keywords"].items())
-        hints.append(f"tool schemas: dropped keywords Ollama does not keep ({kw})")
-    if card["not_reproducible_in_ollama"]:
-        hints.append(f"{card['not_reproducible_in_ollama']} tool values print differently in Ollama, e.g. "
-                     + card["not_reproducible_examples"][0])
-    if card["family"] and not card["family_tool_syntax"]:
-        hints.append(f"the chat template (family {card['family']}) has no tool-call syntax: tools are not rendered")
-    return hints
+    from .tools import card_warnings
+
+    return card_warnings(_tool_summary(res, cfg))
 
 
 def _reject_sort_key(res: Result):

@@ -373,3 +373,19 @@ def summarise(records, chat_template: str | None = None, limit: int = 5) -> dict
         "not_reproducible_in_ollama": len(differ),
         "not_reproducible_examples": differ[:limit],
     }
+
+
+def card_warnings(section: dict | None) -> list[str]:
+    """What ``data validate``/``prepare`` warn about, from the card's ``tools`` section."""
+    if not section:
+        return []
+    out = []
+    if section["dropped_schema_keywords"]:
+        kw = ", ".join(f"{k} x{v}" for k, v in section["dropped_schema_keywords"].items())
+        out.append(f"tool schemas: dropped keywords Ollama does not keep ({kw})")
+    if section["not_reproducible_in_ollama"]:
+        out.append(f"{section['not_reproducible_in_ollama']} tool values print differently in Ollama, e.g. "
+                   + section["not_reproducible_examples"][0])
+    if section["family"] and not section["family_tool_syntax"]:
+        out.append(f"the chat template (family {section['family']}) has no tool-call syntax: tools are not rendered")
+    return out
