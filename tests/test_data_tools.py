@@ -187,3 +187,38 @@ def test_cli_prepare_reports_tools_and_warns(tmp_path, tokenizer_dir):
     # the demo model's own template (ChatML, no tool syntax) is reported as dropping tools
     res = CliRunner().invoke(cli, ["data", "validate", str(src), "--model", str(tokenizer_dir)])
     assert "family chatml) has no tool-call syntax: tools are not rendered" in res.output
+
+
+@pytest.mark.parametrize("template", ["qwen2.5", "qwen3", "llama3.2", "mistral-v0.3"])
+def test_every_assistant_turn_is_located_in_tool_templates(tokenizer_dir, template):
+    """Templates that place text by position (Mistral v0.3: tools and system by the last user turn;
+    Qwen3: <think> on the last answer) still get one scored span per assistant turn, calls included."""
+    from pathlib import Path
+
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.ollama_check import _tool_conversations
+
+    tok = load_tokenizer(tokenizer_dir, str(Path(__file__).parent / "templates" / f"{template}.jinja"))
+    for name, msgs, tools in _tool_conversations(parallel=True):
+        if msgs[-1]["role"] != "assistant":
+            continue
+        try:
+            enc = encode_example(tok, {"messages": msgs, "tools": tools})
+        except EdgetuneError as exc:  # Llama 3.x: "This model only supports single tool-calls at once!"
+            assert template == "llama3.2" and "parallel" in name and "single tool-calls" in str(exc)
+            continue
+        segs, cur = [], []
+        for i, m in zip(enc.input_ids, enc.loss_mask, strict=True):
+            if m:
+                cur.append(i)
+            elif cur:
+                segs.append(tok.decode(cur))
+                cur = []
+        segs.append(tok.decode(cur)) if cur else None
+        turns = [m for m in msgs if m["role"] == "assistant"]
+        assert len(segs) == len(turns), (name, segs)
+        for seg, turn in zip(segs, turns, strict=True):
+            for call in turn.get("tool_calls") or []:
+                assert f'"name": "{call["function"]["name"]}"' in seg
+            assert turn["content"] in seg
+            assert '"sky"' not in seg and "1.55\n" not in seg  # tool results are never scored
