@@ -178,7 +178,7 @@ def _tool_json_defs(indent: int | None) -> dict[str, str]:
 
 
 def with_tool_json(main: str, indent: int | None = None) -> str:
-    """``main`` preceded by the ``define``s it uses (directly or through other defines)."""
+    """``main`` followed by the ``define``s it uses (directly or through other defines)."""
     defs = _tool_json_defs(indent)
     if indent:  # args are compact (tojson without indent) whatever the tool schemas use
         defs.update({k: v for k, v in _tool_json_defs(None).items() if k in ("args", "j")})
@@ -189,7 +189,8 @@ def with_tool_json(main: str, indent: int | None = None) -> str:
             continue
         need.append(name)
         todo += re.findall(r'template "(\w+)"', defs[name])
-    return "".join(f'{{{{ define "{k}" }}}}{defs[k]}{{{{ end }}}}' for k in sorted(need)) + main
+    # after the main template, one per line: "{{-" trims the line breaks, so they print nothing
+    return main + "".join(f'\n{{{{- define "{k}" }}}}{defs[k]}{{{{ end }}}}' for k in sorted(need))
 
 
 _GEN = "{{ if and $last (ne .Role \"assistant\") }}"
