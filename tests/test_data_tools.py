@@ -222,3 +222,18 @@ def test_every_assistant_turn_is_located_in_tool_templates(tokenizer_dir, templa
                 assert f'"name": "{call["function"]["name"]}"' in seg
             assert turn["content"] in seg
             assert '"sky"' not in seg and "1.55\n" not in seg  # tool results are never scored
+
+
+def test_template_refusals_are_reported_with_the_templates_reason(tmp_path, tokenizer_dir):
+    """Mistral v0.3 needs 9-character call ids: the reject says so (and names the line)."""
+    from pathlib import Path
+
+    row = _row()
+    row["messages"][1]["tool_calls"][0]["id"] = row["messages"][2]["tool_call_id"] = "c1"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(_row()) + "\n" + json.dumps(row) + "\n")
+    tpl = str(Path(__file__).parent / "templates" / "mistral-v0.3.jinja")
+    rep = validate(src, DataConfig(chat_template=tpl), tokenizer_dir)
+    assert rep.usable == 1
+    assert rep.problems == [f"{src}:2: the chat template cannot render this record: "
+                            "Tool call IDs should be alphanumeric strings with length 9!"]

@@ -238,7 +238,7 @@ def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> t
     keep = []
     for i, (rec, n) in enumerate(zip(records, lengths, strict=True)):
         if n < 0:
-            _reject(res, rec, "template_error", "the chat template cannot render this record")
+            _reject(res, rec, "template_error", "the chat template cannot render this record" + _template_reason(tokenizer, rec))
             continue
         if n > cfg.max_seq_len:
             res.overlength += 1
@@ -252,6 +252,18 @@ def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> t
                 res.truncated += 1
         keep.append(i)
     return keep, lengths
+
+
+def _template_reason(tokenizer, rec: Record) -> str:
+    """The template's own message (e.g. Llama's "only supports single tool-calls", Mistral's 9-character ids)."""
+    from .stats import _conversation
+    from .template import _render
+
+    try:
+        _render(tokenizer, _conversation(rec), False, rec.tools)
+    except EdgetuneError as exc:
+        return ": " + exc.message.removeprefix("The chat template could not render this conversation: ")
+    return ""
 
 
 def _split(records: list[Record], keys: list[str], cfg: DataConfig) -> tuple[list[str], int]:
