@@ -237,3 +237,13 @@ def test_template_refusals_are_reported_with_the_templates_reason(tmp_path, toke
     assert rep.usable == 1
     assert rep.problems == [f"{src}:2: the chat template cannot render this record: "
                             "Tool call IDs should be alphanumeric strings with length 9!"]
+
+
+def test_openai_legacy_function_call_and_function_role():
+    row = {"messages": [{"role": "user", "content": "w?"},
+                        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+                        {"role": "function", "name": "get_weather", "content": "21"},
+                        {"role": "assistant", "content": "21 degrees."}], "tools": TOOLS}
+    rec = normalise(row)
+    assert rec.messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]
+    assert rec.messages[2] == {"role": "tool", "content": "21", "name": "get_weather"}

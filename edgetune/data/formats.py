@@ -163,6 +163,8 @@ def _messages(turns: Any, key: str, role_key: str = "role", content_key: str = "
             raise Problem("unknown_role", f"{f}.{role_key} = {role!r} is not a known role", f"{f}.{role_key}")
         content = t.get(content_key)
         msg: dict = {"role": norm}
+        if norm == "assistant" and t.get("function_call") is not None and t.get("tool_calls") is None:
+            t = {**t, "tool_calls": [{"type": "function", "function": t["function_call"]}]}  # OpenAI's legacy field
         if norm == "assistant" and content is None and t.get("tool_calls"):
             content = ""
         if content is None:
