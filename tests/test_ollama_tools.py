@@ -191,3 +191,15 @@ def test_unsupported_or_wrong_uses_are_refused(src, msg):
 
     with pytest.raises(gotemplate.GoTemplateError, match=msg):
         gotemplate.render(src, {"T": GoStruct("api.Thing", {"A": 1}), "X": True})
+
+
+def test_a_tool_template_outside_the_tool_rows_is_reported_as_losing_tools():
+    """A Hermes-style template edgetune has no tool row for (here: Qwen2.5's with its tool instructions
+    reworded) falls back to plain ChatML: the check passes for chats and says the tools are lost."""
+    jinja = (TEMPLATES / "qwen2.5.jinja").read_text().replace("You may call one or more functions", "Call functions")
+    info = ModelInfo(chat_template=jinja, bos_token=None, eos_token="<|im_end|>", add_bos=False, source="hermes-like")
+    fam, go = go_template_for(info)
+    assert fam.name == "chatml"
+    result = compare(go, info, None, family=fam.name, use_tokenizer=False)
+    assert result.ok
+    assert any("tools are not rendered" in n and "they are lost in Ollama" in n for n in result.notes)
