@@ -144,4 +144,12 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
     if card["tokens"]:
         t = card["tokens"]["per_split"]["train"]
         out.print(f"train tokens: {t.get('total', 0)} (p50 {t.get('p50', '-')}, p95 {t.get('p95', '-')}, max {t.get('max', '-')})", highlight=False, soft_wrap=True)
+    if card.get("tools"):
+        from ..data.tools import card_warnings
+
+        tl = card["tools"]
+        out.print(f"tools: {tl['records_with_tools']} records declare tools, {tl['tool_calls']} calls "
+                  "(canonical form, see data_card.json 'tools')", highlight=False, soft_wrap=True)
+        for w in card_warnings(tl):
+            out.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     out.print(f"wrote {output}/data_card.json", highlight=False, soft_wrap=True)

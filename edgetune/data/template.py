@@ -148,6 +148,8 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, sco
             # real rendering has between the sentinel's prefix and suffix is this turn's text.
             span = _sentinel_span(tokenizer, messages, i, full, tools, cursor)
             if span is None:
+                span = _search_span(tokenizer, messages, i, full, tools, cursor)
+            if span is None:
                 raise EdgetuneError(
                     f"Cannot locate assistant turn {i} in the rendered chat template.",
                     fix="this template rewrites turns in a way edgetune cannot map; pass --chat-template with a prefix-stable template",
@@ -180,16 +182,37 @@ def _sentinel_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, in
     return start, end
 
 
+def _search_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, int] | None:
+    """Third way, for turns the sentinel cannot mark (tool-call turns print no content) in templates
+    that place text by position (Mistral v0.3 puts tools and the system prompt by the *last* user
+    turn, Qwen3 adds a <think> block to the *last* assistant turn): render the conversation up to
+    this turn, and once more with the turn replaced by a plain sentinel answer; where the two part
+    is where the turn's own text starts. That text is then found in the full rendering."""
+    try:
+        upto = _render(tokenizer, messages[: i + 1], False, tools)
+        alt = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": SENTINEL}], False, tools)
+    except EdgetuneError:
+        return None
+    n = 0
+    while n < min(len(upto), len(alt)) and upto[n] == alt[n]:
+        n += 1
+    chunk = upto[n:].rstrip()
+    p = full.find(chunk, cursor) if chunk else -1
+    return (p, p + len(chunk)) if p >= 0 else None
+
+
 def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Encoded:
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         mask = [0] * len(ids)
         k = 0
-        for j, (s, _e) in enumerate(enc["offset_mapping"]):
+        for j, (s, e) in enumerate(enc["offset_mapping"]):
             while k < len(spans) and s >= spans[k][1]:
                 k += 1
-            if k < len(spans) and spans[k][0] <= s < spans[k][1]:
+            # a token overlapping a turn is a target: a template's " " before the content can merge
+            # with the content's first word (Mistral's " " + content -> "▁It")
+            if k < len(spans) and spans[k][0] < max(e, s + 1) and s < spans[k][1]:
                 mask[j] = 1
         return Encoded(ids, mask)
     # Slow tokenizers have no offsets: tokenize segment by segment (may differ at the seams).
