@@ -16,6 +16,7 @@ Math (ΔW = scale · B @ A, B: out×r, A: r×in):
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -193,11 +194,37 @@ def merge_weight(w: np.ndarray, layer: LoraLayer, where: str) -> np.ndarray:
     return merged
 
 
-def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True) -> Path:
-    """Merge ``adapter_dir`` into ``base_dir`` and save a standard HF folder at ``out_dir``."""
+def trained_chat_template(adapter_dir, chat_template: str | None = None) -> str | None:
+    """The chat template the adapter was trained with: ``chat_template`` (file or family name) when
+    given, else the ``chat_template.jinja`` that training keeps beside the adapter, else None (the base's)."""
+    if chat_template:
+        from .data.template import resolve_chat_template
+
+        return resolve_chat_template(chat_template)
+    kept = Path(adapter_dir) / "chat_template.jinja"
+    return kept.read_text(encoding="utf-8") if kept.is_file() else None
+
+
+def _write_chat_template(folder: Path, template: str) -> None:
+    """Make ``template`` the folder's chat template for transformers and the GGUF converter alike."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    tc = folder / "tokenizer_config.json"
+    if tc.exists():
+        data = json.loads(tc.read_text(encoding="utf-8"))
+        data["chat_template"] = template
+        write_json(tc, data)
+
+
+def fuse(base_dir, adapter_dir, out_dir, *, chat_template: str | None = None, show_progress: bool = True) -> Path:
+    """Merge ``adapter_dir`` into ``base_dir`` and save a standard HF folder at ``out_dir``.
+
+    The fused folder's chat template is the one the adapter was trained with (see
+    :func:`trained_chat_template`), so a model tuned with ``--chat-template`` keeps it."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     cfg = _check_base(base_dir)
     ad = load_adapter(adapter_dir)
+    template = trained_chat_template(adapter_dir, chat_template)
     rd = SafetensorsReader(base_dir)
     missing = [m for m in ad.layers if f"{m}.weight" not in rd]
     missing += [n for n in ad.replaced if n not in rd]
@@ -230,6 +257,8 @@ def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True) -> Path:
         for f in COPY_FILES:
             if (base_dir / f).exists():
                 shutil.copy2(base_dir / f, tmp / f)
+        if template is not None:
+            _write_chat_template(tmp, template)
         write_json(
             tmp / "edgetune_fuse.json",
             {
@@ -239,6 +268,7 @@ def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True) -> Path:
                 "dora": ad.dora,
                 "merged_layers": len(ad.layers),
                 "replaced_tensors": sorted(ad.replaced),
+                "chat_template": "from training" if template is not None else "base model's",
             },
         )
     return out_dir

@@ -109,3 +109,29 @@ def test_cli_fuse(tiny_llama_dir, tmp_path, make_peft_adapter):
     # default base: the adapter's base_model_name_or_path (a local folder here)
     res = CliRunner().invoke(cli, ["fuse", "--adapter", str(adapter), "-o", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
+
+
+def test_fused_model_keeps_the_chat_template_it_was_trained_with(tiny_llama_dir, tmp_path, make_peft_adapter):
+    """A model tuned with --chat-template (e.g. a tool-capable one for a base without tools) must not be
+    exported with the base's template: training keeps the template beside the adapter, fuse writes it."""
+    from edgetune.chat_families import detect_family
+    from edgetune.data.template import KNOWN_TEMPLATES, load_tokenizer
+    from edgetune.export.model_info import info_from_hf
+    from edgetune.train import keep_chat_template
+
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    base_tmpl = load_tokenizer(tiny_llama_dir).chat_template
+    assert base_tmpl != KNOWN_TEMPLATES["qwen2.5"]
+    plain = fuse(tiny_llama_dir, adapter, tmp_path / "plain")
+    assert load_tokenizer(plain).chat_template == base_tmpl  # no template kept: the base's
+
+    keep_chat_template(adapter, "qwen2.5")
+    out = fuse(tiny_llama_dir, adapter, tmp_path / "fused")
+    assert load_tokenizer(out).chat_template == KNOWN_TEMPLATES["qwen2.5"]
+    info = info_from_hf(out)  # what the GGUF converter and the Modelfile read
+    assert info.chat_template == KNOWN_TEMPLATES["qwen2.5"]
+    assert detect_family(info.chat_template).name == "qwen2.5"
+    assert json.loads((out / "edgetune_fuse.json").read_text())["chat_template"] == "from training"
+    # an explicit template wins over the kept one
+    other = fuse(tiny_llama_dir, adapter, tmp_path / "other", chat_template="chatml")
+    assert load_tokenizer(other).chat_template == KNOWN_TEMPLATES["chatml"]

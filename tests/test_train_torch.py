@@ -64,9 +64,14 @@ def test_trains_and_writes_the_run_folder(tiny_llama_dir, small_data, tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from edgetune.data.template import KNOWN_TEMPLATES
+
     out = tmp_path / "run"
-    res = train(tiny_llama_dir, small_data, out, fast_cfg(method=method))
+    template = "chatml" if method == "dora" else None  # a --chat-template is kept beside the adapter for fuse
+    res = train(tiny_llama_dir, small_data, out, fast_cfg(method=method), chat_template=template)
     assert res.steps == 8 and res.tokens_seen > 0 and res.backend == "torch"
+    kept = out / "adapter" / "chat_template.jinja"
+    assert (kept.read_text() == KNOWN_TEMPLATES["chatml"]) if template else not kept.exists()
     from edgetune.precision import decide
 
     assert res.precision == decide("train", "cpu").dtype  # the one policy, whichever way it is switched

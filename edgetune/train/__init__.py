@@ -59,9 +59,22 @@ def train(model_dir, data_dir, out_dir, cfg, resume: bool = False, *, on_step=No
     if choice.backend == "mlx":
         from . import mlx_backend
 
-        return mlx_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
-                               chat_template=chat_template)
-    from . import torch_backend
+        result = mlx_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                                 chat_template=chat_template)
+    else:
+        from . import torch_backend
 
-    return torch_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
-                             chat_template=chat_template)
+        result = torch_backend.run(model_dir, data_dir, out_dir, cfg, choice, resume=resume, on_step=on_step,
+                                   chat_template=chat_template)
+    if chat_template and int(os.environ.get("RANK", "0")) == 0:
+        keep_chat_template(result.adapter_dir, chat_template)
+    return result
+
+
+def keep_chat_template(adapter_dir, chat_template: str) -> None:
+    """The template the adapter was trained with, kept beside it (``chat_template.jinja``): fuse writes it
+    into the fused model, so the GGUF, the Modelfile and eval use what training rendered, not the base's."""
+    from ..data.template import resolve_chat_template
+    from ..io import write_text
+
+    write_text(Path(adapter_dir) / "chat_template.jinja", resolve_chat_template(chat_template))
