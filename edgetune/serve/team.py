@@ -114,6 +114,22 @@ def _validate(body) -> None:
         raise BadRequest("only n=1 is supported")
 
 
+class _KeyCheck:
+    """API key on every route, as plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` wraps
+    ``receive`` so the endpoint no longer sees the client disconnect, which cancellation needs)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.want):
+                await _error(401, "missing or wrong API key", "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int | None = None):
     """The FastAPI app for ``cfg`` (nothing is loaded until a request needs it)."""
     from fastapi import FastAPI
@@ -128,13 +144,8 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
     app = FastAPI(title="edgetune team server")
     app.state.pool, app.state.metrics, app.state.background = pool, metrics, background
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key", "invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_KeyCheck, key=api_key)
 
     @app.get("/health")
     async def health():
