@@ -109,7 +109,7 @@ class Server:
             except OSError:
                 if self.proc.poll() is not None:
                     self.log.seek(0)
-                    raise SystemExit("server died at start:\n" + self.log.read().decode()[-3000:])
+                    raise SystemExit("server died at start:\n" + self.log.read().decode()[-3000:]) from None
                 time.sleep(0.2)
         raise SystemExit("server did not start in 120 s")
 
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queue-depth", type=int, default=2)
     ap.add_argument("--queue-timeout", type=float, default=30)
     ap.add_argument("--overload-factor", type=int, default=4, help="Clients beyond capacity = factor x (depth + 1).")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="llama.cpp threads (default: all cores but one, left to the HTTP loop and the clients).")
     ap.add_argument("--port", type=int, default=18431)
     ap.add_argument("--out", type=Path, default=None, help="Write the figures as JSON here.")
     args = ap.parse_args(argv)
