@@ -134,7 +134,7 @@ def test_split_is_sticky_per_user(server, config):
     assert len(split) >= 20 and all(r["route"] == "ab" and r["model"] in ("a0", "a1") and "text" not in r for r in split)
 
 
-def test_shadow_log_becomes_an_eval_report(server, config, tmp_path):
+def test_shadow_log_becomes_an_eval_report(server, config, files, tmp_path):
     from click.testing import CliRunner
 
     from edgetune.cli import cli
@@ -168,10 +168,24 @@ def test_shadow_log_becomes_an_eval_report(server, config, tmp_path):
     assert rep["compared"] == 3 and rep["agreement"]["exact_match"] == pytest.approx(agree)
     assert rep["task"]["with_reference"] == 3 and "exact_match" in rep["task"]["primary"]
     assert "Shadow comparison: a1 vs a0" in (tmp_path / "rep" / "shadow_report.md").read_text()
-    with pytest.raises(EdgetuneError, match="needs the prompts"):
-        from edgetune.eval.shadow import compare_shadow
+    from edgetune.eval.shadow import compare_shadow
 
+    with pytest.raises(EdgetuneError, match="needs the prompts"):
         compare_shadow(only, judge="openai:x@http://127.0.0.1:9/v1")
+    # with log_text on, the prompt is logged and a judge can run (both orders) on the pair
+    config.log_text = True
+    try:
+        c.chat.completions.create(model="sh", messages=[{"role": "user", "content": "Judge me."}], max_tokens=4, temperature=0)
+        assert _wait(lambda: "Judge me." in config.shadow_log.read_text(), 120)
+    finally:
+        config.log_text = False
+    last = json.loads(config.shadow_log.read_text().splitlines()[-1])
+    assert last["messages"] == [{"role": "user", "content": "Judge me."}]
+    only.write_text(json.dumps(last) + "\n")
+    _, base, _ = files
+    rep = compare_shadow(only, judge=f"gguf:{base}")
+    j = rep["judge"]["candidate"]
+    assert j["wins"] + j["ties"] + j["losses"] == 1 and rep["judge"]["judge"].startswith("gguf:")
 
 
 def _health(server):
