@@ -303,3 +303,21 @@ def test_config_errors_name_the_field(files, tmp_path):
                      shadows=("sh=a0:a1",), queue_depth=3, queue_timeout=None)
     assert cfg.model_ids() == ["base", "a0", "a1"] and cfg.routes["ab"].split == {"a0": 90.0, "a1": 10.0}
     assert cfg.queue_depth == 3 and cfg.routes["sh"].shadow == "a1"
+
+
+def test_streaming_client_that_leaves_stops_generation(server):
+    from http.client import HTTPConnection
+
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    before = http("GET", root(server) + "/metrics", headers=auth).text.count('model="a0",status="499"')
+    conn = HTTPConnection(server.host, server.port, timeout=60)
+    body = {"model": "a0", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=auth)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    assert _health(server)["running"] == 1
+    conn.sock.close()  # leave mid-stream
+    conn.close()
+    assert _wait(lambda: _health(server)["running"] == 0, 30)  # far sooner than 3000 tokens
+    text = http("GET", root(server) + "/metrics", headers=auth).text
+    assert 'edgetune_requests_total{model="a0",status="499"} 1' in text and before == 0
