@@ -143,7 +143,7 @@ class LoadedBase:
 
         if self.llm is None:
             return
-        llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        self.use(None)
         for p in self.adapters.values():
             llama_cpp.llama_adapter_lora_free(p)
         self.llm.close()
@@ -156,7 +156,11 @@ class LoadedBase:
 
         if adapter == self.current:
             return
-        if adapter is None:
+        if not hasattr(llama_cpp, "llama_set_adapters_lora"):  # llama-cpp-python before the 0.3.2x rename
+            llama_cpp.llama_clear_adapter_lora(self.llm.ctx)
+            rc = 0 if adapter is None else llama_cpp.llama_set_adapter_lora(
+                self.llm.ctx, self.adapters[adapter], self.spec.adapters[adapter].scale)
+        elif adapter is None:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         else:
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[adapter])
