@@ -168,9 +168,9 @@ def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
     return out_dir
 
 
-def _make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0):
+def _make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0, hidden: int = 576):
     """A real llama.cpp LoRA adapter GGUF for the SmolLM2-135M demo model (random attn_q deltas
-    on the first layers, large enough to change greedy answers)."""
+    on the first layers, large enough to change greedy answers); ``hidden``: another llama's width."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -179,9 +179,9 @@ def _make_lora_gguf(path, rank: int = 4, layers: int = 4, seed: int = 0):
     w.add_string("general.type", "adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", 2.0 * rank)
-    for i in range(layers):  # HF shapes: A (rank, in), B (out, rank); hidden size 576
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, 576)) * 0.5).astype(np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((576, rank)) * 0.5).astype(np.float32))
+    for i in range(layers):  # HF shapes: A (rank, in), B (out, rank)
+        w.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, hidden)) * 0.5).astype(np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((hidden, rank)) * 0.5).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -178,3 +178,25 @@ def drift_cmd(reference, candidates, data_path, limit, out_file, n_ctx, dtype, a
     for name, d in res["candidates"].items():
         t.add_row(name, str(d["tokens"]), f"{d['kl']:.4f}", f"{100 * d['top1_agreement']:.1f}%", f"{d['max_abs_logit_diff']:.3f}")
     out.print(t)
+
+
+@eval_group.command("shadow")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--route", default=None, help="Only this route's records (default: all shadow records).")
+@click.option("--judge", default=None, metavar="SPEC", help="Pairwise LLM judge of candidate vs primary (needs a log with prompts).")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default="shadow-report", show_default=True,
+              help="Folder for shadow_report.json / shadow_report.md.")
+@json_option
+def shadow_cmd(log_path, route, judge, out_dir, as_json):
+    """Compare primary and candidate on a team server's shadow log (LOG_PATH, JSONL): agreement,
+    latency, tokens, task metrics where records carry a reference, judge verdicts when asked."""
+    from ..console import console, out
+    from ..eval.shadow import compare_shadow, to_markdown, write_shadow_report
+
+    rep = compare_shadow(log_path, route=route, judge=judge)
+    paths = write_shadow_report(rep, out_dir)
+    if as_json:
+        out.print_json(json.dumps(rep))
+        return
+    console.print(to_markdown(rep), highlight=False, soft_wrap=True)
+    console.print(f"report: {paths['md']}", highlight=False)

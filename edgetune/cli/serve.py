@@ -14,8 +14,20 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 
 
 @click.command("serve")
-@_model_arg
+@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_adapter_opt
+@click.option("--config", "team_config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Team server YAML: bases, LoRA adapters, routes, limits, log (see README).")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=FILE",
+              help="Serve LoRA adapter FILE as model id NAME on the one loaded MODEL (repeatable).")
+@click.option("--split", "splits", multiple=True, metavar="ROUTE=ID:W,ID:W", help="A/B route: weights, sticky per `user`.")
+@click.option("--shadow", "shadows", multiple=True, metavar="ROUTE=PRIMARY:CANDIDATE",
+              help="Shadow route: answer from PRIMARY, mirror to CANDIDATE, log both.")
+@click.option("--queue-depth", type=int, default=None, help="Requests that may wait per base (default 8); more get 503.")
+@click.option("--queue-timeout", type=float, default=None, help="Seconds a request may wait for its turn (default 30).")
+@click.option("--memory-cap-mb", type=float, default=None, help="Unload least recently used bases above this (default: no cap).")
+@click.option("--shadow-log", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSONL log of shadow / A/B traffic.")
+@click.option("--log-text/--no-log-text", default=None, help="Write prompts to the logs (default off: private deployments).")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1: this machine only).")
 @click.option("--port", type=int, default=None, help="Port (default 8080).")
 @click.option("--api-key", envvar="EDGETUNE_API_KEY", default=None,
@@ -23,28 +35,64 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--alias", default=None, help="Model id reported by /v1/models (default: the file name).")
 @_ctx_opt
 @_threads_opt
-def serve(model, adapter, host, port, api_key, alias, n_ctx, threads):
+def serve(model, adapter, team_config, loras, splits, shadows, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
+          log_text, host, port, api_key, alias, n_ctx, threads):
     """Serve MODEL.gguf over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
+    With --config or --lora: the team server — several LoRA adapters switched per request on one
+    loaded base, A/B and shadow routes, bounded queues (503 + Retry-After), /health and /metrics.
     The chat template is the one stored in the GGUF.
     """
     from ..console import console
+    from ..errors import EdgetuneError
     from ..serve import DEFAULT_HOST, DEFAULT_N_CTX, DEFAULT_PORT, is_loopback
-    from ..serve import serve as run_server
 
     host = host or DEFAULT_HOST
     port = port or DEFAULT_PORT
+    team = bool(team_config or loras or splits or shadows)
+    if not team and model is None:
+        raise EdgetuneError("No model to serve.", fix="edgetune serve MODEL.gguf   or   edgetune serve --config team.yaml")
+    if team and adapter:
+        raise EdgetuneError("--adapter is for a single model; name adapters with --lora NAME=FILE here.", fix="--lora NAME=FILE")
     if not is_loopback(host) and not api_key:
         console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
                       "machine can use the model.", highlight=False)
-    console.print(f"serving {model.name} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
-                  highlight=False, soft_wrap=True)
     try:
-        run_server(model, adapter=adapter, host=host, port=port, api_key=api_key, n_ctx=n_ctx or DEFAULT_N_CTX,
-                   n_threads=threads, alias=alias)
+        if team:
+            _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key,
+                        queue_depth=queue_depth, queue_timeout=queue_timeout, memory_cap_mb=memory_cap_mb,
+                        shadow_log=shadow_log, log_text=log_text)
+        else:
+            from ..serve import serve as run_server
+
+            console.print(f"serving {model.name} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+                          highlight=False, soft_wrap=True)
+            run_server(model, adapter=adapter, host=host, port=port, api_key=api_key, n_ctx=n_ctx or DEFAULT_N_CTX,
+                       n_threads=threads, alias=alias)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown
         pass
     console.print("server stopped", highlight=False)
+
+
+def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, **limits):
+    import logging
+
+    from ..console import console
+    from ..serve.team import make_team_server
+    from ..serve.team_config import from_flags, load_team_config
+
+    if team_config:
+        cfg = load_team_config(team_config)
+        for k, v in limits.items():  # flags override the file
+            if v is not None:
+                setattr(cfg, k, v)
+    else:
+        cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048, **limits)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ids = cfg.model_ids() + list(cfg.routes)
+    console.print(f"serving {', '.join(ids)} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+                  highlight=False, soft_wrap=True)
+    make_team_server(cfg, host=host, port=port, api_key=api_key, n_threads=threads, log_level="info").server.run()
 
 
 @click.command("chat")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgetuneError
+from ..errors import EdgetuneError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -37,7 +37,7 @@ def _check_files(model, adapter) -> tuple[Path, Path | None]:
 
 
 def _has_chat_template(model: Path) -> bool:
-    from .export.model_info import info_from_gguf
+    from ..export.model_info import info_from_gguf
 
     return bool(info_from_gguf(model).chat_template)
 

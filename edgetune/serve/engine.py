@@ -1,0 +1,266 @@
+"""Loaded bases, per-request LoRA switching, the bounded queue, and the one generation function.
+
+One ``llama_cpp.Llama`` per base. Its adapters are loaded once with llama.cpp's
+``llama_adapter_lora_init`` and switched per request with ``llama_set_adapters_lora`` on the one
+context, so memory grows by the adapters' size, not by a model per adapter (llama-cpp-python's
+high-level ``Llama`` takes one ``lora_path`` at load time; the low-level calls are what switch).
+
+A base runs one request at a time (a llama.cpp context is not thread-safe). Others wait in a
+bounded queue: past ``queue_depth`` waiting, or after ``queue_timeout`` seconds of waiting, the
+request is refused with :class:`Overloaded` (the app answers 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..errors import EdgetuneError
+from .team_config import BaseSpec, TeamConfig
+
+
+class Overloaded(Exception):
+    """No turn for this request now; ``retry_after`` seconds is a fair guess for the client."""
+
+    def __init__(self, reason: str, retry_after: int = 1):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class BadRequest(Exception):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float  # generation time (after the request's turn came)
+    cancelled: bool = False
+
+
+class _TokenProbe:
+    """A logits processor that counts tokens and ends generation when ``cancel`` is set (it
+    leaves only end-of-generation possible, so llama.cpp stops at the next token)."""
+
+    def __init__(self, eos: int, cancel: threading.Event):
+        self.eos, self.cancel = eos, cancel
+        self.prompt_tokens = self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        if self.calls == 0:
+            self.prompt_tokens = len(input_ids)
+        self.calls += 1
+        if self.cancel.is_set():
+            import numpy as np
+
+            scores[:] = -np.inf
+            scores[self.eos] = 0.0
+        return scores
+
+
+GEN_KEYS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+
+
+def run_chat(llm, body: dict, cancel: threading.Event, on_piece: Callable[[str], None] | None = None) -> Completion:
+    """The request → prompt → completion path: ``body`` (an OpenAI chat request) rendered with the
+    GGUF's own chat template, generated on the adapter already set on ``llm``.
+
+    Pieces go to ``on_piece`` as they come (streaming). ``cancel`` stops generation at the next token.
+    """
+    params = {k: body[k] for k in GEN_KEYS if body.get(k) is not None}
+    params.setdefault("temperature", 1.0)  # the OpenAI default (llama-cpp-python's own is 0.2)
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
+    probe = _TokenProbe(llm.token_eos(), cancel)
+    pieces, finish = [], "stop"
+    t0 = time.perf_counter()
+    from llama_cpp import LogitsProcessorList
+
+    for chunk in llm.create_chat_completion(messages=body["messages"], max_tokens=int(max_tokens), stream=True,
+                                            logits_processor=LogitsProcessorList([probe]), **params):
+        choice = chunk["choices"][0]
+        piece = choice["delta"].get("content") or ""
+        if piece:
+            pieces.append(piece)
+            if on_piece is not None:
+                on_piece(piece)
+        if choice.get("finish_reason"):
+            finish = choice["finish_reason"]
+        if cancel.is_set():
+            break
+    return Completion("".join(pieces), finish, probe.prompt_tokens, probe.calls, time.perf_counter() - t0, cancel.is_set())
+
+
+@dataclass
+class LoadedBase:
+    """One base GGUF in memory with its adapters; ``turn`` admits one request at a time."""
+
+    spec: BaseSpec
+    n_threads: int
+    llm: object = None
+    adapters: dict = field(default_factory=dict)  # name → llama_adapter_lora_p
+    current: str | None = None
+    waiting: int = 0
+    running: int = 0
+    last_used: float = 0.0
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def size_mb(self) -> float:
+        return (self.spec.path.stat().st_size + sum(a.path.stat().st_size for a in self.spec.adapters.values())) / 2**20
+
+    def load(self) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        from ..export.model_info import info_from_gguf
+
+        chat_format = "chat_template.default" if info_from_gguf(self.spec.path).chat_template else None
+        llm = Llama(model_path=str(self.spec.path), n_ctx=self.spec.n_ctx, n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads, chat_format=chat_format, verbose=False)
+        adapters = {}
+        for name, a in self.spec.adapters.items():
+            ptr = llama_cpp.llama_adapter_lora_init(llm.model, str(a.path).encode())
+            if not ptr:
+                for p in adapters.values():
+                    llama_cpp.llama_adapter_lora_free(p)
+                llm.close()
+                raise EdgetuneError(f"llama.cpp could not load the LoRA adapter {a.path} for base {self.spec.path.name}.",
+                                    where=str(a.path), fix="export it for this base: edgetune export adapter --base-gguf BASE.gguf")
+            adapters[name] = ptr
+        self.llm, self.adapters, self.current = llm, adapters, None
+
+    def unload(self) -> None:
+        import llama_cpp
+
+        if self.llm is None:
+            return
+        self.use(None)
+        for p in self.adapters.values():
+            llama_cpp.llama_adapter_lora_free(p)
+        self.llm.close()
+        self.llm, self.adapters, self.current = None, {}, None
+
+    def use(self, adapter: str | None) -> None:
+        """Put ``adapter`` (None: none) on the context; forget the KV cache if it changed, since
+        keys and values computed under another adapter are wrong for this one."""
+        import llama_cpp
+
+        if adapter == self.current:
+            return
+        if not hasattr(llama_cpp, "llama_set_adapters_lora"):  # llama-cpp-python before the 0.3.2x rename
+            llama_cpp.llama_clear_adapter_lora(self.llm.ctx)
+            rc = 0 if adapter is None else llama_cpp.llama_set_adapter_lora(
+                self.llm.ctx, self.adapters[adapter], self.spec.adapters[adapter].scale)
+        elif adapter is None:
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[adapter])
+            scales = (ctypes.c_float * 1)(self.spec.adapters[adapter].scale)
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, 1, scales)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed ({rc}) for {adapter!r}")
+        self.llm.reset()
+        self.current = adapter
+
+
+class Pool:
+    """Bases by name, loaded on first use; above ``memory_cap_mb`` idle bases are unloaded,
+    least recently used first."""
+
+    def __init__(self, cfg: TeamConfig, n_threads: int):
+        self.cfg = cfg
+        self.bases = {name: LoadedBase(spec, spec.n_threads or n_threads) for name, spec in cfg.bases.items()}
+        self.loads = 0
+        self.unloads = 0
+
+    def loaded(self) -> list[LoadedBase]:
+        return [b for b in self.bases.values() if b.llm is not None]
+
+    async def ensure_loaded(self, base: LoadedBase) -> None:
+        if base.llm is not None:
+            return
+        async with base.load_lock:
+            if base.llm is not None:
+                return
+            cap = self.cfg.memory_cap_mb
+            if cap:
+                idle = sorted((b for b in self.loaded() if b is not base and not b.running and not b.waiting),
+                              key=lambda b: b.last_used)
+                while idle and sum(b.size_mb for b in self.loaded()) + base.size_mb > cap:
+                    victim = idle.pop(0)
+                    await asyncio.to_thread(victim.unload)
+                    self.unloads += 1
+                if self.loaded() and sum(b.size_mb for b in self.loaded()) + base.size_mb > cap:
+                    raise Overloaded(f"memory cap {cap:.0f} MB reached and every loaded base is busy", retry_after=5)
+            await asyncio.to_thread(base.load)
+            self.loads += 1
+
+    async def submit(self, model_id: str, body: dict, *, disconnected: Callable[[], Awaitable[bool]] | None = None,
+                     on_piece: Callable[[str], None] | None = None, on_turn: Callable[[], None] | None = None) -> Completion:
+        """Wait for a turn on the model's base (bounded), switch adapter, generate (in a thread),
+        cancelling when ``disconnected()`` turns true."""
+        spec, adapter = self.cfg.locate(model_id)
+        base = self.bases[spec.name]
+        async with self.turn_on(base):
+            if on_turn is not None:
+                on_turn()
+            await self.ensure_loaded(base)
+            cancel = threading.Event()
+
+            def work() -> Completion:
+                base.use(adapter)
+                return run_chat(base.llm, body, cancel, on_piece)
+
+            fut = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                while not fut.done():
+                    await asyncio.wait({fut}, timeout=0.05)
+                    if not fut.done() and disconnected is not None and await disconnected():
+                        cancel.set()
+            except asyncio.CancelledError:
+                cancel.set()  # the client went away (streaming): stop, then give the turn back
+                await asyncio.shield(fut)
+                raise
+            return fut.result()
+
+    def turn_on(self, base: LoadedBase):
+        return _Turn(self.cfg, base)
+
+
+class _Turn:
+    """Admission to a base: refuse at once when the queue is full, or after the timeout."""
+
+    def __init__(self, cfg: TeamConfig, base: LoadedBase):
+        self.cfg, self.base = cfg, base
+
+    async def __aenter__(self):
+        b = self.base
+        if b.turn.locked() and b.waiting >= self.cfg.queue_depth:
+            raise Overloaded(f"queue for {b.spec.name} is full ({b.waiting} waiting)", retry_after=_retry(self.cfg))
+        b.waiting += 1
+        try:
+            await asyncio.wait_for(b.turn.acquire(), timeout=self.cfg.queue_timeout)
+        except TimeoutError:
+            raise Overloaded(f"no turn on {b.spec.name} within {self.cfg.queue_timeout:g} s", retry_after=_retry(self.cfg)) from None
+        finally:
+            b.waiting -= 1
+        b.running += 1
+        return self
+
+    async def __aexit__(self, *exc):
+        self.base.running -= 1
+        self.base.last_used = time.monotonic()
+        self.base.turn.release()
+
+
+def _retry(cfg: TeamConfig) -> int:
+    return max(1, min(30, int(cfg.queue_timeout / 4) or 1))

@@ -1,0 +1,265 @@
+"""Load test for the team server (`edgetune serve --lora …`), on 127.0.0.1 only, bounded in time.
+
+    python scripts/bench_serve.py                       # demo GGUF + 3 generated LoRA adapters
+    python scripts/bench_serve.py --base B.gguf --lora a=A.gguf --lora b=B.gguf --seconds 20 --out bench.json
+
+What it does, in order:
+1. the reference: each model id's greedy answer to each prompt from llama.cpp directly
+   (``Llama(lora_path=…)``, one model per adapter) — what the server must reproduce;
+2. RSS of a server with 1 adapter vs one with all adapters (each warmed: every model answered once);
+3. at capacity: ``queue_depth + 1`` clients (one running, the rest queued) for ``--seconds``;
+4. beyond capacity: ``--overload-factor`` times as many clients for ``--seconds``;
+each client loops over random (model, prompt) pairs at temperature 0 and checks the answer
+against the reference. Reported: throughput, p50/p95/p99 latency, 503 share and 503 latency,
+wrong answers (must be 0), other 5xx / connection errors (must be 0), whether the server survived.
+Exit status 1 when a must-be-0 count is not 0, a 503 took 100 ms or more, or the server died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROMPTS = ["What is the capital of France?", "Name a colour.", "Write one word about the sea."]
+KEY = "sk-bench"
+
+
+def make_loras(base: Path, out: Path, n: int) -> dict[str, Path]:
+    """``n`` real GGUF LoRA adapters for ``base`` (random attn_q deltas on the first layers, big
+    enough to change greedy answers), so a wrong-adapter answer is detectable."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    r = GGUFReader(str(base))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    hidden = int(r.fields[f"{arch}.embedding_length"].parts[-1][0])
+    q = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
+    q_out = int(q.shape[1]) if len(q.shape) > 1 else hidden
+    res = {}
+    for i in range(n):
+        rng = np.random.default_rng(i + 1)
+        path = out / f"lora{i}.gguf"
+        w = GGUFWriter(str(path), arch)
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 8.0)
+        for layer in range(4):
+            w.add_tensor(f"blk.{layer}.attn_q.weight.lora_a", (rng.standard_normal((4, hidden)) * 0.5).astype(np.float32))
+            w.add_tensor(f"blk.{layer}.attn_q.weight.lora_b", (rng.standard_normal((q_out, 4)) * 0.5).astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        res[f"lora{i}"] = path
+    return res
+
+
+def references(base: Path, loras: dict[str, Path], max_tokens: int, threads: int) -> dict[tuple[str, str], str]:
+    from llama_cpp import Llama
+
+    ref = {}
+    for mid, lp in [(base.stem, None), *loras.items()]:
+        llm = Llama(model_path=str(base), lora_path=str(lp) if lp else None, n_ctx=512, n_threads=threads,
+                    chat_format="chat_template.default", verbose=False)
+        for p in PROMPTS:
+            r = llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0)
+            ref[(mid, p)] = r["choices"][0]["message"]["content"]
+        llm.close()
+    return ref
+
+
+def post(url: str, body: dict, timeout: float) -> tuple[int, dict, float]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+            return r.status, out, time.perf_counter() - t0
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code, {"retry_after": e.headers.get("Retry-After")}, time.perf_counter() - t0
+
+
+class Server:
+    def __init__(self, base: Path, loras: dict[str, Path], args, port: int):
+        cmd = [sys.executable, "-m", "edgetune", "serve", str(base), "--port", str(port), "--api-key", KEY,
+               "--threads", str(args.threads), "--queue-depth", str(args.queue_depth), "--queue-timeout", str(args.queue_timeout),
+               "--n-ctx", "512"]
+        for k, v in loras.items():
+            cmd += ["--lora", f"{k}={v}"]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers={"Authorization": f"Bearer {KEY}"}), timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    self.log.seek(0)
+                    raise SystemExit("server died at start:\n" + self.log.read().decode()[-3000:]) from None
+                time.sleep(0.2)
+        raise SystemExit("server did not start in 120 s")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, max_tokens: int) -> dict:
+    stats = {"ok": [], "busy": [], "wrong": 0, "other_5xx": 0, "other": 0, "errors": 0, "tokens": 0}
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def client(seed: int):
+        rng = random.Random(seed)
+        while time.time() < stop_at:
+            mid, p = rng.choice(ids), rng.choice(PROMPTS)
+            body = {"model": mid, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens, "temperature": 0}
+            try:
+                status, out, dt = post(srv.url + "/v1/chat/completions", body, timeout=seconds + 120)
+            except OSError:
+                with lock:
+                    stats["errors"] += 1
+                continue
+            with lock:
+                if status == 200:
+                    stats["ok"].append(dt)
+                    stats["tokens"] += out["usage"]["completion_tokens"]
+                    if out["model"] != mid or out["choices"][0]["message"]["content"] != ref[(mid, p)]:
+                        stats["wrong"] += 1
+                elif status == 503:
+                    stats["busy"].append(dt)
+                elif status >= 500:
+                    stats["other_5xx"] += 1
+                else:
+                    stats["other"] += 1
+            if status == 503:
+                time.sleep(0.05)  # a real client would honour Retry-After; keep the pressure on
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    n = len(stats["ok"]) + len(stats["busy"]) + stats["other_5xx"] + stats["other"] + stats["errors"]
+    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
+    return {"clients": clients, "seconds": round(wall, 1), "requests": n, "ok": len(stats["ok"]),
+            "throughput_rps": round(len(stats["ok"]) / wall, 2), "tokens_per_s": round(stats["tokens"] / wall, 1),
+            "p50_ms": ms(pct(stats["ok"], 50)), "p95_ms": ms(pct(stats["ok"], 95)), "p99_ms": ms(pct(stats["ok"], 99)),
+            "share_503": round(len(stats["busy"]) / n, 3) if n else None, "n_503": len(stats["busy"]),
+            "503_p50_ms": ms(pct(stats["busy"], 50)), "503_p99_ms": ms(pct(stats["busy"], 99)), "503_max_ms": ms(max(stats["busy"], default=None)),
+            "wrong_answers": stats["wrong"], "other_5xx": stats["other_5xx"], "other_status": stats["other"],
+            "connection_errors": stats["errors"], "server_alive": srv.alive()}
+
+
+def warm(srv: Server, ids: list[str]) -> None:
+    for mid in ids:
+        post(srv.url + "/v1/chat/completions", {"model": mid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}, 300)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, default=None, help="Base GGUF (default: the demo SmolLM2-135M Q4_1 GGUF).")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE", help="Adapter (default: 3 generated).")
+    ap.add_argument("--seconds", type=float, default=20, help="Length of each load phase.")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--queue-depth", type=int, default=2)
+    ap.add_argument("--queue-timeout", type=float, default=30)
+    ap.add_argument("--overload-factor", type=int, default=4, help="Clients beyond capacity = factor x (depth + 1).")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="llama.cpp threads (default: all cores but one, left to the HTTP loop and the clients).")
+    ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--out", type=Path, default=None, help="Write the figures as JSON here.")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if args.base is None:
+        from edgetune.demo_model import locate_gguf
+
+        args.base = locate_gguf(download=False)
+    loras = {k: Path(v) for k, v in (x.split("=", 1) for x in args.lora)} or make_loras(args.base, tmp, 3)
+    ids = [args.base.stem, *loras]
+    print(f"reference answers from llama.cpp for {ids} …", flush=True)
+    ref = references(args.base, loras, args.max_tokens, args.threads)
+    distinct = len({tuple(ref[(m, p)] for p in PROMPTS) for m in ids})
+    print(f"  {distinct} distinct answer sets for {len(ids)} models", flush=True)
+
+    res: dict = {"base": str(args.base), "models": ids, "max_tokens": args.max_tokens, "queue_depth": args.queue_depth,
+                 "distinct_reference_sets": distinct, "cpu": _cpu()}
+    first = dict(list(loras.items())[:1])
+    srv = Server(args.base, first, args, args.port)
+    try:
+        warm(srv, [args.base.stem, *first])
+        res["rss_mb_1_adapter"] = round(srv.rss_mb(), 1)
+    finally:
+        srv.stop()
+    srv = Server(args.base, loras, args, args.port)
+    try:
+        warm(srv, ids)
+        res[f"rss_mb_{len(loras)}_adapters"] = round(srv.rss_mb(), 1)
+        res["adapter_files_mb"] = round(sum(p.stat().st_size for p in loras.values()) / 2**20, 2)
+        cap = args.queue_depth + 1
+        print(f"at capacity: {cap} clients x {args.seconds:g} s …", flush=True)
+        res["at_capacity"] = phase(srv, ids, ref, cap, args.seconds, args.max_tokens)
+        print(f"beyond capacity: {cap * args.overload_factor} clients x {args.seconds:g} s …", flush=True)
+        res["overload"] = phase(srv, ids, ref, cap * args.overload_factor, args.seconds, args.max_tokens)
+        res["server_alive_at_end"] = srv.alive()
+    finally:
+        srv.stop()
+    print(json.dumps(res, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+    bad = [k for ph in ("at_capacity", "overload") for k in ("wrong_answers", "other_5xx", "connection_errors") if res[ph][k]]
+    slow503 = (res["overload"]["503_max_ms"] or 0) >= 100
+    if bad or slow503 or not res["server_alive_at_end"]:
+        print(f"FAILED: {bad or ''} {'503 took >= 100 ms' if slow503 else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        name = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
