@@ -70,8 +70,12 @@ def _quiet(verbose: bool):
         return contextlib.nullcontext()
 
 
-def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None = None, verbose: bool = False) -> Path:
-    """Quantize ``in_gguf`` (f32/f16/bf16 GGUF) to ``out_gguf`` with llama.cpp; returns the path."""
+def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None = None, verbose: bool = False,
+             require_imatrix: bool = True) -> Path:
+    """Quantize ``in_gguf`` (f32/f16/bf16 GGUF) to ``out_gguf`` with llama.cpp; returns the path.
+
+    ``require_imatrix=False`` lets a benchmark measure a needs-imatrix type without one (llama.cpp
+    itself refuses only its 1- and 2-bit i-quants)."""
     try:
         import llama_cpp
     except ImportError:
@@ -80,7 +84,7 @@ def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None
     src = Path(in_gguf)
     if not src.exists():
         raise EdgetuneError(f"GGUF not found: {src}", where=str(src))
-    if QTYPES[q].needs_imatrix and imatrix is None:
+    if QTYPES[q].needs_imatrix and imatrix is None and require_imatrix:
         raise EdgetuneError(f"{q} needs an importance matrix.", fix="pass --imatrix FILE (made with llama-imatrix)")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QTYPES[q].ftype)
