@@ -29,7 +29,8 @@ class QType:
     bits: float  # approximate bits per weight (disk estimates)
     convert: bool = False  # written directly by export/gguf.py
     quantize: bool = True  # produced by llama.cpp's quantizer
-    # i-quants below 4 bits are unusable without an importance matrix (llama.cpp refuses them)
+    # edgetune refuses these without an importance matrix (llama-quantize itself refuses only its
+    # 1- and 2-bit i-quants and q2_k_s); scripts/bench_imatrix.py measures iq3_m both ways
     needs_imatrix: bool = False
     ladder: bool = False  # one of the types `--quant auto` measures
     imatrix: bool = True  # llama.cpp's quantizer uses an importance matrix for it
