@@ -144,16 +144,21 @@ def _fuse_run(c: Ctx, resume: bool) -> dict:
 def _export_inputs(c: Ctx) -> dict:
     e = c.cfg.export
     imatrix = sha256_file(e.imatrix) if e.imatrix and Path(e.imatrix).is_file() else e.imatrix
-    return {"cfg": to_dict(e), "imatrix": imatrix, "name": c.run.model_name, "fused": c.output_hash("fuse")}
+    calib = e.calib or c.run.split("train")  # export.imatrix: auto reads it (and auto's held-out the valid split)
+    return {"cfg": to_dict(e), "imatrix": imatrix, "name": c.run.model_name, "fused": c.output_hash("fuse"),
+            "calib": sha256_file(calib) if Path(calib).is_file() else None}
 
 
 def _export_run(c: Ctx, resume: bool) -> dict:
     export_model = _api("edgetune.export.quantize", "export_model", "export")
-    e = c.cfg.export
-    res = export_model(c.run.fused_dir, c.run.gguf_dir, e.quants, outtype=e.outtype, imatrix=e.imatrix, verify=e.verify,
-                       name=c.run.model_name)
+    kwargs = _api("edgetune.export.quantize", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
+    res = export_model(c.run.fused_dir, c.run.gguf_dir, c.cfg.export.quants, name=c.run.model_name, **kwargs)
     files = {t: str(p) for t, p in res["files"].items()}
     summary: dict[str, Any] = {"gguf": files, "sizes_mb": {k: round(Path(v).stat().st_size / 2**20, 1) for k, v in files.items()}}
+    if res.get("imatrix"):  # which data and how many tokens made the importance matrix
+        summary["imatrix"] = res["imatrix"]
+    if res.get("auto"):
+        summary["auto"] = {"chosen": res["auto"]["chosen"], "reason": res["auto"]["reason"], "table": str(res["auto"]["report"])}
     if res.get("drift"):  # each quantized file vs the unquantized export, as `edgetune export` prints it
         summary["drift"] = {r.label: {"top1": round(r.top1, 4), "mean_kl": round(r.mean_kl, 5)} for r in res["drift"]}
     return summary
@@ -354,15 +359,19 @@ def check_export_plan(cfg: RunConfig) -> None:
         from .export.quantize import normalize_qtype
 
         for q in cfg.export.quants:
-            normalize_qtype(q)
+            if q != "auto":
+                normalize_qtype(q)
+    if "auto" in cfg.export.quants and cfg.ollama.quant:
+        raise EdgetuneError(f"export.quants = [auto] picks the Modelfile's type, but ollama.quant = {cfg.ollama.quant}.",
+                            fix="remove ollama.quant, or list the types in export.quants")
     if cfg.ollama.quant and cfg.ollama.quant not in [cfg.export.outtype, *cfg.export.quants]:
         raise EdgetuneError(
             f"ollama.quant = {cfg.ollama.quant} is not exported (export.quants = {cfg.export.quants}).",
             fix=f"add {cfg.ollama.quant} to export.quants or set ollama.quant to one of them",
         )
-    if cfg.export.imatrix and not Path(cfg.export.imatrix).is_file():
+    if cfg.export.imatrix not in (None, "auto", "off") and not Path(cfg.export.imatrix).is_file():
         raise EdgetuneError(f"export.imatrix file not found: {cfg.export.imatrix}", where=cfg.export.imatrix,
-                            fix="point export.imatrix at an importance matrix file (llama-imatrix output), or remove it")
+                            fix="point export.imatrix at an importance matrix file (edgetune export imatrix / llama-imatrix), or use auto / off")
 
 
 def prepare_run(cfg: RunConfig) -> Ctx:

@@ -163,7 +163,14 @@ class RunFolder:
     def export_types(self) -> list[str]:
         """The unquantized conversion first, then each quant type (no repeats)."""
         e = self.cfg.export
-        return [e.outtype] + [q for q in e.quants if q != e.outtype]
+        return [e.outtype] + [q for q in self.quant_types if q != e.outtype]
+
+    @property
+    def quant_types(self) -> list[str]:
+        """export.quants, with ``auto`` replaced by the type it chose (``auto`` until it has run)."""
+        from .export.autoquant import chosen_type
+
+        return [chosen_type(self.gguf_dir) or q if q == "auto" else q for q in self.cfg.export.quants]
 
     @property
     def ggufs(self) -> list[Path]:
@@ -172,8 +179,8 @@ class RunFolder:
     @property
     def modelfile_quant(self) -> str:
         """The GGUF type the Modelfile (and the eval's quantized model) uses."""
-        e = self.cfg.export
-        return self.cfg.ollama.quant or (e.quants[0] if e.quants else e.outtype)
+        qs = self.quant_types
+        return self.cfg.ollama.quant or (qs[0] if qs else self.cfg.export.outtype)
 
     @property
     def base_model_dir(self) -> Path:

@@ -58,7 +58,9 @@ def export():
       edgetune export runs/NAME        (a run folder: RUN/fused -> RUN/gguf with the run's export settings)
     Step by step:
       edgetune export gguf MODEL_DIR -o OUT.gguf --type f16
-      edgetune export quantize IN.gguf --type q4_k_m --type q8_0
+      edgetune export quantize IN.gguf --type q4_k_m --type q8_0 [--imatrix imatrix.gguf]
+      edgetune export imatrix runs/NAME      (importance matrix from the run's train split)
+    Pick the quant: edgetune export runs/NAME --quant auto [--max-kl 0.03 --min-top1 0.9]
       edgetune export adapter --base BASE_DIR --adapter ADAPTER_DIR -o adapter.gguf
 
     Every step verifies its output against llama.cpp unless --no-verify is given.
@@ -69,20 +71,46 @@ def _verify_option(f):
     return click.option("--verify/--no-verify", default=None, help="Check the GGUF against the source model (default: on).")(f)
 
 
+def _imatrix_value(ctx, param, value):
+    """--imatrix FILE | auto | off."""
+    if value is None or value in ("auto", "off") or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value!r} is neither a file nor 'auto' / 'off'.", ctx=ctx, param=param)
+
+
+def _print_auto(res) -> None:
+    from ..console import console
+
+    if not res:
+        return
+    console.print(f"[bold]--quant auto:[/] {res['reason']}", highlight=False, soft_wrap=True)
+    console.print(f"table: {res['report']} (+ .json, .png)", highlight=False)
+
+
 @export.command("model", hidden=True)
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--quant", "-q", "quants", multiple=True, help=QUANT_HELP + " Default from the config (q4_k_m), or the run's.")
+@click.option("--quant", "-q", "quants", multiple=True,
+              help=QUANT_HELP + " 'auto': measure a ladder of types and keep the smallest that passes --max-kl/--min-top1."
+              " Default from the config (q4_k_m), or the run's.")
 @click.option("--type", "outtype", type=click.Choice(CHOICES["export.outtype"]), default=None, help="Unquantized GGUF type (default f16).")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, help="Importance matrix for low-bit quants.")
+@click.option("--imatrix", default=None, callback=_imatrix_value,
+              help="Importance matrix FILE, 'auto' (default: computed from --calib / the run's train split when a type benefits) or 'off'.")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibration data for the imatrix: JSONL rows (rendered through the chat template) or text. Default: RUN/data/train.jsonl.")
+@click.option("--heldout", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Held-out JSONL/text that --quant auto measures on. Default: RUN/data/valid.jsonl, else a fixed corpus.")
+@click.option("--max-kl", type=float, default=None, help="--quant auto gate: highest mean KL vs f16 (default 0.03).")
+@click.option("--min-top1", type=float, default=None, help="--quant auto gate: lowest top-1 agreement with f16 (default 0.90).")
+@click.option("--ladder", "ladder", multiple=True, help="Types --quant auto tries, comma-separated (default: the ladder of export/qtypes.py).")
 @click.option("--name", default=None, help="File name stem (default: the model folder's, or the run's for RUN/fused).")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (default: gguf/ beside MODEL_DIR).")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its export section.")
 @_verify_option
-def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, verify):
+def export_one_shot(model_dir, quants, outtype, imatrix, calib, heldout, max_kl, min_top1, ladder, name, out_dir, recipe, verify):
     """Convert MODEL_DIR (an HF folder, or a run folder) to GGUF and quantize it (the one-shot form)."""
     from ..config import ExportConfig, load_config, override
     from ..console import console, out
-    from ..export.quantize import export_model
+    from ..export.quantize import export_model, export_run_kwargs
     from ..runfolder import RunFolder
 
     run = RunFolder.open(model_dir) if RunFolder.is_run_folder(model_dir) else None
@@ -91,13 +119,48 @@ def export_one_shot(model_dir, quants, outtype, imatrix, name, out_dir, recipe, 
         model_dir = run.require(run.fused_dir, "fuse")
         out_dir = out_dir or run.gguf_dir
         name = name or run.model_name
-    cfg = override(cfg, outtype=outtype, quants=_split(quants) or None, imatrix=imatrix, verify=verify)
-    res = export_model(model_dir, out_dir, cfg.quants, outtype=cfg.outtype, imatrix=cfg.imatrix, verify=cfg.verify, name=name)
+    cfg = override(cfg, outtype=outtype, quants=_split(quants) or None, imatrix=imatrix, calib=calib, max_kl=max_kl,
+                   min_top1=min_top1, ladder=_split(ladder) or None, verify=verify)
+    res = export_model(model_dir, out_dir, cfg.quants, name=name, **export_run_kwargs(cfg, run, heldout=heldout))
     _print_verify(res["verify"])
     _print_drift(res["drift"], f"quantized vs {cfg.outtype} (llama.cpp)")
+    _print_auto(res["auto"])
+    if res["imatrix"] and res["imatrix"].get("tokens"):
+        console.print(f"imatrix: {res['imatrix']['imatrix']} ({res['imatrix']['tokens']} tokens of {res['imatrix']['data']})", highlight=False)
     for q, p in res["files"].items():
         out.print(f"{q}\t{p}\t{Path(p).stat().st_size / 2**20:.1f} MiB", highlight=False)
     console.print(f"[green]wrote {len(res['files'])} GGUF file(s)[/]")
+
+
+@export.command("imatrix")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSONL rows in any training format (rendered through the chat template, prompts and answers) or a text file. Default for a run folder: RUN/data/train.jsonl.")
+@output_option(required=False, help_="Output .gguf (default: gguf/imatrix.gguf beside MODEL_DIR; RUN/gguf/imatrix.gguf for a run).")
+@click.option("--max-tokens", type=int, default=None, help="Calibration tokens at most (default 100000).")
+@click.option("--chunk-size", type=int, default=None, help="Tokens per text at most (default 512, llama-imatrix's context).")
+def imatrix_cmd(model_dir, calib, output, max_tokens, chunk_size):
+    """Compute llama.cpp's importance matrix of MODEL_DIR (HF folder or run folder) from calibration data.
+
+    Written in llama-imatrix's GGUF format; use it with `export --imatrix FILE` or `export quantize --imatrix FILE`.
+    """
+    from ..console import console, out
+    from ..errors import EdgetuneError
+    from ..export.imatrix import CHUNK_SIZE, MAX_TOKENS, make_imatrix
+    from ..runfolder import RunFolder
+
+    run = RunFolder.open(model_dir) if RunFolder.is_run_folder(model_dir) else None
+    if run:
+        model_dir = run.require(run.fused_dir, "fuse")
+        calib = calib or run.cfg.export.calib or run.require(run.split("train"), "data")
+        output = output or run.gguf_dir / "imatrix.gguf"
+    if not calib:
+        raise EdgetuneError("No calibration data.", fix="pass --calib FILE (e.g. RUN/data/train.jsonl), or a run folder")
+    output = Path(output) if output else Path(model_dir).parent / "gguf" / "imatrix.gguf"
+    rec = make_imatrix(model_dir, calib, output, max_tokens=max_tokens or MAX_TOKENS, chunk_size=chunk_size or CHUNK_SIZE)
+    console.print(f"[green]wrote[/] {rec['imatrix']}: {rec['tensors']} tensors from {rec['tokens']} tokens "
+                  f"({rec['texts']} texts of {rec['data']})", highlight=False)
+    out.print(rec["imatrix"], highlight=False)
 
 
 @export.command("gguf")
