@@ -552,6 +552,8 @@ def plan(cfg: RunConfig) -> Plan:
     manifest = RunFolder(cfg.run_dir, cfg).manifest()
     for st in PIPELINE:
         status = manifest["stages"].get(st.name, {}).get("status")
+        if st.name == "align" and not cfg.align.enabled:
+            status = "off (no align.data)"
         stages.append((st.name, st.help, {"done": "done (will be skipped if inputs are unchanged)"}.get(status, status or "will run")))
     return Plan(cfg, stages, backend, reason, memory, disk, params, notes)
 
