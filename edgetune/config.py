@@ -126,6 +126,33 @@ class TrainConfig:
 
 
 @dataclass
+class AlignConfig(TrainConfig):
+    """The optional second training stage of ``edgetune run`` (``align:``): preference training
+    (DPO/ORPO) on top of the SFT adapter. The SFT adapter is merged into the base first, so the
+    reference model of DPO is the SFT model (policy at start) and no second copy sits in memory.
+    Every ``train`` setting applies; the defaults differ where preference training wants them to."""
+
+    data: str | None = None  # preference rows (prompt/chosen/rejected): file or folder; None = no align stage
+    objective: str = "dpo"  # dpo|orpo (sft belongs in train:)
+    learning_rate: float = 5e-5  # DPO moves a finished SFT model: far gentler than SFT's rate
+    packing: bool | None = False  # pairs are padded, never packed
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in ("dpo", "orpo"):
+            raise EdgetuneError(f"align.objective = {self.objective!r}: the align stage trains on preference pairs.",
+                                fix="use objective: dpo or orpo (SFT is the train: section)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.data)
+
+    def train_config(self) -> TrainConfig:
+        """The plain ``TrainConfig`` the trainer runs with (``data`` is the pipeline's business)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+
+@dataclass
 class ExportConfig:
     outtype: str = "f16"  # f16|bf16|f32|q8_0: the unquantized conversion
     # llama.cpp quant types, or [auto]: quantize `ladder`, measure each against the unquantized
@@ -207,6 +234,9 @@ class EvalConfig:
     batch_size: int | None = None  # conversations generated together (hf); None = edgetune.precision's choice; latency is then per batch
     dtype: str = "auto"  # hf runner dtype; auto = edgetune.precision's choice for this device (see doctor)
     chat_template: str | None = None  # template file / family for models without one
+    # preference pairs (prompt/chosen/rejected): each logit runner's accuracy at ranking chosen above
+    # rejected (summed completion log-probs). None = the run's align test split (runs with align:)
+    preference_data: str | None = None
 
     def __post_init__(self):
         _check_range("eval", "temperature", self.temperature, 0.0, 5.0)
@@ -225,6 +255,7 @@ class RunConfig:
     output: str = "runs"  # run folder = output/name
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)  # optional: DPO/ORPO after train (align.data set)
     export: ExportConfig = field(default_factory=ExportConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -240,7 +271,7 @@ REMOVED = {
     ("export", "adapter_gguf"): (False, "it was never read; write a GGUF LoRA adapter with `edgetune export adapter`"),
 }
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "export": ExportConfig, "ollama": OllamaConfig, "eval": EvalConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "align": AlignConfig, "export": ExportConfig, "ollama": OllamaConfig, "eval": EvalConfig}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -125,17 +125,40 @@ def _train_run(c: Ctx, resume: bool) -> dict:
     return summary
 
 
+# --- align (optional: DPO/ORPO after SFT) ------------------------------------------------------
+
+
+def _align_inputs(c: Ctx) -> dict:
+    a = c.cfg.align
+    if not a.enabled:
+        return {"off": True}
+    return {"cfg": to_dict(a) | {"data": None}, "source": sha256_path(resolve_data(a.data)), "sft": c.output_hash("train"),
+            "data_cfg": to_dict(c.cfg.data) | {"path": None}, "model": c.manifest["model_fingerprint"]}
+
+
+def _align_outputs(c: Ctx) -> list[Path]:
+    r = c.run
+    return [r.align_adapter_dir / "adapter_config.json", r.sft_model_dir / "config.json"] if r.aligned else []
+
+
+def _align_run(c: Ctx, resume: bool) -> dict:
+    align = _api("edgetune.align", "align", "align")
+    return align(c.run, c.model_dir, resume=resume, log=c.log)
+
+
 # --- fuse -------------------------------------------------------------------------------------
 
 
 def _fuse_inputs(c: Ctx) -> dict:
-    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train")}
+    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train"), "align": c.output_hash("align")}
 
 
 def _fuse_run(c: Ctx, resume: bool) -> dict:
     fuse = _api("edgetune.fuse", "fuse", "fuse")
-    fuse(c.model_dir, c.run.adapter_dir, c.run.fused_dir)
-    return {"fused": str(c.run.fused_dir)}
+    r = c.run  # after align: its adapter on the SFT-merged model; else the train adapter on the base
+    base = r.sft_model_dir if r.aligned else c.model_dir
+    fuse(base, r.final_adapter_dir, r.fused_dir)
+    return {"fused": str(r.fused_dir), "adapter": str(r.final_adapter_dir)}
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -208,10 +231,12 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
 
 
 def _eval_inputs(c: Ctx) -> dict:
-    data = c.run.eval_data
+    data, pref = c.run.eval_data, c.run.preference_data
     return {
         "cfg": to_dict(c.cfg.eval),
         "data": sha256_path(data) if data.exists() else None,
+        "preference_data": sha256_path(pref) if pref and pref.exists() else None,
+        "align": c.output_hash("align"),
         "model": c.manifest["model_fingerprint"],
         "fused": c.output_hash("fuse"),
         "export": c.output_hash("export"),
@@ -221,7 +246,9 @@ def _eval_inputs(c: Ctx) -> dict:
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
     specs = c.run.eval_specs()
-    report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, c.cfg.eval,
+    pref = c.run.preference_data
+    cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
+    report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
                       baseline=c.cfg.eval.baseline or "base")
     gates = report.get("gates") or {}
     summary = {
@@ -246,7 +273,7 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
 
 
 def _register_inputs(c: Ctx) -> dict:
-    return {s: c.output_hash(s) for s in ("train", "export", "ollama", "eval")} | {"name": c.run.model_name}
+    return {s: c.output_hash(s) for s in ("train", "align", "export", "ollama", "eval")} | {"name": c.run.model_name}
 
 
 def _register_run(c: Ctx, resume: bool) -> dict:
@@ -279,7 +306,9 @@ PIPELINE: tuple[Stage, ...] = (
           lambda c: [c.run.split(s) for s in ("train", "valid", "test")], _data_run, lambda c: [c.run.data_dir]),
     Stage("train", "fine-tune an adapter on the train split (RUN/train/adapter/)", _train_inputs,
           lambda c: [c.run.adapter_dir / "adapter_config.json"], _train_run, lambda c: [c.run.adapter_dir]),
-    Stage("fuse", "merge the adapter into the base model (RUN/fused/)", _fuse_inputs,
+    Stage("align", "optional DPO/ORPO on preference pairs after SFT (RUN/align/adapter/)", _align_inputs,
+          _align_outputs, _align_run, lambda c: [c.run.align_adapter_dir] if c.run.aligned else []),
+    Stage("fuse", "merge the final adapter into its base model (RUN/fused/)", _fuse_inputs,
           lambda c: [c.run.fused_dir / "config.json"], _fuse_run, lambda c: [c.run.fused_dir]),
     Stage("export", "convert to GGUF and quantize (RUN/gguf/)", _export_inputs,
           lambda c: c.run.ggufs, _export_run, lambda c: c.run.ggufs),
@@ -532,6 +561,8 @@ def plan(cfg: RunConfig) -> Plan:
     manifest = RunFolder(cfg.run_dir, cfg).manifest()
     for st in PIPELINE:
         status = manifest["stages"].get(st.name, {}).get("status")
+        if st.name == "align" and not cfg.align.enabled:
+            status = "off (no align.data)"
         stages.append((st.name, st.help, {"done": "done (will be skipped if inputs are unchanged)"}.get(status, status or "will run")))
     return Plan(cfg, stages, backend, reason, memory, disk, params, notes)
 

@@ -14,6 +14,8 @@ from .errors import EdgetuneError
 
 DEMO = "demo"  # recipe value meaning "the demo base model" / "the shipped demo dataset"
 DEMO_DATA = "support_tickets.jsonl"
+DEMO_PAIRS = "demo-pairs"  # recipe value meaning "the shipped demo preference pairs" (align.data)
+DEMO_PAIRS_DATA = "support_ticket_pairs.jsonl"  # scripts/make_demo_data.py; prompts disjoint from DEMO_DATA's
 
 
 def demo_data_path() -> Path:
@@ -53,6 +55,8 @@ def resolve_model(model: str) -> Path:
 def resolve_data(path: str | None) -> Path:
     if not path:
         raise EdgetuneError("The recipe names no training data.", fix="set `data: {path: file.jsonl}` (or `path: demo`)")
+    if path == DEMO_PAIRS:
+        return demo_data_path().with_name(DEMO_PAIRS_DATA)
     return demo_data_path() if path == DEMO else Path(path).expanduser()
 
 

@@ -6,6 +6,8 @@ The run folder is the contract between stages (see DESIGN.md)::
     RUN/manifest.json     what each stage did: status, input hash, output hash, time, summary
     RUN/data/             train/valid/test.jsonl, data_card.json, rejects.jsonl
     RUN/train/            checkpoints/, metrics; RUN/train/adapter/ (PEFT format)
+    RUN/align/            only with an ``align:`` section: data/ (preference splits), sft_model/ (base + SFT
+                          adapter merged: DPO's reference and the align adapter's base), train/adapter/
     RUN/fused/            base + adapter merged (HF folder)
     RUN/gguf/<name>-<type>.gguf
     RUN/ollama/Modelfile
@@ -126,6 +128,51 @@ class RunFolder:
         return self.train_dir / "adapter"
 
     @property
+    def aligned(self) -> bool:
+        """Whether this run has an align stage (preference training after SFT)."""
+        return self.cfg.align.enabled
+
+    @property
+    def align_dir(self) -> Path:
+        return self.root / "align"
+
+    @property
+    def align_data_dir(self) -> Path:
+        """The preference splits (train/valid/test.jsonl) the align stage trains and evaluates on."""
+        return self.align_dir / "data"
+
+    @property
+    def sft_model_dir(self) -> Path:
+        """Base + SFT adapter merged: the align stage's base model and DPO's reference."""
+        return self.align_dir / "sft_model"
+
+    @property
+    def align_train_dir(self) -> Path:
+        """The align stage's training folder (checkpoints/, metrics.jsonl, adapter/)."""
+        return self.align_dir / "train"
+
+    @property
+    def align_adapter_dir(self) -> Path:
+        return self.align_train_dir / "adapter"
+
+    @property
+    def final_adapter_dir(self) -> Path:
+        """The adapter fuse/export use: the align stage's when the run has one, else train's."""
+        return self.align_adapter_dir if self.aligned else self.adapter_dir
+
+    def final_adapter_base(self) -> Path:
+        """The model :attr:`final_adapter_dir` was trained on (the SFT-merged model after align)."""
+        return self.sft_model_dir if self.aligned else self.base_model_dir
+
+    @property
+    def preference_data(self) -> Path | None:
+        """Held-out preference pairs the eval scores (eval.preference_data, else the align test split)."""
+        if self.cfg.eval.preference_data:
+            return Path(self.cfg.eval.preference_data)
+        p = self.align_data_dir / "test.jsonl"
+        return p if self.aligned else None
+
+    @property
     def fused_dir(self) -> Path:
         return self.root / "fused"
 
@@ -197,8 +244,12 @@ class RunFolder:
         return Path(self.cfg.eval.data) if self.cfg.eval.data else self.split("test")
 
     def eval_specs(self) -> dict[str, str]:
-        """label -> model spec: the base model, the tuned (fused) model, the Modelfile's quantized GGUF."""
-        specs = {"base": f"hf:{self.base_model_dir}", "tuned": f"hf:{self.fused_dir}"}
+        """label -> model spec: the base model, the SFT model (runs with align), the tuned (fused) model,
+        the Modelfile's quantized GGUF."""
+        specs = {"base": f"hf:{self.base_model_dir}"}
+        if self.aligned and self.sft_model_dir.is_dir():
+            specs["sft"] = f"hf:{self.sft_model_dir}"  # SFT alone, so the report shows what align added
+        specs["tuned"] = f"hf:{self.fused_dir}"
         q = self.modelfile_quant
         if self.gguf(q).is_file():
             specs[q] = f"gguf:{self.gguf(q)}"

@@ -16,6 +16,14 @@ not a dtype choice. ``--packed-rows`` sets edgetune's packed rows per step (defa
 on the demo data two examples fill a 256-token row, so ``--packed-rows 4`` with ``--batch 8``
 gives both runs about the same examples, tokens and activation memory per step.
 
+``--objective dpo``: TRL's ``DPOTrainer`` with PEFT (the same LoRA, lr, schedule, beta 0.1, sigmoid
+loss, reference = adapter disabled) vs ``edgetune train --objective dpo`` on the demo preference
+pairs (support_ticket_pairs.jsonl), ``--batch`` pairs a step for both. Reported: tokens/s (TRL's
+own count of attended tokens, chosen + rejected; edgetune's real tokens), the mean train loss over
+the steps, and the held-out DPO loss of each adapter measured by the same function here.
+
+    python scripts/bench_train.py --objective dpo --steps 6 --batch 4 --threads 1
+
 (On a shared 2-core machine use --threads 1: OpenMP threads competing with other processes ran
 ~10x slower than one thread in our measurements.)
 
@@ -38,6 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "edgetune" / "resources" / "demo" / "support_tickets.jsonl"
+DEMO_PAIRS = DEMO_DATA.with_name("support_ticket_pairs.jsonl")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -103,6 +112,42 @@ def run_plain(a) -> dict:
             "dtype": str(next(model.parameters()).dtype), "peak_rss_gb": peak_rss_gb()}
 
 
+def _conversational(row: dict) -> dict:
+    """A demo pair in TRL's conversational preference layout."""
+    return {"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+def run_trl_dpo(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    rows = [_conversational(json.loads(x)) for x in Path(a.data, "train.jsonl").read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.plain_dtype))
+    args = DPOConfig(
+        output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch, max_steps=a.steps, beta=a.beta,
+        loss_type=["sigmoid"], learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=int(round(0.05 * a.steps)),
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, dataloader_num_workers=0,
+        disable_tqdm=True, max_length=a.seq, bf16=a.plain_dtype == "bfloat16", precompute_ref_log_probs=False,
+    )
+    tr = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                    peft_config=LoraConfig(task_type="CAUSAL_LM", **dict(LORA, lora_dropout=a.dropout)))
+    t0 = time.perf_counter()
+    out = tr.train()
+    dt = time.perf_counter() - t0
+    tr.model.save_pretrained(str(Path(a.out) / "adapter"))
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    tokens = int(tr._total_train_tokens)  # TRL's count: attention_mask sums of chosen + rejected rows
+    return {"run": "TRL DPOTrainer+PEFT", "steps": out.global_step, "train_s": dt, "tokens": tokens, "tok_s": tokens / dt,
+            "last_train_loss": losses[-1] if losses else None, "mean_train_loss": sum(losses) / max(1, len(losses)),
+            "dtype": a.plain_dtype, "peak_rss_gb": peak_rss_gb()}
+
+
 def run_edgetune(a) -> dict:
     import torch
 
@@ -110,12 +155,15 @@ def run_edgetune(a) -> dict:
     from edgetune.train import train
 
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.packed_rows or a.batch, max_seq_len=a.seq,
+    dpo = a.objective == "dpo"
+    cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch if dpo else a.packed_rows or a.batch, max_seq_len=a.seq,
+                      objective=a.objective, beta=a.beta, packing=False if dpo else None,
                       iters=a.steps, eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42,
                       rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=a.dropout,
                       precision={"float32": "fp32", "bfloat16": "bf16"}.get(a.plain_dtype, "auto"))
     r = train(a.model, a.data, a.out, cfg)
-    return {"run": "edgetune", "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
+    rows = [json.loads(x) for x in Path(a.out, "metrics.jsonl").read_text().splitlines()]
+    return {"run": "edgetune", "mean_train_loss": sum(x["loss"] for x in rows) / max(1, len(rows)), "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
             "tok_s": r.tokens_seen / r.extra["train_time_s"], "last_train_loss": r.final_train_loss,
             "precision": r.precision, "padding_fraction": r.padding_fraction, "peak_rss_gb": peak_rss_gb()}
 
@@ -140,6 +188,35 @@ def val_loss(model_dir: str, adapter: Path, valid: list[dict], seq: int, threads
     return tot / n
 
 
+def val_dpo_loss(model_dir: str, adapter: Path, pairs: list[dict], seq: int, threads: int, beta: float) -> float:
+    """Mean sigmoid DPO loss on held-out pairs: completion tokens (after the generation prompt) summed,
+    reference = the same model with the adapter disabled. Plain transformers + PEFT, no edgetune code."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter).eval()
+
+    def logp(prompt, answer):
+        e = plain_encode(tok, {"messages": prompt + [{"role": "assistant", "content": answer}]}, seq)
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])[0, 1:]
+        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        keep = labels != -100
+        return lp[keep].gather(-1, labels[keep].unsqueeze(-1)).sum()
+
+    total = 0.0
+    with torch.no_grad():
+        for p in pairs:
+            pol = logp(p["prompt"], p["chosen"]) - logp(p["prompt"], p["rejected"])
+            with model.disable_adapter():
+                ref = logp(p["prompt"], p["chosen"]) - logp(p["prompt"], p["rejected"])
+            total += float(-F.logsigmoid(beta * (pol - ref)))
+    return total / len(pairs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models" / "base" / "smollm2-135m-instruct"))
@@ -153,6 +230,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                    help="dpo: TRL's DPOTrainer + PEFT vs edgetune --objective dpo on the demo preference pairs")
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta of both runs")
     ap.add_argument("--only", choices=["plain", "edgetune"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -163,12 +243,14 @@ def main():
 
         a.plain_dtype = {"fp32": "float32", "bf16": "bfloat16"}[decide("train", "cpu").dtype]
     if a.only:
-        res = run_plain(a) if a.only == "plain" else run_edgetune(a)
+        res = run_edgetune(a) if a.only == "edgetune" else run_trl_dpo(a) if a.objective == "dpo" else run_plain(a)
         print("BENCH " + json.dumps(res))
         return
 
-    rows = [json.loads(x) for x in DEMO_DATA.read_text().splitlines()]
-    n_train = a.steps * a.batch * 3  # enough for one epoch of either run (edgetune packs ~2 per row)
+    dpo = a.objective == "dpo"
+    rows = [json.loads(x) for x in (DEMO_PAIRS if dpo else DEMO_DATA).read_text().splitlines()]
+    # enough for one epoch of either run (SFT: edgetune packs ~2 per row; DPO: batch pairs a step, no packing)
+    n_train = a.steps * a.batch * (1 if dpo else 3)
     train_rows, valid_rows = rows[:n_train], rows[n_train : n_train + a.valid]
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = work / "data"
@@ -179,7 +261,7 @@ def main():
         out = work / which
         cmd = [sys.executable, __file__, "--only", which, "--model", a.model, "--data", str(data), "--out", str(out),
                "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads), "--steps", str(a.steps),
-               "--plain-dtype", a.plain_dtype, "--dropout", str(a.dropout)]
+               "--plain-dtype", a.plain_dtype, "--dropout", str(a.dropout), "--objective", a.objective, "--beta", str(a.beta)]
         if a.packed_rows:
             cmd += ["--packed-rows", str(a.packed_rows)]
         print(f"running {which} ...", file=sys.stderr, flush=True)
@@ -188,7 +270,8 @@ def main():
         if p.returncode or not line:
             sys.exit(f"{which} failed:\n{p.stderr[-4000:]}")
         res = json.loads(line[-1][6:])
-        res["val_loss"] = val_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads)
+        res["val_loss"] = (val_dpo_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads, a.beta) if dpo
+                           else val_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads))
         results.append(res)
     plain, et = results
     with os.popen("uptime") as fh:
@@ -196,7 +279,7 @@ def main():
     from edgetune.hardware import cpu_model_and_flags
 
     cpu = cpu_model_and_flags()[0]
-    print(f"\nsteps {a.steps}, valid {len(valid_rows)}, batch {a.batch} (edgetune packed rows {a.packed_rows or a.batch}), "
+    print(f"\nobjective {a.objective}, steps {a.steps}, valid {len(valid_rows)}, batch {a.batch} (edgetune packed rows {a.packed_rows or a.batch}), "
           f"max seq {a.seq}, dtype {a.plain_dtype}, dropout {a.dropout}, threads {a.threads}; CPU {cpu}; load: {load}")
     print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")
     for r in results:
@@ -205,7 +288,12 @@ def main():
     ratio = et["tok_s"] / plain["tok_s"]
     dloss = (et["val_loss"] - plain["val_loss"]) / plain["val_loss"]
     print(f"\nspeed-up (tokens/s): {ratio:.2f}x   val loss difference: {dloss:+.1%}")
-    print(json.dumps({"plain": plain, "edgetune": et, "speedup": ratio, "val_loss_rel_diff": dloss}))
+    extra = {}
+    if dpo:
+        extra["mean_train_loss_rel_diff"] = (et["mean_train_loss"] - plain["mean_train_loss"]) / plain["mean_train_loss"]
+        print(f"mean train DPO loss: TRL {plain['mean_train_loss']:.4f}  edgetune {et['mean_train_loss']:.4f} "
+              f"({extra['mean_train_loss_rel_diff']:+.1%})")
+    print(json.dumps({"objective": a.objective, "plain": plain, "edgetune": et, "speedup": ratio, "val_loss_rel_diff": dloss, **extra}))
 
 
 if __name__ == "__main__":

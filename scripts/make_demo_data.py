@@ -2,6 +2,7 @@
 """Make the shipped demo dataset: short support messages -> a fixed JSON shape.
 
     python scripts/make_demo_data.py            # writes edgetune/resources/demo/support_tickets.jsonl
+                                                # and support_ticket_pairs.jsonl (preference pairs)
     python scripts/make_demo_data.py --out DIR  # somewhere else (the test compares bytes)
 
 Deterministic (fixed seed, no network, no third-party code): the same script always writes the
@@ -10,6 +11,12 @@ same bytes. Each record is chat-format; the assistant answer is compact JSON wit
 model can pick up in a few hundred steps (topic phrases, urgency phrases, a product name spelled
 several ways), while greetings, sign-offs and filler give the surface variety that stops it from
 memorising whole strings.
+
+The preference pairs (``support_ticket_pairs.jsonl``, for the align stage: DPO/ORPO after SFT) are
+new messages of the same task, none of them in the SFT file, so no split of the pairs leaks into
+an SFT split or back: ``chosen`` is the correct JSON; ``rejected`` is, in turn, a JSON with one
+field plausibly wrong (the urgency or category a hurried reader would pick, or the product), or a
+prose answer that ignores the "JSON only" instruction.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ SEED = 20260101
 N_EXAMPLES = 600
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "edgetune" / "resources" / "demo"
 FILENAME = "support_tickets.jsonl"
+PAIRS_FILENAME = "support_ticket_pairs.jsonl"
+N_PAIRS = 300
+PAIRS_SEED = 20260102
 
 CATEGORIES = ("billing", "bug", "account", "shipping", "feature_request")
 URGENCIES = ("low", "medium", "high")
@@ -195,23 +205,76 @@ def make_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
     return records
 
 
-def write(out_dir: Path, n: int = N_EXAMPLES, seed: int = SEED) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / FILENAME
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_records(n, seed))
+# the wrong label a hurried reader picks: neighbouring urgency, a category that shares words
+NEAR_URGENCY = {"low": "medium", "medium": "high", "high": "medium"}
+NEAR_CATEGORY = {"billing": "account", "bug": "feature_request", "account": "billing", "shipping": "billing",
+                 "feature_request": "bug"}
+PROSE = (
+    "This looks like a {category} issue about {product}. I would rate the urgency as {urgency}.",
+    "Thanks for reaching out! Our team will look into your {product} {category} request soon.",
+    "Category: {category}. Urgency: {urgency}. Product: {product}.",
+    "Sure! Here is the triage: it's a {urgency} priority {category} ticket for {product}.",
+)
+
+
+def _rejected(rng: random.Random, k: int, category: str, urgency: str, product: str) -> str:
+    kind = k % 4
+    if kind == 0:
+        return answer(category, NEAR_URGENCY[urgency], product)
+    if kind == 1:
+        return answer(NEAR_CATEGORY[category], urgency, product)
+    if kind == 2:
+        return answer(category, urgency, rng.choice([p for p in sorted(PRODUCTS) if p != product]))
+    return rng.choice(PROSE).format(category=category.replace("_", " "), urgency=urgency, product=product)
+
+
+def make_pairs(sft_records: list[dict], n: int = N_PAIRS, seed: int = PAIRS_SEED) -> list[dict]:
+    """Preference rows whose messages are not in ``sft_records`` (so neither file leaks into the other)."""
+    rng = random.Random(seed)
+    seen = {r["messages"][1]["content"] for r in sft_records}
+    pairs: list[dict] = []
+    products = sorted(PRODUCTS)
+    i = 0
+    while len(pairs) < n:
+        category = CATEGORIES[i % len(CATEGORIES)]
+        urgency = URGENCIES[(i // len(CATEGORIES)) % len(URGENCIES)]
+        product = rng.choice(products)
+        i += 1
+        text = _message(rng, category, urgency, product)
+        if text in seen:
+            continue
+        seen.add(text)
+        pairs.append({
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+            "chosen": answer(category, urgency, product),
+            "rejected": _rejected(rng, len(pairs), category, urgency, product),
+        })
+    return pairs
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     tmp = path.with_name(f".{path.name}.part")
     tmp.write_bytes(body.encode("utf-8"))
     tmp.replace(path)  # atomic: a crash never leaves a half-written dataset
     return path
 
 
+def write(out_dir: Path, n: int = N_EXAMPLES, seed: int = SEED, n_pairs: int = N_PAIRS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = make_records(n, seed)
+    _write_jsonl(out_dir / PAIRS_FILENAME, make_pairs(records, n_pairs))
+    return _write_jsonl(out_dir / FILENAME, records)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     ap.add_argument("-n", type=int, default=N_EXAMPLES, help="number of examples")
+    ap.add_argument("--pairs", type=int, default=N_PAIRS, help="number of preference pairs")
     args = ap.parse_args()
-    path = write(args.out, args.n)
-    print(f"wrote {args.n} examples to {path}")
+    path = write(args.out, args.n, n_pairs=args.pairs)
+    print(f"wrote {args.n} examples to {path} and {args.pairs} preference pairs to {path.with_name(PAIRS_FILENAME)}")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,82 @@ def test_a_run_that_failed_its_gates_is_not_registered(done_run, tmp_path):
     r = CliRunner().invoke(cli, ["models", "register", str(copy.root)])
     assert r.exit_code != 0 and "failed its eval gates" in str(r.exception)
     assert registry.list_entries() == []
+
+
+# --- SFT then DPO: the shipped cpu-sft-dpo-small recipe, shrunk to a tiny model -----------------
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tiny_llama_dir, tmp_path_factory):
+    """The shipped SFT→DPO recipe's stages end to end (through GGUF export, the Modelfile and eval),
+    with the tiny model, a slice of the demo data and pairs, and a few steps of each stage."""
+    from edgetune.recipes import DEMO_PAIRS
+
+    tmp = tmp_path_factory.mktemp("aligned")
+    lines = pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:60]
+    (tmp / "tickets.jsonl").write_text("".join(lines), encoding="utf-8")
+    pairs = pipeline.resolve_data(DEMO_PAIRS).read_text(encoding="utf-8").splitlines(keepends=True)[:40]
+    (tmp / "pairs.jsonl").write_text("".join(pairs), encoding="utf-8")
+    tiny = {"backend": "torch", "iters": 2, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8, "eval_every": 0,
+            "save_every": 2, "num_threads": 1, "precision": "fp32"}
+    sets = [f"model={tiny_llama_dir}", f"output={tmp / 'runs'}", f"data.path={tmp / 'tickets.jsonl'}",
+            f"align.data={tmp / 'pairs.jsonl'}", "export.verify=false", "eval.limit=2", "eval.max_tokens=4",
+            "align.learning_rate=0.01"]  # a visible step on random weights
+    sets += [f"{sec}.{k}={v}" for sec in ("train", "align") for k, v in tiny.items()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETUNE_HOME", str(tmp / "home"))
+        r = _cli("run", "cpu-sft-dpo-small", *[a for s in sets for a in ("--set", s)])
+    run = RunFolder(tmp / "runs" / "cpu-sft-dpo-small")
+    return run, tmp, sets, r.output
+
+
+def test_sft_then_dpo_recipe_runs_end_to_end(aligned_run):
+    run, tmp, sets, output = aligned_run
+    stages = run.manifest()["stages"]
+    assert list(stages) == list(pipeline.STAGES) and all(st["status"] == "done" for st in stages.values())
+    assert run.aligned and run.final_adapter_dir == run.align_adapter_dir
+    align = stages["align"]["summary"]
+    assert align["objective"] == "dpo" and align["test_prompts_in_sft_train"] == 0 and align["steps"] == 2
+    # the DPO adapter was trained on the SFT-merged model, and fuse merged it into that model
+    fuse_info = read_json(run.fused_dir / "edgetune_fuse.json")
+    assert Path(fuse_info["base"]) == run.sft_model_dir and Path(fuse_info["adapter"]) == run.align_adapter_dir
+    assert read_json(run.sft_model_dir / "edgetune_fuse.json")["adapter"] == str(run.adapter_dir)
+    # DPO changed the SFT model (same tensors and layout, other values)
+    fused, sft = (p / "model.safetensors" for p in (run.fused_dir, run.sft_model_dir))
+    assert fused.stat().st_size == sft.stat().st_size and fused.read_bytes() != sft.read_bytes()
+    rows = [json.loads(x) for x in (run.align_train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and "reward_accuracy" in rows[0]
+    # export + Modelfile of the final model; eval compares base, sft and tuned, with preference accuracy
+    assert all(p.is_file() for p in run.ggufs) and run.modelfile.is_file()
+    assert "ollama create support-triage-dpo -f" in output
+    report = read_json(run.eval_report("json"))
+    assert [m["name"] for m in report["models"]] == ["base", "sft", "tuned", "q4_k_m"]
+    n_test = len(run.preference_data.read_text().splitlines())
+    assert report["preference"]["n_pairs"] == min(n_test, 2) and report["preference"]["no_logits"] == []
+    for m in report["models"]:
+        assert 0.0 <= m["metrics"]["preference.accuracy"] <= 1.0 and "preference.margin" in m["metrics"]
+    assert "preference.accuracy" in run.eval_report("md").read_text()
+
+
+def test_align_reruns_alone_when_its_settings_change(aligned_run):
+    run, tmp, sets, _ = aligned_run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETUNE_HOME", str(tmp / "home"))
+        cfg = pipeline.load_recipe(run.root)
+        assert pipeline.run(cfg, to_stage="eval").ran == []  # done: every stage skipped
+        changed = pipeline.run(pipeline.load_recipe(run.root, ["align.beta=0.5"]), to_stage="fuse")
+    assert changed.skipped == ["data", "train"] and changed.ran == ["align", "fuse"]
+
+
+def test_align_stage_equals_train_command_and_fuse(aligned_run, tmp_path):
+    run, _, _, _ = aligned_run
+    # rebuild the stage's adapter by hand: `edgetune train --section align` on the SFT-merged model and the pairs
+    _cli("train", "-m", run.sft_model_dir, "-d", run.align_data_dir, "-o", tmp_path / "t", "--config", run.run_yaml,
+         "--section", "align")
+    a = load_file(str(run.align_adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "t" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), rtol=0, atol=1e-6, err_msg=k)
+    _cli("fuse", "--base", run.sft_model_dir, "--adapter", run.align_adapter_dir, "-o", tmp_path / "fused")
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (run.fused_dir / "model.safetensors").read_bytes()

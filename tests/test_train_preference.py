@@ -145,13 +145,25 @@ def _trl_orpo():
     return ORPOTrainer
 
 
-def test_dpo_loss_matches_trl(tiny_llama_dir, tmp_path):
-    """TRL's DPOTrainer computes the sigmoid loss inside ``_compute_loss`` (needs a built trainer), so
-    this compares with its formula on the same log-probs, ``-logsigmoid(beta * (chosen_logratios -
-    rejected_logratios))`` averaged over pairs, with the log-probs summed per sequence by TRL's own
-    ``get_batch_logps`` (ORPOTrainer's static helper, ``average_log_prob=False``) on full logits."""
-    ORPOTrainer = _trl_orpo()
-    import torch.nn.functional as F
+def _trl_inputs(arrays):
+    """Our pair batch as TRL's DPO collator lays one out: right-padded ``input_ids``, ``attention_mask``
+    and an UNshifted ``completion_mask`` (token t is scored iff our shifted label at t-1 is)."""
+    ids, pos, labels = arrays["input_ids"], arrays["position_ids"], arrays["labels"]
+    # real length = where the positions restart (the padding is its own sequence in our batches)
+    restart = (pos[:, 1:] == 0).int()
+    length = torch.where(restart.any(1), restart.argmax(1) + 1, torch.full_like(restart[:, 0], ids.shape[1]))
+    attention = (torch.arange(ids.shape[1])[None, :] < length[:, None]).long()
+    completion = torch.zeros_like(ids)
+    completion[:, 1:] = (labels[:, :-1] != -100).long()
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path):
+    """TRL's own ``DPOTrainer.compute_loss`` (sigmoid loss, PEFT model, reference = adapter disabled,
+    fused LM head) on the same model, adapter weights and batch as ours, fp32: equal within 1e-5."""
+    pytest.importorskip("trl", reason="TRL is a test-only reference (not installed here): pip install trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
 
     from edgetune.train.torch_backend import dpo_loss
 
@@ -159,18 +171,25 @@ def test_dpo_loss_matches_trl(tiny_llama_dir, tmp_path):
     beta = 0.1
     with torch.no_grad():
         loss_sum, metrics = dpo_loss(model, arrays, beta=beta)
-        ids, labels = arrays["input_ids"], arrays["labels"]
-        # TRL wants unshifted labels; ours are shifted, so prepend one ignored column
-        unshifted = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
-        pol = ORPOTrainer.get_batch_logps(model(input_ids=ids, position_ids=arrays["position_ids"]).logits.float(), unshifted)
-        with model.disable_adapter():
-            ref = ORPOTrainer.get_batch_logps(model(input_ids=ids, position_ids=arrays["position_ids"]).logits.float(), unshifted)
-    b = ids.shape[0] // 2
-    delta = (pol[:b] - ref[:b]) - (pol[b:] - ref[b:])
-    trl_loss = (-F.logsigmoid(beta * delta)).mean()
-    torch.testing.assert_close(loss_sum / b, trl_loss, atol=1e-5, rtol=0)
-    acc = ((beta * (pol[:b] - ref[:b])) > (beta * (pol[b:] - ref[b:]))).float().sum()
-    assert metrics["reward_accuracy"].item() == acc.item()
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in PAIRS[:4]]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid"], report_to="none", use_cpu=True,
+                     bf16=False, fp16=False, per_device_train_batch_size=4, precompute_ref_log_probs=False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=_tok(tiny_llama_dir))
+    # Handed a PEFT model whose adapter is already trained, TRL copies it as a frozen "ref" adapter (its
+    # SFT-then-DPO reference: the policy at the start). Ours is the base with the adapter disabled (a fresh
+    # adapter; after SFT the align stage merges the SFT adapter into the base first), which is TRL's path
+    # for a fresh adapter: without a "ref" adapter it disables adapters. Drop the copy to take that path.
+    trainer.model.delete_adapter("ref")
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, _trl_inputs(arrays))
+    b = arrays["input_ids"].shape[0] // 2
+    assert abs(trl_loss.item()) > 1e-3  # a real loss, not a degenerate zero
+    torch.testing.assert_close(loss_sum / b, trl_loss.detach(), atol=1e-5, rtol=0)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    torch.testing.assert_close(metrics["reward_accuracy"].item() / b, logged["rewards/accuracies"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(metrics["reward_margin"].item() / b, logged["rewards/margins"], atol=1e-5, rtol=0)
 
 
 def test_orpo_loss_matches_trl(tiny_llama_dir, tmp_path):

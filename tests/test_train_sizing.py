@@ -114,3 +114,41 @@ def test_training_records_the_resolved_length(tiny_llama_dir, short_data, tmp_pa
     train(tiny_llama_dir, short_data, tmp_path / "run", cfg)
     saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["train"]
     assert saved["max_seq_len"] % 64 == 0 and saved["max_seq_len"] <= 128
+
+
+def test_preference_memory_counts_two_sequences_and_the_dpo_reference_pass(tiny_llama_dir, tmp_path):
+    """A DPO/ORPO step holds 2 x batch sequences; DPO adds its reference pass, ORPO has none."""
+    from edgetune.train.memory import estimate_memory
+
+    kw = dict(batch_size=4, max_seq_len=256, precision="fp32")
+    sft, dpo, orpo = (estimate_memory(tiny_llama_dir, TrainConfig(objective=o, **kw)) for o in ("sft", "dpo", "orpo"))
+    double = estimate_memory(tiny_llama_dir, TrainConfig(**{**kw, "batch_size": 8}))
+    assert sft["sequences_per_step"] == 4 and dpo["sequences_per_step"] == orpo["sequences_per_step"] == 8
+    assert orpo["activations_gb"] == double["activations_gb"] > sft["activations_gb"]  # pairs = twice the rows
+    assert orpo["reference_pass_gb"] == sft["reference_pass_gb"] == 0 < dpo["reference_pass_gb"]
+    assert dpo["total_gb"] > orpo["total_gb"] > sft["total_gb"]
+    # weights, adapter and optimizer do not depend on the objective
+    assert dpo["weights_gb"] == sft["weights_gb"] and dpo["optimizer_gb"] == sft["optimizer_gb"]
+
+
+def test_dry_run_prints_the_preference_estimate(tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    rows = [{"prompt": f"Ticket {i}: my order is late", "chosen": '{"category": "shipping"}', "rejected": "Maybe billing?"}
+            for i in range(12)]
+    for split in ("train", "valid"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["train", "-m", str(tiny_llama_dir), "-d", str(d), "-o", str(tmp_path / "o"), "--backend", "torch",
+            "--dry-run", "-b", "2", "--objective", "dpo"]
+    r = CliRunner().invoke(cli, [*base, "--json"])
+    assert r.exit_code == 0, r.output
+    dpo = json.loads(r.output)
+    assert dpo["sequences_per_example"] == 2 and dpo["memory"]["sequences_per_step"] == 4
+    assert dpo["memory"]["reference_pass_gb"] > 0
+    text = CliRunner().invoke(cli, base).output
+    assert not (tmp_path / "o").exists()  # a dry run loads and writes nothing
+    assert "two rows (chosen, rejected) per pair" in text and "reference_pass_gb" in text

@@ -55,12 +55,15 @@ class _RunArgument(click.Group):
 @click.option("--batch-size", type=int, default=None, help="Generate N conversations at once where the runtime batches (hf).")
 @click.option("--dtype", type=click.Choice(CHOICES["eval.dtype"]), default=None, help="hf runner dtype (default auto: what edgetune doctor shows for this device).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
+@click.option("--preference-data", type=click.Path(), default=None,
+              help="Preference pairs (prompt/chosen/rejected): report each model's preference accuracy (chosen log-prob > "
+                   "rejected); runners with logits only (hf, mlx, gguf). Default with a run folder: its align test split.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
 @click.pass_context
 def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
                regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
-               recipe, as_json):
+               preference_data, recipe, as_json):
     """Evaluate models side by side on the same examples; measure quantization drift.
 
     \b
@@ -91,6 +94,8 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
             models = tuple(f"{k}={v}" for k, v in run.eval_specs().items())
             baseline = baseline or cfg.baseline or "base"  # what the run's eval stage compares against
         out_dir = out_dir or str(run.eval_dir)
+        pref = run.preference_data
+        preference_data = preference_data or (str(pref) if pref and pref.is_file() else None)
     out_dir = out_dir or "eval-report"
     data_path = data_path or cfg.data
     if not data_path:
@@ -102,7 +107,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
                    regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,
-                   chat_template=chat_template, baseline=baseline, gates=gates, max_regression=max_regression)
+                   chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression)
     report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline)
     if as_json:
         out.print_json(json.dumps({"models": report["models"], "deltas": report["deltas"], "gates": report["gates"],
@@ -125,7 +130,7 @@ def summary_table(report: dict):
 
     head = report["headline"]
     keys = [head] + [k for k in ("json_valid", "accuracy", "macro_f1", "exact_match", "rouge_l", "nll", "ttft_s",
-                                 "tokens_per_s", "regression.pass_rate") if k != head]
+                                 "tokens_per_s", "regression.pass_rate", "preference.accuracy") if k != head]
     keys = [k for k in keys if any(k in m["metrics"] for m in report["models"])]
     t = Table(title=f"eval ({report['n_examples'].get('task', 0)} examples, baseline {report['baseline']})")
     t.add_column("model", no_wrap=True)

@@ -18,6 +18,9 @@ from .options import json_option, model_option, output_option, seed_option
 @output_option(help_="Run output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, run.json).")
 @click.option("--config", "-c", "recipe", type=click.Path(dir_okay=False), default=None,
               help="Recipe YAML (or a run folder's run.yaml): its `train:` section, model and data.chat_template are the starting point (flags win).")
+@click.option("--section", default="train", show_default=True, metavar="train|align",
+              help="Which training section of --config: `align` is the DPO/ORPO stage after SFT (train it on RUN/align/sft_model "
+                   "with -d RUN/align/data, as `edgetune run` does).")
 @click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
 @click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
 @click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
@@ -56,7 +59,7 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the backend, max_seq_len, what a step holds, the epochs and a memory estimate; load no model.")
 @json_option
-def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_json, target_modules, **flags):
+def train(model, data_dir, output, recipe, section, chat_template, resume, dry_run, as_json, target_modules, **flags):
     """Fine-tune MODEL on prepared DATA; writes OUTPUT/adapter (PEFT format) and friends.
 
     \b
@@ -67,8 +70,10 @@ def train(model, data_dir, output, recipe, chat_template, resume, dry_run, as_js
     from ..console import out
     from ..paths import demo_model_dir
 
+    if section not in ("train", "align"):  # the recipe sections that configure a training stage
+        raise click.BadParameter(f"{section!r} is not a training section: use train or align", param_hint="--section")
     rc = load_config(recipe) if recipe else None
-    cfg = rc.train if rc else TrainConfig()
+    cfg = (rc.align.train_config() if section == "align" else rc.train) if rc else TrainConfig()
     if rc and not model and rc.model:  # the recipe's base model (`demo` resolves like `edgetune run` does)
         from ..recipes import resolve_model
 

@@ -18,7 +18,7 @@ from ..config import EvalConfig
 from ..console import console, progress
 from ..errors import EdgetuneError
 from . import metrics as M
-from .data import Example, load_examples, load_regression, run_check
+from .data import Example, Pair, load_examples, load_pairs, load_regression, run_check
 from .runner_args import gen_params, runner_options
 from .runners import GenParams, Runner, make_runner, parse_spec
 
@@ -88,6 +88,22 @@ def _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, n
         nll_pairs.append((s, n))
         row["nll"] = s / n if n else None
     return row
+
+
+def preference_accuracy(runner: Runner, pairs: list[Pair], name: str) -> dict[str, float]:
+    """How often the model ranks the chosen answer above the rejected one: the log-prob of each
+    answer's tokens (end-of-turn included) summed given the prompt, as DPO's reward accuracy on a
+    model with no reference. ``margin``: mean log-prob(chosen) - log-prob(rejected), in nats."""
+    wins = margins = 0.0
+    with progress(transient=False) as bar:
+        task = bar.add_task(f"{name} · preference", total=len(pairs))
+        for p in pairs:
+            nll_c, _ = runner.score(p.messages, p.chosen)
+            nll_r, _ = runner.score(p.messages, p.rejected)
+            wins += float(nll_c < nll_r)
+            margins += nll_r - nll_c
+            bar.advance(task)
+    return {"accuracy": wins / len(pairs), "margin": margins / len(pairs)}
 
 
 def _TokS():
@@ -177,6 +193,9 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
         reg_metrics = ["pass_rate"] + (["nll"] if cfg.nll else []) + ["latency"]
         sets_def.append(("regression", reg, reg_metrics, gen_params(cfg, min(cfg.max_tokens, cfg.regression_max_tokens)), None))
 
+    pairs = load_pairs(cfg.preference_data, cfg.limit) if cfg.preference_data else []
+    pref_skipped: list[str] = []
+
     t0 = time.time()
     models: list[dict] = []
     per_example: dict[str, dict[str, list[dict]]] = {s[0]: {} for s in sets_def}
@@ -190,6 +209,11 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
                               batch_size=cfg.batch_size or runner.batch_size)
                 results[set_name] = res
                 per_example[set_name][spec.name] = res["rows"]
+            if pairs:
+                if runner.supports_logits:
+                    results["preference"] = {"aggregate": preference_accuracy(runner, pairs, spec.name)}
+                else:
+                    pref_skipped.append(spec.name)
             models.append({"name": spec.name, "spec": spec.raw, "runner": runner.info(),
                            "metrics": flat_metrics(results),
                            "sets": {k: v["aggregate"] for k, v in results.items()}})
@@ -211,6 +235,10 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
         "examples": examples_table(sets_def, per_example),
         "seconds": round(time.time() - t0, 1),
     }
+    if pairs:
+        report["n_examples"]["preference"] = len(pairs)
+        report["preference"] = {"data": str(cfg.preference_data), "n_pairs": len(pairs),
+                                "no_logits": pref_skipped}  # http runners (ollama, openai) cannot score
     if cfg.drift_reference:
         from .drift import drift_many
 

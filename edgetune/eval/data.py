@@ -119,3 +119,48 @@ def run_check(output: str, check: dict) -> float:
     if kind == "max_words":
         return float(0 < len(text.split()) <= int(value))
     raise EdgetuneError(f"Unknown check type {kind!r}.")
+
+
+@dataclass
+class Pair:
+    """A held-out preference row: prompt turns, the preferred answer and the rejected one."""
+
+    id: str
+    messages: list[dict]
+    chosen: str
+    rejected: str
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
+    """Preference rows (``prompt`` as a string or turns, ``chosen``, ``rejected``) from a file/folder."""
+    from ..data.formats import Problem, normalise
+    from ..data.load import iter_source, list_sources
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EdgetuneError(f"Preference data not found: {p}", where=str(p),
+                            fix="pass a prepared preference split (prompt/chosen/rejected rows), e.g. RUN/align/data/test.jsonl")
+    pairs: list[Pair] = []
+    for src in list_sources(p):
+        for item in iter_source(src):
+            where = f"{item.source}:{item.line}"
+            try:
+                if item.problem is not None:
+                    raise Problem("unreadable", item.problem.message)
+                rec = normalise(item.obj)
+            except Problem as exc:
+                raise EdgetuneError(f"Unreadable preference row: {exc.message}", where=where, fix="fix or remove the row") from None
+            if rec.kind != "preference":
+                raise EdgetuneError("Preference accuracy needs prompt/chosen/rejected rows.", where=where,
+                                    fix="point eval.preference_data (--preference-data) at preference pairs")
+            pairs.append(Pair(where, rec.messages, _answer(rec.chosen), _answer(rec.rejected)))
+            if limit and len(pairs) >= limit:
+                return pairs
+    return pairs
+
+
+def _answer(v: Any) -> str:
+    """A preference answer: a string, or message turns (their last assistant content)."""
+    if isinstance(v, str):
+        return v
+    return next((str(m.get("content") or "") for m in reversed(v) if m.get("role") == "assistant"), "")

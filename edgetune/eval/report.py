@@ -40,7 +40,7 @@ def fmt(metric: str, v: Any) -> str:
 
 # Column headers for terminal tables (80 columns): the report files keep the full metric names.
 SHORT = {"json_fields": "fields", "json_valid": "json", "exact_match": "exact", "tokens_per_s": "tok/s",
-         "regression.pass_rate": "regression", "ttft_s": "ttft", "macro_f1": "F1", "rouge_l": "ROUGE-L",
+         "regression.pass_rate": "regression", "preference.accuracy": "pref acc", "ttft_s": "ttft", "macro_f1": "F1", "rouge_l": "ROUGE-L",
          "accuracy": "acc"}
 
 
@@ -124,6 +124,12 @@ def to_markdown(report: dict, worst: int = 5) -> str:
     out += ["", "## Metrics", ""]
     keys = metric_order(report)
     out.append(_md_table(["metric"] + names, [[k] + [fmt(k, m["metrics"].get(k)) for m in models] for k in keys]))
+    if report.get("preference"):
+        pr = report["preference"]
+        out += ["", f"`preference.accuracy`: how often a model's log-prob of the chosen answer (summed over its tokens) is "
+                    f"above the rejected one's, on {pr['n_pairs']} pairs of `{pr['data']}`; `preference.margin`: the mean "
+                    "difference in nats."
+                + (f" Not measured for {', '.join(pr['no_logits'])} (no logits over HTTP)." if pr.get("no_logits") else "")]
     if report.get("deltas"):
         out += ["", f"## Change vs {base}", "", "▲ better, ▼ worse (in each metric's own direction).", ""]
         dn = list(report["deltas"])

@@ -1,7 +1,8 @@
 """Memory estimate before loading anything (``edgetune train --dry-run``, ``edgetune plan``).
 
 weights (at the chosen precision) + adapter + its gradients and AdamW moments + activations at
-batch x seq. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"):
+batch x seq (DPO/ORPO: 2 x batch sequences, a chosen and a rejected per pair, and for DPO the
+reference pass on top). Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"):
 about 34*h bytes per token per layer in 16-bit (half that counted twice in fp32), plus the
 attention scores the CPU/MPS SDPA path materialises (heads * seq^2 per sequence, fp32). Gradient
 checkpointing keeps only each layer's input (2*h bytes per token) plus one layer's worth.
@@ -74,17 +75,24 @@ def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
     optimizer = ad * 4.0 * 3  # gradient + two AdamW moments (fp32); paged 8-bit would be less
     # unset max_seq_len (from the data, train/sizing.py) before the data exists: its cap, the most it picks
     seq = cfg.max_seq_len or 2048
-    tokens = cfg.batch_size * seq
+    # DPO/ORPO: an example is a pair, two padded sequences (prompt+chosen, prompt+rejected) in one batch
+    from .support import PAIRED
+
+    rows = cfg.batch_size * (2 if cfg.objective in PAIRED else 1)
+    tokens = rows * seq
     act_b = 2.0 if precision in ("bf16", "fp16") else 4.0
     h, L = s["hidden"], s["layers"]
-    attn_scores = cfg.batch_size * s["heads"] * seq**2 * 4.0
+    attn_scores = rows * s["heads"] * seq**2 * 4.0
     if cfg.gradient_checkpointing or cfg.method == "qlora":
         acts = L * tokens * h * act_b + (tokens * h * 17 * act_b + attn_scores)
     else:
         acts = L * (tokens * h * 17 * act_b + attn_scores)
     # logits only at completion tokens in edgetune's loss; assume up to all tokens, fp32
     logits = tokens * s["vocab"] * 4.0 * 2
-    total = weights + adapter + optimizer + acts + logits
+    # DPO's reference pass (the adapter disabled, no gradient) runs while the policy's graph is held:
+    # one layer's activations at a time plus its own fp32 logits/log-softmax. ORPO has none.
+    reference = tokens * h * 17 * act_b + attn_scores + logits if cfg.objective == "dpo" else 0.0
+    total = weights + adapter + optimizer + acts + logits + reference
     gb = 1e9
     out = {
         "params_b": round(n_params / 1e9, 4),
@@ -94,6 +102,8 @@ def estimate_memory(model_dir, cfg, precision: str | None = None) -> dict:
         "adapter_gb": round(adapter / gb, 3),
         "optimizer_gb": round(optimizer / gb, 3),
         "activations_gb": round((acts + logits) / gb, 3),
+        "reference_pass_gb": round(reference / gb, 3),
+        "sequences_per_step": rows * cfg.grad_accum,
         "total_gb": round(total / gb, 3),
     }
     try:

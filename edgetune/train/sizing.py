@@ -41,6 +41,7 @@ class Sizing:
     epochs: float  # steps x examples_per_step / train_examples
     tokens_per_step: int  # real (non-pad) tokens
     memory: dict = field(default_factory=dict)
+    sequences_per_example: int = 1  # DPO/ORPO: 2 (prompt+chosen and prompt+rejected rows)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -119,7 +120,7 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
     packing = bool(resolve(cfg, backend).packing)
     n = max(1, int(stats.get("count") or 0))
     mean = min(float(stats.get("mean") or 1.0), float(seq))
-    per_row = max(1, int(seq // math.ceil(mean))) if packing else 1
+    per_row = max(1, int(seq // math.ceil(mean))) if packing else 1  # examples (pairs: pairs) per row
     rows = math.ceil(n / per_row)
     micro = cfg.grad_accum * world_size  # micro-batches per optimizer step
     per_micro = min(n, cfg.batch_size * per_row)
@@ -127,8 +128,9 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
     steps = cfg.iters or max(1, math.ceil(cfg.epochs * math.ceil(rows / cfg.batch_size) / micro))
     epochs = steps * per_step / n
     memory = estimate_memory(model_dir, cfg)
+    seqs = 2 if cfg.objective in PAIRED else 1  # a pair is two sequences (mean: of the longer branch, an upper bound)
     s = Sizing(seq, source, n, round(mean, 1), packing, per_row, per_step, steps, round(epochs, 2),
-               int(round(per_step * mean)), memory)
+               int(round(per_step * mean * seqs)), memory, seqs)
     if epochs > EPOCHS_WARN:
         how = "--iters" if cfg.iters else "--epochs"
         s.warnings.append(
@@ -144,8 +146,9 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
 
 def lines(s: Sizing) -> list[str]:
     """The human summary, one line each."""
+    paired = s.sequences_per_example == 2
     how = (f"{s.examples_per_row} example(s)/row packed into {s.max_seq_len}-token rows" if s.packing
-           else "padded, one example per row")
+           else "padded, two rows (chosen, rejected) per pair" if paired else "padded, one example per row")
     m = s.memory
     return [
         f"max_seq_len {s.max_seq_len} ({s.max_seq_len_source})",
