@@ -117,9 +117,9 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools:
     return text
 
 
-def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None) -> str:
     """The exact prompt string the model sees (used by eval and the Ollama/GGUF fidelity checks)."""
-    return _render(tokenizer, messages, add_generation_prompt)
+    return _render(tokenizer, messages, add_generation_prompt, tools)
 
 
 def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, score_from: int = 0) -> list[tuple[int, int]]:
