@@ -54,7 +54,9 @@ def test_every_format_normalises_to_messages():
     assert pref.kind == "preference" and pref.to_row("preference") == {"prompt": "P", "chosen": "good", "rejected": "bad"}
     tools = [{"type": "function", "function": {"name": "f"}}]
     c = normalise({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools})
-    assert c.to_row("chat")["tools"] == tools
+    # tools are kept in canonical form (edgetune.data.tools): description and parameters always present
+    assert c.to_row("chat")["tools"] == [{"type": "function", "function": {
+        "name": "f", "description": "", "parameters": {"type": "object", "properties": {}}}}]
     parts = normalise({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                                     {"role": "assistant", "content": "c"}]})
     assert parts.messages[0]["content"] == "ab"

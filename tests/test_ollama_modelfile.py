@@ -152,7 +152,7 @@ def test_go_data_is_not_reinterpreted():
 
 @pytest.mark.parametrize(
     "src",
-    ["{{ if .System }}unclosed", "{{ end }}", "{{ template \"x\" }}", "{{ json .Messages }}", "{{ .System "],
+    ["{{ if .System }}unclosed", "{{ end }}", "{{ template \"x\" }}", "{{ toTypeScriptType . }}", "{{ .System ", "{{ block \"b\" . }}x{{ end }}", "{{ range .System }}{{ end }}"],
 )
 def test_go_unsupported_or_broken_is_an_error(src):
     with pytest.raises(gotemplate.GoTemplateError):

@@ -9,6 +9,7 @@ normalised raises :class:`Problem`, naming the field, which the caller turns int
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ ROLE_ALIASES = {
     "tool": "tool",
     "function": "tool",
     "ipython": "tool",
+    "observation": "tool",
 }
 
 
@@ -50,7 +52,8 @@ class Record:
     text: str | None = None  # kind == text
     chosen: Any = None  # kind == preference: str or list of messages
     rejected: Any = None
-    tools: Any = None  # passed through for chat
+    tools: Any = None  # chat: the declared tools in canonical form (edgetune.data.tools)
+    tool_notes: Any = None  # what tool canonicalisation did (edgetune.data.tools.Notes), for the data card
     group: str | None = None  # value of the group-by field
     raw: Any = field(default=None, repr=False)
 
@@ -62,7 +65,9 @@ class Record:
         """The text duplicates are judged on (roles included, so a question != its answer)."""
         if self.kind == "text":
             return self.text or ""
-        parts = [f"{m['role']}: {m['content']}" for m in self.messages]
+        parts = [_turn_text(m) for m in self.messages]
+        if self.tools:
+            parts.insert(0, "tools: " + json.dumps(self.tools, ensure_ascii=False))
         if self.kind == "preference":
             parts += [f"chosen: {_flat(self.chosen)}", f"rejected: {_flat(self.rejected)}"]
         return "\n".join(parts)
@@ -72,7 +77,7 @@ class Record:
         shared prompt and would make every short example look alike."""
         if self.kind == "text":
             return self.text or ""
-        parts = [f"{m['role']}: {m['content']}" for m in self.messages if m["role"] != "system"]
+        parts = [_turn_text(m) for m in self.messages if m["role"] != "system"]
         if self.kind == "preference":
             parts += [f"chosen: {_flat(self.chosen)}", f"rejected: {_flat(self.rejected)}"]
         return "\n".join(parts)
@@ -92,6 +97,11 @@ class Record:
         if self.tools is not None:
             row["tools"] = self.tools
         return row
+
+
+def _turn_text(m: dict) -> str:
+    calls = m.get("tool_calls")
+    return f"{m['role']}: {m['content']}" + (" " + json.dumps(calls, ensure_ascii=False) if calls else "")
 
 
 def _flat(x: Any) -> str:
@@ -157,6 +167,10 @@ def _messages(turns: Any, key: str, role_key: str = "role", content_key: str = "
             content = ""
         if content is None:
             raise Problem("missing_field", f"{f}.{content_key} is missing", f"{f}.{content_key}")
+        if norm == "tool":
+            from .tools import tool_content
+
+            content = tool_content(content)
         if isinstance(content, list) and content and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
         ):  # OpenAI-style content parts, text only
@@ -193,6 +207,18 @@ def check_order(messages: list[dict], key: str, need_assistant: bool = True) -> 
         raise Problem("last_not_assistant", f"the last turn is '{messages[-1]['role']}', not assistant", f"{key}[{len(messages) - 1}]")
 
 
+def _with_tools(rec: Record, tools: Any, key: str) -> Record:
+    """Declared tools, tool calls and tool results validated and put in canonical form."""
+    from .tools import Notes, canonical_messages, canonical_tools, has_tool_turns
+
+    notes = Notes()
+    rec.tools = canonical_tools(tools, notes) if tools is not None else None
+    if rec.tools is not None or has_tool_turns(rec.messages):
+        rec.messages = canonical_messages(rec.messages, rec.tools, key, notes)
+        rec.tool_notes = notes
+    return rec
+
+
 def normalise(obj: Any, fmt: str = "auto") -> Record:
     """One input row -> :class:`Record`, or raise :class:`Problem`."""
     if not isinstance(obj, dict):
@@ -208,15 +234,17 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
             raise Problem("missing_field", "missing field 'messages'", "messages")
         msgs = _messages(obj["messages"], "messages")
         check_order(msgs, "messages")
-        return Record(msgs, "chat", fmt, tools=obj.get("tools"))
+        return _with_tools(Record(msgs, "chat", fmt), obj.get("tools"), "messages")
     if fmt == "sharegpt":
         if "conversations" not in obj:
             raise Problem("missing_field", "missing field 'conversations'", "conversations")
-        msgs = _messages(obj["conversations"], "conversations", "from", "value")
+        from .tools import sharegpt_turns
+
+        msgs = _messages(sharegpt_turns(obj["conversations"]), "conversations", "from", "value")
         if isinstance(obj.get("system"), str) and obj["system"].strip() and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": obj["system"]})
         check_order(msgs, "conversations")
-        return Record(msgs, "chat", fmt, tools=obj.get("tools"))
+        return _with_tools(Record(msgs, "chat", fmt), obj.get("tools"), "conversations")
     if fmt == "instruction":
         instruction = _string(obj, "instruction")
         out_key = "output" if obj.get("output") is not None or "response" not in obj else "response"

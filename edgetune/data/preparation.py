@@ -34,6 +34,7 @@ RECORD_PROBLEMS = {
     "bad_json", "bad_encoding", "line_too_long", "not_object", "unknown_format", "missing_field",
     "wrong_type", "empty_field", "unknown_role", "role_order", "no_assistant", "last_not_assistant",
     "chosen_equals_rejected", "empty_after_cleaning", "mixed_layout", "missing_group_field", "template_error",
+    "bad_tools", "bad_tool_call", "tool_order",
 }
 READ_PROBLEMS = {"bad_json", "bad_encoding", "line_too_long"}
 PROGRESS_MIN = 5000  # show progress bars only for work that takes noticeable time
@@ -81,6 +82,7 @@ class Result:
     leak_exact: int = 0
     leak_near: int = 0
     tokenizer_info: dict | None = None
+    chat_template: str | None = None  # the template text (the tool summary names its family)
     kept: list[Record] = field(default_factory=list)
 
 
@@ -298,6 +300,7 @@ def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
             "chat_template_sha256": hashlib.sha256(tpl.encode()).hexdigest(),
             "eos_token": tokenizer.eos_token,
         }
+        res.chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     records = _read(path, cfg, res)
     records = _clean(records, cfg, res)
     records = _one_layout(records, res)
@@ -408,6 +411,7 @@ def validate(path, cfg: DataConfig | None = None, model_dir=None) -> ValidationR
     from .stats import balance_hints
 
     rep.hints = balance_hints(res.kept, lengths)
+    rep.hints += _tool_hints(res, cfg)
     if rep.rows and not res.kept and all(r.reason in READ_PROBLEMS for r in res.rejects):
         rep.fatal = "no record could be read (every line is invalid JSON or not UTF-8)"
     if rep.duplicates["rate"] >= 0.1:
@@ -494,6 +498,7 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
             "exact_removed": res.leak_exact, "near_removed": res.leak_near, "remaining": 0,
         },
         "tokens": None,
+        "tools": _tool_summary(res, cfg),
         "files": files,
     }
     if res.tokenizer_info is not None:
@@ -509,6 +514,29 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
         }
     write_json(out / "data_card.json", card)
     return card
+
+
+def _tool_summary(res: Result, cfg: DataConfig) -> dict | None:
+    from .tools import summarise
+
+    return summarise(res.kept, res.chat_template)
+
+
+def _tool_hints(res: Result, cfg: DataConfig) -> list[str]:
+    """``data validate``/``prepare`` warn when tool text cannot be reproduced by an Ollama TEMPLATE."""
+    card = _tool_summary(res, cfg)
+    if not card:
+        return []
+    hints = []
+    if card["dropped_schema_keywords"]:
+        kw = ", ".join(f"{k} x{v}" for k, v in card["dropped_schema_keywords"].items())
+        hints.append(f"tool schemas: dropped keywords Ollama does not keep ({kw})")
+    if card["not_reproducible_in_ollama"]:
+        hints.append(f"{card['not_reproducible_in_ollama']} tool values print differently in Ollama, e.g. "
+                     + card["not_reproducible_examples"][0])
+    if card["family"] and not card["family_tool_syntax"]:
+        hints.append(f"the chat template (family {card['family']}) has no tool-call syntax: tools are not rendered")
+    return hints
 
 
 def _reject_sort_key(res: Result):

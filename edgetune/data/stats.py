@@ -37,8 +37,11 @@ def _conversation(rec: Record, which: str = "chosen") -> list[dict]:
     return rec.messages + [{"role": "assistant", "content": answer}]
 
 
-def _render_many(tokenizer, convs: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
+def _render_many(tokenizer, convs: list[list[dict]], add_generation_prompt: bool = False, tools: list | None = None) -> list[str]:
     from .template import _render
+
+    if tools and any(tools):  # each record declares its own tools: rendered one by one
+        return [_render(tokenizer, c, add_generation_prompt, t) for c, t in zip(convs, tools, strict=True)]
 
     try:  # one call renders the whole batch with the compiled template (much faster than a loop)
         out = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -61,15 +64,16 @@ def token_lengths(tokenizer, records: Sequence[Record], on_batch: Callable[[int]
         texts: list[str] = []
         for which in ("chosen", "rejected"):
             convs = [_conversation(r, which) for r in chunk if r.kind != "text"]
+            tools = [r.tools for r in chunk if r.kind != "text"]
             if which == "rejected" and not any(r.kind == "preference" for r in chunk):
                 break
             try:
-                rendered = _render_many(tokenizer, convs)
+                rendered = _render_many(tokenizer, convs, tools=tools)
             except Exception:  # noqa: BLE001
                 rendered = []
-                for c in convs:
+                for c, t in zip(convs, tools, strict=True):
                     try:
-                        rendered.append(_render_many(tokenizer, [c])[0])
+                        rendered.append(_render_many(tokenizer, [c], tools=[t])[0])
                     except Exception:  # noqa: BLE001
                         rendered.append(None)
             texts.append(rendered)
@@ -105,7 +109,7 @@ def prompt_length(tokenizer, rec: Record) -> int:
     k = next((i for i, m in enumerate(conv) if m["role"] == "assistant"), len(conv))
     if k == 0:
         return 0
-    text = _render_many(tokenizer, [conv[:k]], add_generation_prompt=True)[0]
+    text = _render_many(tokenizer, [conv[:k]], add_generation_prompt=True, tools=[rec.tools])[0]
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

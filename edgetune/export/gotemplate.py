@@ -3,331 +3,52 @@
 Hand-written because no maintained Python library renders Go templates, and ``ollama check``
 must render a Modelfile's TEMPLATE offline (there is no Ollama binary on most CI machines).
 Supported: text, ``{{- … -}}`` trim markers, comments, ``if``/``else if``/``else``/``end``,
-``range [$i, $v :=] …`` (with ``else``), ``with``, variables (``$``, ``$x := …``, ``$x = …``),
-field chains (``.Role``, ``$.Messages``, ``(index .Messages 0).Role``), pipelines with ``|``,
-string / raw string / number / bool literals and the builtins ``eq ne lt le gt ge and or not len
-index slice print printf``. Anything else raises :class:`GoTemplateError` naming the construct,
-so an unsupported template is reported, never silently mis-rendered.
+``range [$i, $v :=] …`` (with ``else``; maps in sorted key order), ``with``, variables (``$``,
+``$x := …``, ``$x = …``), field chains (``.Role``, ``$.Messages``, ``(index .Messages 0).Role``),
+pipelines with ``|``, string / raw string / number / bool literals, ``define``/``template`` (with
+recursion), the builtins ``eq ne lt le gt ge and or not len index slice print printf`` (verbs
+``%s %d %v %c %q %T %%``) and Ollama's ``json``. Values follow Go's rules (:mod:`.gomodel`: Ollama's
+tool types, ``%q`` = strconv.Quote, float64 printing). Anything else raises :class:`GoTemplateError`
+naming the construct, so an unsupported template is reported, never silently mis-rendered.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
+from .gomodel import GoStruct, go_fmt_float, go_json, go_type, strconv_quote
+from .gotemplate_parse import GoTemplateError, Node, Tree, go_quote, go_unquote, parse, uses_field
 
-class GoTemplateError(ValueError):
-    pass
-
-
-_SPACE = " \t\r\n"
-
-
-# ---------------------------------------------------------------------------------------- lexing
-def _split(src: str) -> list[tuple[str, str]]:
-    """Split into ("text", s) and ("action", s) pieces, applying trim markers."""
-    pieces: list[tuple[str, str]] = []
-    pos = 0
-    trim_next = False
-    while True:
-        start = src.find("{{", pos)
-        text = src[pos:] if start < 0 else src[pos:start]
-        if trim_next:
-            text = text.lstrip(_SPACE)
-        if start < 0:
-            if text:
-                pieces.append(("text", text))
-            return pieces
-        inner_start = start + 2
-        if src.startswith("-", inner_start) and inner_start + 1 < len(src) and src[inner_start + 1] in _SPACE:
-            text = text.rstrip(_SPACE)
-            inner_start += 2
-        if text:
-            pieces.append(("text", text))
-        end = _find_close(src, inner_start)
-        inner = src[inner_start:end]
-        trim_next = False
-        if len(inner) >= 2 and inner.endswith("-") and inner[-2] in _SPACE:
-            inner = inner[:-2]
-            trim_next = True
-        pieces.append(("action", inner.strip(_SPACE)))
-        pos = end + 2
-
-
-def _find_close(src: str, i: int) -> int:
-    """Index of the ``}}`` closing an action, skipping string literals and comments."""
-    n = len(src)
-    while i < n:
-        c = src[i]
-        if src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            if j < 0:
-                raise GoTemplateError("unclosed comment")
-            i = j + 2
-            continue
-        if c == '"':
-            i += 1
-            while i < n and src[i] != '"':
-                i += 2 if src[i] == "\\" else 1
-            i += 1
-            continue
-        if c == "`":
-            j = src.find("`", i + 1)
-            if j < 0:
-                raise GoTemplateError("unclosed raw string")
-            i = j + 1
-            continue
-        if src.startswith("}}", i):
-            return i
-        i += 1
-    raise GoTemplateError("unclosed action: missing }}")
-
-
-_TOKEN = re.compile(
-    r"""\s*(?:
-      (?P<str>"(?:[^"\\]|\\.)*")
-    | (?P<raw>`[^`]*`)
-    | (?P<num>-?\d+(?:\.\d+)?)
-    | (?P<decl>:=)
-    | (?P<assign>=)
-    | (?P<lp>\()
-    | (?P<rp>\))
-    | (?P<pipe>\|)
-    | (?P<comma>,)
-    | (?P<var>\$[A-Za-z0-9_]*)
-    | (?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)
-    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-    )""",
-    re.VERBOSE,
-)
-
-
-def _tokens(s: str) -> list[tuple[str, str]]:
-    out = []
-    pos = 0
-    s = s.rstrip()
-    while pos < len(s):
-        m = _TOKEN.match(s, pos)
-        if not m or m.end() == pos:
-            raise GoTemplateError(f"cannot parse action near {s[pos:pos + 20]!r}")
-        kind = m.lastgroup
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-        # a field chain may follow a closing paren or a variable directly: (x).Role, $m.Content
-        if kind in ("rp", "var") and pos < len(s) and s[pos] == ".":
-            fm = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+").match(s, pos)
-            if fm:
-                out.append(("chain", fm.group(0)))
-                pos = fm.end()
-    return out
-
-
-_GO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "'": "'"}
-
-
-def go_unquote(lit: str) -> str:
-    body = lit[1:-1]
-    out = []
-    i = 0
-    while i < len(body):
-        c = body[i]
-        if c != "\\":
-            out.append(c)
-            i += 1
-            continue
-        e = body[i + 1]
-        if e in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[e])
-            i += 2
-        elif e in "uU":
-            width = 4 if e == "u" else 8
-            out.append(chr(int(body[i + 2 : i + 2 + width], 16)))
-            i += 2 + width
-        elif e == "x":
-            out.append(chr(int(body[i + 2 : i + 4], 16)))
-            i += 4
-        else:
-            raise GoTemplateError(f"unsupported escape \\{e} in {lit}")
-    return "".join(out)
-
-
-def go_quote(s: str) -> str:
-    """A Go interpreted string literal for ``s`` (used to emit literal text that contains ``{{``)."""
-    out = ['"']
-    for c in s:
-        if c in ('"', "\\"):
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif c == "\r":
-            out.append("\\r")
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\x{ord(c):02x}")
-        else:
-            out.append(c)
-    out.append('"')
-    return "".join(out)
-
-
-# -------------------------------------------------------------------------------------- parsing
-@dataclass
-class Node:
-    kind: str  # text | out | if | range | with | set
-    value: Any = None  # text, or pipeline
-    var: list[str] = field(default_factory=list)  # declared/assigned variable names
-    declare: bool = True
-    body: list = field(default_factory=list)
-    orelse: list = field(default_factory=list)
-
-
-def _parse_pipeline(toks: list[tuple[str, str]]):
-    """Pipeline = command ('|' command)*; command = operand+ ; returns a nested tuple tree."""
-    cmds = []
-    cur: list = []
-    i = 0
-    while i < len(toks):
-        kind, val = toks[i]
-        if kind == "pipe":
-            cmds.append(cur)
-            cur = []
-            i += 1
-            continue
-        if kind == "lp":
-            depth = 1
-            j = i + 1
-            while j < len(toks) and depth:
-                depth += {"lp": 1, "rp": -1}.get(toks[j][0], 0)
-                j += 1
-            if depth:
-                raise GoTemplateError("unbalanced parentheses")
-            node = ("paren", _parse_pipeline(toks[i + 1 : j - 1]))
-            i = j
-            if i < len(toks) and toks[i][0] == "chain":
-                node = ("chain", node, toks[i][1][1:].split("."))
-                i += 1
-            cur.append(node)
-            continue
-        if kind == "var" and i + 1 < len(toks) and toks[i + 1][0] == "chain":
-            cur.append(("chain", ("var", val), toks[i + 1][1][1:].split(".")))
-            i += 2
-            continue
-        if kind in ("str",):
-            cur.append(("lit", go_unquote(val)))
-        elif kind == "raw":
-            cur.append(("lit", val[1:-1]))
-        elif kind == "num":
-            cur.append(("lit", float(val) if "." in val else int(val)))
-        elif kind == "var":
-            cur.append(("var", val))
-        elif kind == "field":
-            cur.append(("field", [] if val == "." else val[1:].split(".")))
-        elif kind == "ident":
-            if val in ("true", "false"):
-                cur.append(("lit", val == "true"))
-            elif val == "nil":
-                cur.append(("lit", None))
-            else:
-                cur.append(("func", val))
-        else:
-            raise GoTemplateError(f"unexpected {val!r} in pipeline")
-        i += 1
-    cmds.append(cur)
-    if any(not c for c in cmds):
-        raise GoTemplateError("empty command in pipeline")
-    return ("pipeline", cmds)
-
-
-def _parse_decl(toks):
-    """Split off a ``$a, $b :=`` / ``$a =`` prefix."""
-    names = []
-    i = 0
-    while i < len(toks) and toks[i][0] == "var":
-        names.append(toks[i][1])
-        if i + 1 < len(toks) and toks[i + 1][0] == "comma":
-            i += 2
-            continue
-        if i + 1 < len(toks) and toks[i + 1][0] in ("decl", "assign"):
-            return names, toks[i + 1][0] == "decl", toks[i + 2 :]
-        break
-    return [], True, toks
-
-
-def parse(src: str) -> list[Node]:
-    pieces = _split(src)
-    root: list[Node] = []
-    stack: list[tuple[Node, list[Node]]] = []  # (block node, list currently appended to)
-    target = root
-    for kind, s in pieces:
-        if kind == "text":
-            target.append(Node("text", s))
-            continue
-        if s.startswith("/*"):
-            continue
-        toks = _tokens(s)
-        if not toks:
-            raise GoTemplateError("empty action {{ }}")
-        head = toks[0][1] if toks[0][0] == "ident" else None
-        if head in ("if", "range", "with"):
-            names, declare, rest = _parse_decl(toks[1:]) if head != "if" else ([], True, toks[1:])
-            node = Node(head, _parse_pipeline(rest), var=names, declare=declare)
-            target.append(node)
-            stack.append((node, target))
-            target = node.body
-        elif head == "else":
-            if not stack:
-                raise GoTemplateError("{{ else }} without a block")
-            node, _outer = stack[-1]
-            if len(toks) > 1 and toks[1][1] == "if":  # else if: a nested if inside orelse
-                inner = Node("if", _parse_pipeline(toks[2:]))
-                inner.chained = True  # type: ignore[attr-defined]
-                node.orelse.append(inner)
-                stack.append((inner, node.orelse))
-                target = inner.body
-            else:
-                target = node.orelse
-        elif head == "end":
-            if not stack:
-                raise GoTemplateError("{{ end }} without a block")
-            node, outer = stack.pop()
-            while getattr(node, "chained", False):  # close every "else if" with the one end
-                node, outer = stack.pop()
-            target = outer
-        elif head in ("define", "template", "block", "break", "continue"):
-            raise GoTemplateError(f"'{head}' is not supported by edgetune's template renderer")
-        else:
-            names, declare, rest = _parse_decl(toks)
-            if names:
-                target.append(Node("set", _parse_pipeline(rest), var=names, declare=declare))
-            else:
-                target.append(Node("out", _parse_pipeline(toks)))
-    if stack:
-        raise GoTemplateError(f"unclosed {{{{ {stack[-1][0].kind} }}}} block (missing {{{{ end }}}})")
-    return root
-
-
-def uses_field(src: str, name: str) -> bool:
-    return re.search(r"\.\b" + re.escape(name) + r"\b", src) is not None
+__all__ = ["GoTemplateError", "Node", "go_quote", "go_unquote", "parse", "uses_field", "render", "render_tree", "cut_after"]
 
 
 # ------------------------------------------------------------------------------------ execution
 def truth(v: Any) -> bool:
     if v is None or v is False:
         return False
+    if isinstance(v, GoStruct):  # a struct, or a non-nil pointer to one, is always true
+        return True
     if isinstance(v, (int, float, str, list, tuple, dict)) and not isinstance(v, bool):
         return len(v) > 0 if isinstance(v, (str, list, tuple, dict)) else v != 0
     return True
 
 
 def _fmt(v: Any) -> str:
+    """What ``{{ . }}`` prints (fmt's ``%v``; a ``String()`` method wins, as in Go)."""
+    if getattr(v, "stringer", None) is not None:
+        return v.stringer(v)
     if v is None:
         return "<no value>"
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float):
+        return go_fmt_float(v)
+    if isinstance(v, GoStruct):
+        raise GoTemplateError(f"printing a {v.type_name} value is not supported (print its fields)")
     if isinstance(v, list):
         return "[" + " ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "map[" + " ".join(f"{k}:{_fmt(v[k])}" for k in sorted(v)) + "]"
     return str(v)
 
 
@@ -362,7 +83,12 @@ def _printf(fmt, *args):
             elif verb == "c":
                 out.append(chr(next(it)))
             elif verb == "q":
-                out.append(go_quote(next(it)))
+                a = next(it)
+                if not isinstance(a, str):
+                    raise GoTemplateError(f"printf %q of a {go_type(a)} is not supported")
+                out.append(strconv_quote(a))
+            elif verb == "T":
+                out.append(go_type(next(it)))
             else:
                 raise GoTemplateError(f"printf verb %{verb} is not supported")
         else:
@@ -381,6 +107,9 @@ def _slice(x, *idx):
 
 def _index(x, *keys):
     for k in keys:
+        if isinstance(x, dict) and not isinstance(x, GoStruct):
+            x = x.get(k)  # a missing map key gives the zero value, as in Go
+            continue
         try:
             x = x[k]
         except (IndexError, KeyError, TypeError):
@@ -401,6 +130,7 @@ FUNCS = {
     "slice": _slice,
     "print": lambda *a: "".join(_fmt(x) for x in a),
     "printf": _printf,
+    "json": go_json,  # Ollama's template func: encoding/json.Marshal
 }
 
 # Fields of Ollama's api.Message that a template may read; absent ones render as their zero value.
@@ -408,6 +138,12 @@ MESSAGE_FIELDS = {"Role": "", "Content": "", "Thinking": "", "Images": None, "To
 
 
 def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, GoStruct):
+        if name in obj:
+            return obj[name]
+        if name in obj.methods:
+            return obj.methods[name]()
+        raise GoTemplateError(f"can't evaluate field {name} in type {obj.type_name}")
     if isinstance(obj, dict):
         if name in obj:
             return obj[name]
@@ -418,8 +154,10 @@ def _field(obj: Any, name: str) -> Any:
 
 
 class _Scope:
-    def __init__(self, root: Any):
+    def __init__(self, root: Any, templates: dict | None = None, depth: int = 0):
         self.frames: list[dict[str, Any]] = [{"$": root}]
+        self.templates = templates or {}
+        self.depth = depth
 
     def get(self, name):
         for f in reversed(self.frames):
@@ -495,6 +233,9 @@ def _eval_pipeline(pipe, dot, scope):
     return value
 
 
+MAX_DEPTH = 200  # nested {{ template }} calls (Go allows 100000; a deeper schema is a broken one)
+
+
 def _exec(nodes, dot, scope, out):
     for node in nodes:
         k = node.kind
@@ -504,6 +245,14 @@ def _exec(nodes, dot, scope, out):
             out.append(_fmt(_eval_pipeline(node.value, dot, scope)))
         elif k == "set":
             scope.set(node.var[0], _eval_pipeline(node.value, dot, scope), node.declare)
+        elif k == "template":
+            name = node.var[0]
+            if name not in scope.templates:
+                raise GoTemplateError(f'no such template "{name}"')
+            if scope.depth >= MAX_DEPTH:
+                raise GoTemplateError(f'template "{name}" nests deeper than {MAX_DEPTH} levels')
+            arg = _eval_pipeline(node.value, dot, scope) if node.value is not None else None
+            _exec(scope.templates[name], arg, _Scope(arg, scope.templates, scope.depth + 1), out)
         elif k in ("if", "with"):
             v = _eval_pipeline(node.value, dot, scope)
             scope.frames.append({})
@@ -516,7 +265,10 @@ def _exec(nodes, dot, scope, out):
                 scope.frames.pop()
         elif k == "range":
             seq = _eval_pipeline(node.value, dot, scope)
-            items = list(enumerate(seq)) if isinstance(seq, (list, tuple)) else list((seq or {}).items())
+            if isinstance(seq, GoStruct) or not isinstance(seq, (list, tuple, dict, type(None))):
+                raise GoTemplateError(f"range can't iterate over {go_type(seq)}")
+            # a Go map is visited in sorted key order
+            items = list(enumerate(seq)) if isinstance(seq, (list, tuple)) else [(k, seq[k]) for k in sorted(seq or {})]
             if not items:
                 scope.frames.append({})
                 _exec(node.orelse, dot, scope, out)
@@ -572,18 +324,17 @@ def cut_after(nodes: list[Node], name: str) -> list[Node]:
                 kept.append(n)
         return kept
 
-    return walk(nodes)
+    kept = Tree(walk(nodes))
+    kept.templates = getattr(nodes, "templates", {})
+    return kept
 
 
 def render_tree(tree: list[Node], data: dict[str, Any]) -> str:
     out: list[str] = []
-    _exec(tree, data, _Scope(data), out)
+    _exec(tree, data, _Scope(data, getattr(tree, "templates", None)), out)
     return "".join(out)
 
 
 def render(src: str, data: dict[str, Any]) -> str:
     """Render Go-template ``src`` with ``data`` (Ollama passes ``System``, ``Messages``, ``Tools``…)."""
-    tree = parse(src)
-    out: list[str] = []
-    _exec(tree, data, _Scope(data), out)
-    return "".join(out)
+    return render_tree(parse(src), data)

@@ -163,8 +163,20 @@ def build_modelfile(gguf_path, out_dir, name: str, options: ModelfileOptions | N
               f"TEMPLATE family: {family_name}"
               + (f"; checked against the chat template: {result.n_identical} conversations identical"
                  f" ({result.conversations[0].compared if result.conversations else 'text'})" if result else "")
+              + f"\nTools: {_tools_line(fam if not template_file else None, go)}"
               + f"\nCreate it with: ollama create {name} -f Modelfile")
     return format_modelfile(commands, header), result
+
+
+def _tools_line(fam: Family | None, go: str) -> str:
+    """What the header says about tool calling (Ollama offers tools only when the TEMPLATE uses .Tools)."""
+    if fam is not None and fam.tools:
+        return (f"rendered ({fam.tools} call syntax, {'parallel calls allowed' if fam.parallel_calls else 'one call per turn'}; "
+                "checked with tool conversations)")
+    if gotemplate.uses_field(go, "Tools"):
+        return "rendered by the custom TEMPLATE"
+    return (f"NOT rendered: the {fam.name if fam else 'custom'} TEMPLATE has no tool-call syntax, "
+            "so Ollama reports that this model does not support tools")
 
 
 def write_modelfile(gguf_path, out_dir, name: str, options: ModelfileOptions | None = None, **fields: Any) -> Path:

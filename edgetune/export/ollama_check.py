@@ -47,6 +47,68 @@ CONVERSATIONS: list[tuple[str, list[dict]]] = [
 ]
 
 
+# Tool conversations (checked for families with tool syntax): tools declared, a call, a result and
+# a final answer; several tools; parallel calls where the family allows them. The schemas and
+# arguments hold what Go prints differently from Python unless handled (<, &, quotes, newlines,
+# non-ASCII, enums, nested objects, arrays, floats, null) and go through the data stage's
+# canonicalisation, as training data does.
+_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": 'Current weather for a city <"quoted"> & more.\nSecond line: température ☀',
+        "parameters": {"type": "object", "required": ["city"], "properties": {
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "Unit"},
+            "city": {"type": "string", "description": "City name, e.g. \"Paris\""},
+            "when": {"type": "object", "description": "Optional time", "required": ["day"], "properties": {
+                "day": {"type": "string", "enum": ["today", "tomorrow"]}, "hour": {"type": ["integer", "null"]}}},
+            "fields": {"type": "array", "items": {"type": "string", "enum": ["temp", "wind"]}}}}}},
+    {"type": "function", "function": {
+        "name": "convert_units", "description": "Convert a value between units.",
+        "parameters": {"type": "object", "required": ["value", "from", "to"], "properties": {
+            "value": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "list_cities", "description": "", "parameters": {"type": "object", "properties": {}}}},
+]
+_ARGS1 = {"city": "Paris <&> \"Île-de-France\"\nFR", "unit": "celsius", "when": {"hour": None, "day": "today"},
+          "fields": ["temp", "wind"]}
+_ARGS2 = {"value": 2.5, "from": "km", "to": "mi"}
+
+
+def _call(cid, name, args):
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _tool_conversations(parallel: bool) -> list[tuple[str, list[dict], list[dict]]]:
+    from ..data.formats import normalise
+
+    u1 = {"role": "user", "content": "What's the weather in Paris? Also 2.5 km in miles."}
+    c1 = {"role": "assistant", "content": "", "tool_calls": [_call("call00001", "get_weather", _ARGS1)]}
+    r1 = {"role": "tool", "content": '{"temp": 18, "sky": "clear <&>"}', "tool_call_id": "call00001"}
+    a1 = {"role": "assistant", "content": "It is 18 °C and clear in Paris."}
+    c2 = {"role": "assistant", "content": "", "tool_calls": [_call("call00002", "convert_units", _ARGS2)]}
+    r2 = {"role": "tool", "content": "1.55", "tool_call_id": "call00002"}
+    a2 = {"role": "assistant", "content": "2.5 km is about 1.55 miles."}
+    u2 = {"role": "user", "content": "Thanks. Which cities do you know?"}
+    c3 = {"role": "assistant", "content": "", "tool_calls": [_call("call00003", "list_cities", {})]}
+    sys_ = {"role": "system", "content": "You are a weather assistant. Use the tools."}
+    convs = [
+        ("tools: request", [u1]),
+        ("tools: call (training example)", [u1, c1]),
+        ("tools: result, generation prompt", [u1, c1, r1]),
+        ("tools: call, result, answer", [u1, c1, r1, a1]),
+        ("tools: system, call, result, answer", [sys_, u1, c1, r1, a1]),
+        ("tools: two rounds, several tools", [u1, c1, r1, a1, u2, c3, {**r1, "tool_call_id": "call00003", "content": "[]"},
+                                              {"role": "assistant", "content": "None yet."}]),
+    ]
+    if parallel:
+        both = {"role": "assistant", "content": "", "tool_calls": c1["tool_calls"] + c2["tool_calls"]}
+        convs.append(("tools: parallel calls, results, answer", [u1, both, r1, r2, a2]))
+    out = []
+    for name, msgs in convs:
+        rec = normalise({"messages": msgs + ([] if msgs[-1]["role"] == "assistant" else [a1]), "tools": _TOOLS})
+        canon = rec.messages if msgs[-1]["role"] == "assistant" else rec.messages[:-1]
+        out.append((name, canon, rec.tools))
+    return out
+
+
 @dataclass
 class ConversationCheck:
     name: str
@@ -100,12 +162,14 @@ def _token_diff(tok, want: list[int], got: list[int], width: int = 6) -> str:
 
 
 def compare(go_template: str, info: ModelInfo, system: str | None = None, *, family: str | None = None,
-            conversations: list[tuple[str, list[dict]]] | None = None, use_tokenizer: bool = True) -> CheckResult:
+            conversations: list[tuple] | None = None, use_tokenizer: bool = True, with_tools: bool = True) -> CheckResult:
     """Render every conversation with the Jinja chat template and with the Go TEMPLATE; compare.
 
     The Ollama side is ``[BOS if the GGUF adds one] + tokens(TEMPLATE rendering)``, exactly what
     llama.cpp feeds the model; the reference is the chat template's rendering tokenized as
-    ``apply_chat_template(tokenize=True)`` does.
+    ``apply_chat_template(tokenize=True)`` does. ``conversations``: (name, messages[, tools]) tuples;
+    by default the built-in ones plus, ``with_tools``, tool conversations for a family with tool syntax
+    (a family without it gets a note saying tools are not rendered).
     """
     if not info.chat_template:
         raise EdgetuneError("The model has no chat template to compare the TEMPLATE with.", where=info.source,
@@ -114,11 +178,24 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
     bos = info.bos_token or ""
     results: list[ConversationCheck] = []
     notes: list[str] = []
-    convs = list(conversations or CONVERSATIONS)
+    fam = FAMILY_BY_NAME.get(family or "")
+    convs = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in (conversations or CONVERSATIONS)]
+    if conversations is None and with_tools:
+        if fam is not None and fam.tools:
+            convs += _tool_conversations(fam.parallel_calls)
+            if not fam.parallel_calls:
+                notes.append(f"family {fam.name} allows one tool call per turn: parallel calls are not checked")
+        elif gotemplate.uses_field(go_template, "Tools"):
+            convs += _tool_conversations(True)
+        else:
+            renders_tools = "tools" in info.chat_template
+            notes.append(f"tools are not rendered: {'the ' + fam.name + ' family' if fam else 'this TEMPLATE'} has no tool-call "
+                         "syntax, so Ollama will say this model does not support tools"
+                         + (" (the chat template does render tools: they are lost in Ollama)" if renders_tools else ""))
     if system:  # also what Ollama sends when the Modelfile's SYSTEM is injected
-        convs += [(f"{n} (Modelfile SYSTEM)", c) for n, c in convs if c[0]["role"] != "system"]
+        convs += [(f"{n} (Modelfile SYSTEM)", c, t) for n, c, t in convs if c[0]["role"] != "system"]
     legacy = not gotemplate.uses_field(go_template, "Messages")
-    for name, conv in convs:
+    for name, conv, tools in convs:
         injected = system if name.endswith("(Modelfile SYSTEM)") else None
         if legacy and conv[-1]["role"] == "assistant":
             results.append(ConversationCheck(name, "skipped", reason="a legacy .Prompt/.Response template leaves "
@@ -128,16 +205,17 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
         agp = conv[-1]["role"] != "assistant"
         try:
             if tok is not None and tok.chat_template:
-                want_text = tok.apply_chat_template(ref_msgs, tokenize=False, add_generation_prompt=agp)
+                want_text = tok.apply_chat_template(ref_msgs, tokenize=False, add_generation_prompt=agp,
+                                                    **({"tools": tools} if tools else {}))
             else:
                 want_text = render_jinja(info.chat_template, ref_msgs, add_generation_prompt=agp,
-                                         bos_token=info.bos_token, eos_token=info.eos_token)
+                                         bos_token=info.bos_token, eos_token=info.eos_token, tools=tools)
         except Exception as exc:  # noqa: BLE001 - jinja raise_exception surfaces as various types
             if isinstance(exc, EdgetuneError):
                 raise
             results.append(ConversationCheck(name, "skipped", reason=f"the chat template rejects it: {exc}"))
             continue
-        got_text = render_ollama(go_template, conv, injected)
+        got_text = render_ollama(go_template, conv, injected, tools)
         if info.add_bos and bos and not want_text.startswith(bos):
             want_text = bos + want_text
             note = "the chat template renders no BOS but the tokenizer adds one (add_bos_token); compared with it"
@@ -155,8 +233,8 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
             results.append(ConversationCheck(name, "identical" if same else "different", len(want_text), "text",
                                              "" if same else _text_diff(want_text, model_text)))
     ok = all(c.status != "different" for c in results) and any(c.status == "identical" for c in results)
-    if family and FAMILY_BY_NAME.get(family) and FAMILY_BY_NAME[family].note:
-        notes.append(FAMILY_BY_NAME[family].note)
+    if fam is not None and fam.note:
+        notes.append(fam.note)
     return CheckResult(ok, family, results, notes)
 
 

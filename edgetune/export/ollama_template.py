@@ -17,6 +17,7 @@ import time
 from ..chat_families import FAMILIES, Family, detect_family
 from ..errors import EdgetuneError
 from . import gotemplate
+from .gomodel import template_message, template_tools
 from .model_info import ModelInfo
 
 
@@ -25,7 +26,8 @@ class TemplateRejected(Exception):
     """The Jinja chat template raised (e.g. 'System role not supported')."""
 
 
-def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str | None, eos_token: str | None) -> str:
+def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str | None,
+                 eos_token: str | None, tools: list[dict] | None = None) -> str:
     """Render a chat template the way transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
@@ -43,7 +45,7 @@ def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: 
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None,
             bos_token=bos_token or "", eos_token=eos_token or "",
         )
     except TemplateError as exc:
@@ -61,18 +63,19 @@ def ollama_messages(messages: list[dict], system: str | None) -> tuple[str, list
     collated: list[dict] = []
     for m in msgs:
         if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
-            collated[-1]["Content"] += "\n\n" + m["content"]
-        else:
-            collated.append({"Role": m["role"], "Content": m["content"]})
+            collated[-1]["Content"] += "\n\n" + (m.get("content") or "")
+        else:  # what a template reads: Ollama's templateMessage (tool calls converted, see gomodel)
+            collated.append(template_message(m))
     return "\n\n".join(sys_parts), collated
 
 
-def render_ollama(template: str, messages: list[dict], system: str | None = None) -> str:
-    """Render a Modelfile TEMPLATE for a chat the way Ollama's /api/chat does."""
+def render_ollama(template: str, messages: list[dict], system: str | None = None, tools: list[dict] | None = None) -> str:
+    """Render a Modelfile TEMPLATE for a chat (and its tools) the way Ollama's /api/chat does."""
     sys_text, msgs = ollama_messages(messages, system)
     try:
         if gotemplate.uses_field(template, "Messages"):
-            return gotemplate.render(template, {"System": sys_text, "Messages": msgs, "Tools": None, "Response": "", "Prompt": ""})
+            return gotemplate.render(template, {"System": sys_text, "Messages": msgs, "Tools": template_tools(tools),
+                                                "Response": "", "Prompt": ""})
         return _render_legacy(template, sys_text, msgs)
     except gotemplate.GoTemplateError as exc:
         raise EdgetuneError(f"The TEMPLATE cannot be rendered: {exc}", fix="fix the Go template") from None
