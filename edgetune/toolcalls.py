@@ -236,6 +236,21 @@ def prepare_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def canonical_request(messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """Request history and tools in the canonical form training data gets (edgetune.data.tools:
+    Ollama's key order, property names and argument keys sorted), so the served prompt is the
+    trained one whatever order the client wrote; the request as sent when it does not validate."""
+    from .data.formats import Problem
+    from .data.tools import Notes, canonical_messages, canonical_tools
+
+    messages = prepare_messages(messages)
+    try:
+        canon = canonical_tools(tools, Notes())
+        return canonical_messages(messages, canon, "messages", Notes()), canon
+    except (Problem, KeyError, TypeError, ValueError):
+        return messages, tools
+
+
 def openai_calls(calls: list[dict]) -> list[dict]:
     """Parsed calls -> OpenAI ``tool_calls`` (arguments as a JSON string, fresh ids)."""
     return [{"id": "call_" + secrets.token_hex(12), "type": "function",
@@ -351,13 +366,13 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
         tool_choice = function_call if isinstance(function_call, str) else {"type": "function", "function": function_call}
     fmt = _formatter(llama)
     syntax = llama._edgetune_syntax
-    messages = prepare_messages(messages)
+    messages, shown = canonical_request(messages, tools) if tools else (prepare_messages(messages), None)
     if not tools or tool_choice == "none" or syntax is None:
         stock = llama._chat_handlers.get("chat_template.default")
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
         stock = stock or chat_formatter_to_chat_completion_handler(fmt)
-        return stock(llama=llama, messages=messages, tools=None if tool_choice == "none" else tools,
+        return stock(llama=llama, messages=messages, tools=None if tool_choice == "none" else shown,
                      stream=stream, **kwargs)
     forced = None
     if isinstance(tool_choice, dict):
@@ -366,7 +381,7 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
         if forced is None:
             raise ValueError(f"tool_choice names {name!r}, which is not one of the request's tools")
     prefix = syntax.prefix(forced["function"]["name"]) if forced else syntax.prefix(None) if tool_choice == "required" else ""
-    rendered = fmt(messages=messages, tools=tools, tool_choice=tool_choice)
+    rendered = fmt(messages=messages, tools=shown, tool_choice=tool_choice)
     prompt = llama.tokenize((rendered.prompt + prefix).encode("utf-8"), add_bos=not rendered.added_special, special=True)
     args = {k: kwargs[k] for k in _COMPLETION_ARGS if k in kwargs}
     stops = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])

@@ -16,6 +16,7 @@ from edgetune.toolcalls import (
     StreamSplitter,
     finish_for,
     parse_calls,
+    canonical_request,
     prepare_messages,
     syntax_for,
 )
@@ -38,7 +39,8 @@ UNIT_TOOL = {"type": "function", "function": {"name": "set_unit", "description":
 HERMES, LLAMA, MISTRAL = SYNTAX_BY_NAME["hermes"], SYNTAX_BY_NAME["llama3-json"], SYNTAX_BY_NAME["mistral"]
 
 
-@pytest.mark.parametrize("name,syntax", [("qwen2.5", "hermes"), ("llama3.2", "llama3-json"), ("smollm2", None),
+@pytest.mark.parametrize("name,syntax", [("qwen2.5", "hermes"), ("llama3.2", "llama3-json"), ("mistral-v0.3", "mistral"),
+                                         ("smollm2", None),
                                          ("mistral", None), ("llama3", None), ("chatml", None), ("gemma", None)])
 def test_syntax_detected_from_real_templates(name, syntax):
     s = syntax_for((TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"))
@@ -137,6 +139,23 @@ def test_history_arguments_render_as_the_training_data_did(tokenizer_dir):
 
     assert render(prepare_messages(sent)) == render(trained)
     assert '"arguments": {"city": "Paris"}' in render(trained)
+
+
+def test_request_tools_take_the_training_datas_canonical_form():
+    """A client's property order, argument key order and 2.0-style numbers do not change the prompt."""
+    shuffled = json.loads(json.dumps(TOOLS))
+    props = shuffled[0]["function"]["parameters"]["properties"]
+    shuffled[0]["function"]["parameters"]["properties"] = dict(reversed(list(props.items())))
+    history = [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "convert_units", "arguments": '{"value": 2.0}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    m1, t1 = canonical_request(history, shuffled)
+    m2, t2 = canonical_request(history, TOOLS)
+    assert t1 == t2 and list(t1[0]["function"]["parameters"]["properties"]) == ["city", "unit"]
+    assert m1 == m2 and m1[1]["tool_calls"][0]["function"]["arguments"] == {"value": 2}
+    # a request that does not validate is rendered as sent, never refused here
+    bad = [{"role": "user", "content": "x"}, {"role": "tool", "content": "orphan result"}]
+    assert canonical_request(bad, TOOLS)[0] == bad
 
 
 # ------------------------------------------------------------------------------ over HTTP
