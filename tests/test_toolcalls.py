@@ -14,9 +14,9 @@ from edgetune.toolcalls import (
     INVALID,
     SYNTAX_BY_NAME,
     StreamSplitter,
+    canonical_request,
     finish_for,
     parse_calls,
-    canonical_request,
     prepare_messages,
     syntax_for,
 )
