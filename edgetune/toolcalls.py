@@ -24,6 +24,7 @@ prompt format instead of the GGUF's template (the prompt served must be the prom
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger("edgetune.serve")
 HANDLER_NAME = "edgetune-tools"  # the llama-cpp-python chat_format name edgetune serve uses
 INVALID = "invalid_tool_call"  # finish_reason of a reply that started a call it did not finish well
 
@@ -398,6 +400,8 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
     text = completion["choices"][0]["text"]
     parsed = parse_calls(prefix + text + close, syntax, tools)
     finish = finish_for(parsed, completion["choices"][0]["finish_reason"])
+    if parsed.error:
+        log.warning("malformed tool call (%s): %s", finish, parsed.error)
     message: dict = {"role": "assistant", "content": (parsed.content or None) if parsed.calls else parsed.content}
     if parsed.calls:
         message["tool_calls"] = openai_calls(parsed.calls)
@@ -440,6 +444,8 @@ def _stream_chunks(chunks, syntax: Syntax, tools: list[dict], prefix: str, close
         yield chunk({"role": "assistant"})
     split.feed(close)
     parsed = parse_calls(split.text, syntax, tools)
+    if parsed.error:
+        log.warning("malformed tool call (%s): %s", finish_for(parsed, finish), parsed.error)
     if parsed.calls:
         for i, call in enumerate(openai_calls(parsed.calls)):
             yield chunk({"tool_calls": [{"index": i, **call}]})
