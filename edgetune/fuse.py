@@ -193,8 +193,27 @@ def merge_weight(w: np.ndarray, layer: LoraLayer, where: str) -> np.ndarray:
     return merged
 
 
-def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True) -> Path:
-    """Merge ``adapter_dir`` into ``base_dir`` and save a standard HF folder at ``out_dir``."""
+def _set_chat_template(folder: Path, chat_template: str) -> None:
+    """Make ``chat_template`` the folder's one chat template (transformers reads chat_template.jinja
+    first; the copies in tokenizer_config.json / chat_template.json are dropped so none disagrees)."""
+    from .data.template import resolve_chat_template
+
+    text = resolve_chat_template(chat_template)
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    tc = folder / "tokenizer_config.json"
+    if tc.exists():
+        cfg = read_json(tc)
+        cfg.pop("chat_template", None)
+        write_json(tc, cfg)
+    (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+
+
+def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True, chat_template: str | None = None) -> Path:
+    """Merge ``adapter_dir`` into ``base_dir`` and save a standard HF folder at ``out_dir``.
+
+    ``chat_template`` (file, family or ``demo:FILE``): the template the adapter was trained with when
+    it is not the base's own (``data.chat_template``); it becomes the fused folder's
+    ``chat_template.jinja`` and so the GGUF's ``tokenizer.chat_template``."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     cfg = _check_base(base_dir)
     ad = load_adapter(adapter_dir)
@@ -230,6 +249,8 @@ def fuse(base_dir, adapter_dir, out_dir, *, show_progress: bool = True) -> Path:
         for f in COPY_FILES:
             if (base_dir / f).exists():
                 shutil.copy2(base_dir / f, tmp / f)
+        if chat_template:
+            _set_chat_template(tmp, chat_template)
         write_json(
             tmp / "edgetune_fuse.json",
             {

@@ -129,12 +129,14 @@ def _train_run(c: Ctx, resume: bool) -> dict:
 
 
 def _fuse_inputs(c: Ctx) -> dict:
-    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train")}
+    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train"),
+            "chat_template": c.cfg.data.chat_template}
 
 
 def _fuse_run(c: Ctx, resume: bool) -> dict:
     fuse = _api("edgetune.fuse", "fuse", "fuse")
-    fuse(c.model_dir, c.run.adapter_dir, c.run.fused_dir)
+    # the adapter learnt the template the data was rendered with: the fused model (and its GGUFs) carry it
+    fuse(c.model_dir, c.run.adapter_dir, c.run.fused_dir, chat_template=c.cfg.data.chat_template)
     return {"fused": str(c.run.fused_dir)}
 
 

@@ -253,3 +253,19 @@ def test_tool_history_and_tool_choice_none_over_http(tool_server):
                                           max_tokens=4, temperature=0)
     assert none.usage.prompt_tokens < r.usage.prompt_tokens  # rendered without the tool schemas
     assert not none.choices[0].message.tool_calls
+
+
+@pytest.mark.slow
+def test_a_template_without_tools_serves_plain_answers(demo_gguf_path):
+    """SmolLM2's own template has no tool syntax: tools are accepted, the answer is plain text."""
+    from openai import OpenAI
+
+    from edgetune.serve import make_server
+
+    with make_server(demo_gguf_path, port=None, n_ctx=1024, n_threads=2, alias="smol") as srv:
+        client = OpenAI(base_url=srv.base_url, api_key="none")
+        kw = dict(model="smol", messages=MSGS, max_tokens=6, temperature=0)
+        with_tools = client.chat.completions.create(**kw, tools=TOOLS).choices[0]
+        plain = client.chat.completions.create(**kw).choices[0]
+    assert not with_tools.message.tool_calls and with_tools.finish_reason in ("stop", "length")
+    assert with_tools.message.content == plain.message.content  # the template ignores tools: same prompt

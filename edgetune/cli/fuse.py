@@ -15,7 +15,10 @@ from .options import output_option
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Adapter folder: PEFT (adapter_model.safetensors) or mlx-lm (adapters.safetensors); LoRA or DoRA.")
 @output_option(required=True, help_="Output folder for the fused HF model.")
-def fuse(base_dir, adapter_dir, output):
+@click.option("--chat-template", default=None,
+              help="The template the adapter was trained with (file, family or demo:FILE) when it is not the base's own; "
+                   "the fused model (and its GGUFs) carry it.")
+def fuse(base_dir, adapter_dir, output, chat_template):
     """Merge an adapter into its base model and save a standard HF folder.
 
     The merge runs in numpy (no torch needed). A QLoRA adapter is merged into the original bf16
@@ -39,7 +42,7 @@ def fuse(base_dir, adapter_dir, output):
                 where=str(Path(adapter_dir) / "adapter_config.json"),
                 fix="pass --base BASE_DIR",
             )
-    p = run_fuse(base_dir, adapter_dir, output)
+    p = run_fuse(base_dir, adapter_dir, output, chat_template=chat_template)
     info = (p / "edgetune_fuse.json").read_text(encoding="utf-8")
     import json
 
