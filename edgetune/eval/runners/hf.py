@@ -136,7 +136,7 @@ class HFRunner(Runner):
             out = self.model.generate(input_ids=inp, attention_mask=mask, **kw)
         elapsed = timer.elapsed()
         gens = []
-        for row, p, t in zip(out.tolist(), prompts, tools, strict=True):
+        for row, p, row_tools in zip(out.tolist(), prompts, tools, strict=True):
             new = row[width:]
             finish = "length"
             for i, t in enumerate(new):  # rows that finished early are padded after their end-of-turn
@@ -151,7 +151,7 @@ class HFRunner(Runner):
                 text, hit = cut_at_stop(text, params.stop)
                 finish = "stop" if hit else finish
             gens.append(with_tool_calls(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch)),
-                                        self.tokenizer.chat_template, t))
+                                        self.tokenizer.chat_template, row_tools))
         return gens
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
