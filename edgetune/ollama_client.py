@@ -140,9 +140,12 @@ class OllamaClient:
         body = {"model": model, "messages": messages, "stream": False, **({"options": options} if options else {})}
         return self.request("/api/chat", body, model=model)
 
-    def chat_stream(self, model: str, messages: list[dict], *, options: dict | None = None) -> Iterator[dict]:
-        """A streamed ``/api/chat``: one dict per chunk, the last with ``done`` and the counts."""
-        body = {"model": model, "messages": messages, "stream": True, **({"options": options} if options else {})}
+    def chat_stream(self, model: str, messages: list[dict], *, options: dict | None = None,
+                    tools: list[dict] | None = None) -> Iterator[dict]:
+        """A streamed ``/api/chat``: one dict per chunk, the last with ``done`` and the counts;
+        with ``tools``, a chunk's ``message.tool_calls`` holds the calls Ollama parsed."""
+        body = {"model": model, "messages": messages, "stream": True, **({"options": options} if options else {}),
+                **({"tools": tools} if tools else {})}
         return self.stream("/api/chat", body, model=model)
 
 

@@ -150,14 +150,16 @@ def _align_run(c: Ctx, resume: bool) -> dict:
 
 
 def _fuse_inputs(c: Ctx) -> dict:
-    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train"), "align": c.output_hash("align")}
+    return {"model": c.manifest["model_fingerprint"], "adapter": c.output_hash("train"), "align": c.output_hash("align"),
+            "chat_template": c.cfg.data.chat_template}
 
 
 def _fuse_run(c: Ctx, resume: bool) -> dict:
     fuse = _api("edgetune.fuse", "fuse", "fuse")
     r = c.run  # after align: its adapter on the SFT-merged model; else the train adapter on the base
     base = r.sft_model_dir if r.aligned else c.model_dir
-    fuse(base, r.final_adapter_dir, r.fused_dir)
+    # the adapter learnt the template the data was rendered with: the fused model (and its GGUFs) carry it
+    fuse(base, r.final_adapter_dir, r.fused_dir, chat_template=c.cfg.data.chat_template)
     return {"fused": str(r.fused_dir), "adapter": str(r.final_adapter_dir)}
 
 

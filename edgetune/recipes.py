@@ -22,6 +22,19 @@ def demo_data_path() -> Path:
     return Path(str(resources.files("edgetune") / "resources" / "demo" / DEMO_DATA))
 
 
+def demo_resource(value: str) -> Path | None:
+    """``demo:NAME`` -> the file NAME shipped in edgetune/resources/demo/ (a recipe's data or chat
+    template that travels with the package, e.g. ``demo:tool_calls.jsonl``); None for other values."""
+    if not isinstance(value, str) or not value.startswith(DEMO + ":"):
+        return None
+    name = value[len(DEMO) + 1:]
+    path = demo_data_path().parent / name
+    if "/" in name or "\\" in name or not path.is_file():
+        shipped = sorted(p.name for p in demo_data_path().parent.iterdir())
+        raise EdgetuneError(f"No shipped demo file {name!r}.", fix=f"use one of: {', '.join('demo:' + n for n in shipped)}")
+    return path
+
+
 def recipes_dir() -> Path:
     return Path(str(resources.files("edgetune") / "resources" / "recipes"))
 
@@ -57,7 +70,7 @@ def resolve_data(path: str | None) -> Path:
         raise EdgetuneError("The recipe names no training data.", fix="set `data: {path: file.jsonl}` (or `path: demo`)")
     if path == DEMO_PAIRS:
         return demo_data_path().with_name(DEMO_PAIRS_DATA)
-    return demo_data_path() if path == DEMO else Path(path).expanduser()
+    return demo_data_path() if path == DEMO else demo_resource(path) or Path(path).expanduser()
 
 
 def require_model(model_dir: Path, model: str) -> Path:

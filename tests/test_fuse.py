@@ -135,3 +135,23 @@ def test_fused_model_keeps_the_chat_template_it_was_trained_with(tiny_llama_dir,
     # an explicit template wins over the kept one
     other = fuse(tiny_llama_dir, adapter, tmp_path / "other", chat_template="chatml")
     assert load_tokenizer(other).chat_template == KNOWN_TEMPLATES["chatml"]
+
+
+def test_fuse_carries_the_training_chat_template(tiny_llama_dir, tmp_path, make_peft_adapter):
+    """An adapter trained with --chat-template (the demo's tool template) is fused with it: the
+    fused tokenizer renders tools; without the option the base's own template is kept."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from edgetune.cli import cli
+    from edgetune.data.template import resolve_chat_template
+
+    adapter, _ = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    args = ["fuse", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "-o"]
+    res = CliRunner().invoke(cli, [*args, str(tmp_path / "f"), "--chat-template", "demo:smollm2-tools.jinja"])
+    assert res.exit_code == 0, res.output
+    tok = AutoTokenizer.from_pretrained(tmp_path / "f")
+    assert tok.chat_template == resolve_chat_template("demo:smollm2-tools.jinja")
+    assert json.loads((tmp_path / "f" / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
+    assert CliRunner().invoke(cli, [*args, str(tmp_path / "g")]).exit_code == 0
+    assert "<tool_call>" not in AutoTokenizer.from_pretrained(tmp_path / "g").chat_template

@@ -15,7 +15,7 @@ from .options import output_option
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Adapter folder: PEFT (adapter_model.safetensors) or mlx-lm (adapters.safetensors); LoRA or DoRA.")
 @click.option("--chat-template", default=None,
-              help="Chat template for the fused model (file or family name). Default: the one the adapter was trained "
+              help="Chat template for the fused model (file, family name or demo:FILE). Default: the one the adapter was trained "
                    "with (its chat_template.jinja), else the base's.")
 @output_option(required=True, help_="Output folder for the fused HF model.")
 def fuse(base_dir, adapter_dir, chat_template, output):

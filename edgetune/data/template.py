@@ -39,8 +39,10 @@ class Encoded:
 
 
 def resolve_chat_template(chat_template: str) -> str:
-    """A template file path or a known family name -> the Jinja template text."""
-    p = Path(chat_template).expanduser()
+    """A template file path, a known family name or ``demo:FILE`` (shipped) -> the Jinja template text."""
+    from ..recipes import demo_resource
+
+    p = demo_resource(chat_template) or Path(chat_template).expanduser()
     if chat_template.lower() in KNOWN_TEMPLATES and not p.is_file():
         return KNOWN_TEMPLATES[chat_template.lower()]
     if p.is_file():
@@ -115,9 +117,9 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools:
     return text
 
 
-def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None) -> str:
     """The exact prompt string the model sees (used by eval and the Ollama/GGUF fidelity checks)."""
-    return _render(tokenizer, messages, add_generation_prompt)
+    return _render(tokenizer, messages, add_generation_prompt, tools)
 
 
 def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, score_from: int = 0) -> list[tuple[int, int]]:

@@ -21,10 +21,18 @@ from . import metrics as M
 from .data import Example, Pair, load_examples, load_pairs, load_regression, run_check
 from .runner_args import gen_params, runner_options
 from .runners import GenParams, Runner, make_runner, parse_spec
+from .tools import GROUP as TOOL_GROUP
+from .tools import TOOL_METRICS, expand, score_tools
 
 
 def resolve_metrics(cfg: EvalConfig, examples: list[Example]) -> list[str]:
-    chosen = list(cfg.metrics) if cfg.metrics else M.choose_metrics([e.reference for e in examples])
+    if cfg.metrics:
+        chosen = list(cfg.metrics)
+    elif any(e.tools or e.reference_calls for e in examples):
+        chosen = [TOOL_GROUP]  # tool-use examples: did it call the right tools, and only when it should
+    else:
+        chosen = M.choose_metrics([e.reference for e in examples])
+    chosen = expand(chosen)
     unknown = [m for m in chosen if m not in M.ALL_METRICS]
     if unknown:
         raise EdgetuneError(f"Unknown metric(s): {', '.join(unknown)}.", fix=f"choose from: {', '.join(M.ALL_METRICS)}")
@@ -60,8 +68,9 @@ def run_set(runner: Runner, name: str, set_name: str, examples: list[Example], m
         toks = secs = 0.0
         for start in range(0, len(examples), max(batch_size, 1)):
             chunk = examples[start : start + max(batch_size, 1)]
-            gens = runner.generate_batch([e.messages for e in chunk], params) if len(chunk) > 1 else \
-                [runner.generate(chunk[0].messages, params)]
+            tools = [e.tools for e in chunk] if any(e.tools for e in chunk) else None
+            gens = runner.generate_batch([e.messages for e in chunk], params, tools=tools) if len(chunk) > 1 else \
+                [runner.generate(chunk[0].messages, params, tools=chunk[0].tools)]
             for ex, gen in zip(chunk, gens, strict=True):
                 row = _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, nll_pairs)
                 rows.append(row)
@@ -76,6 +85,9 @@ def _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, n
     scores = M.score_example(gen.text, ex.reference, metric_names, schema=schema, regex=regex)
     if ex.check:
         scores["pass_rate"] = run_check(gen.text, ex.check)
+    if set(TOOL_METRICS) & set(metric_names):
+        scores.update({k: v for k, v in score_tools(gen.tool_calls, gen.tool_error, ex.reference_calls).items()
+                       if k in metric_names and v is not None})
     row = {"id": ex.id, "output": gen.text, "gen": gen.as_dict(), "scores": scores}
     if labels is not None:
         row["label"] = M.predict_label(gen.text, labels)
@@ -116,7 +128,7 @@ def aggregate(rows: list[dict], metric_names: list[str], examples: list[Example]
               nll_pairs: list[tuple[float, int]] | None) -> dict[str, Any]:
     agg: dict[str, Any] = {}
     for m in metric_names:
-        if m in M.TEXT_METRICS or m == "pass_rate":
+        if m in M.TEXT_METRICS or m == "pass_rate" or m in TOOL_METRICS:
             v = M.mean(r["scores"].get(m) for r in rows)
             if v is not None:
                 agg[m] = v

@@ -7,6 +7,10 @@ prompt. Rows may carry eval-only fields the data pipeline ignores:
 * ``check``: how the regression set scores an answer, ``{"type": ..., "value": ...}`` with type
   one of :data:`CHECKS`;
 * ``category``: a group the report breaks results down by.
+
+Rows with ``tools`` (chat format, OpenAI function schemas) are tool-use examples: the tools go to
+the model with the prompt, and a reference turn with ``tool_calls`` is the expected call (see
+:mod:`edgetune.eval.tools`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Example:
     check: dict | None = None
     category: str | None = None
     extra: dict = field(default_factory=dict)
+    tools: list[dict] | None = None  # OpenAI function tools offered with the prompt
+    reference_calls: list[dict] | None = None  # the reference turn's tool_calls ([] / None: no call expected)
 
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
@@ -63,13 +69,30 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
                 validate_check(check, where)
             examples.append(Example(
                 id=str(obj.get("id") or where), messages=rec.messages[:-1], reference=rec.messages[-1]["content"],
-                check=check, category=obj.get("category"),
+                check=check, category=obj.get("category"), tools=_tools(rec.tools, where),
+                reference_calls=rec.messages[-1].get("tool_calls") or None,
             ))
             if limit and len(examples) >= limit:
                 return examples
     if not examples:
         raise EdgetuneError(f"No eval examples in {p}.", where=str(p))
     return examples
+
+
+def _tools(tools: Any, where: str) -> list[dict] | None:
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # some exports store the list as a JSON string
+        import json
+
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise EdgetuneError("'tools' is a string but not JSON.", where=where, fix="give tools as a list of function schemas") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise EdgetuneError("'tools' must be a list of function schemas.", where=where,
+                            fix='e.g. [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools] or None
 
 
 def regression_path() -> Path:

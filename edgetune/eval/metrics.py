@@ -23,6 +23,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .tools import GROUP as TOOL_GROUP
+from .tools import TOOL_METRICS
+
 # Direction of every metric edgetune reports: +1 higher is better, -1 lower is better.
 # Gates and "deltas vs baseline" read this table to decide what counts as a regression.
 DIRECTION: dict[str, int] = {
@@ -46,11 +49,15 @@ DIRECTION: dict[str, int] = {
     "judge_win_rate": 1,
     "kl": -1,
     "top1_agreement": 1,
+    "tool_call_accuracy": 1,
+    "tool_name_accuracy": 1,
+    "tool_args_valid": 1,
+    "tool_no_call_accuracy": 1,
 }
 
 # Metrics scored per example from (output, reference); the value is what the report averages.
 TEXT_METRICS = ("exact_match", "contains", "regex", "rouge_l", "chrf", "json_valid", "json_schema", "json_fields")
-ALL_METRICS = TEXT_METRICS + ("accuracy", "macro_f1", "nll", "latency", "pass_rate")
+ALL_METRICS = TEXT_METRICS + ("accuracy", "macro_f1", "nll", "latency", "pass_rate", TOOL_GROUP) + TOOL_METRICS
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -276,7 +283,7 @@ def choose_metrics(references: list[str]) -> list[str]:
 
 def headline(metrics: list[str]) -> str:
     """The one number a report leads with."""
-    for m in ("json_fields", "accuracy", "pass_rate", "rouge_l", "exact_match"):
+    for m in ("tool_call_accuracy", "json_fields", "accuracy", "pass_rate", "rouge_l", "exact_match"):
         if m in metrics:
             return m
     return metrics[0] if metrics else "exact_match"

@@ -5,6 +5,8 @@ Both run on llama.cpp through ``llama-cpp-python``: the server is its FastAPI ap
 ``Llama.create_chat_completion``. The chat template is the GGUF's own ``tokenizer.chat_template``
 (forced, so llama-cpp-python does not swap in a built-in format it guesses from the template),
 which is the template edgetune exported with the model — the prompt served is the prompt trained.
+OpenAI ``tools`` / ``tool_choice`` are rendered through that template and the model's calls come
+back as ``tool_calls`` (:mod:`edgetune.toolcalls`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ def _has_chat_template(model: Path) -> bool:
     return bool(info_from_gguf(model).chat_template)
 
 
+def _chat_format(model: Path) -> str | None:
+    """The GGUF's own template through edgetune's tool-call handler (edgetune/toolcalls.py);
+    None (llama-cpp-python's guess) when the GGUF has no template."""
+    if not _has_chat_template(model):
+        return None
+    from .toolcalls import register_handler
+
+    return register_handler()
+
+
 def _threads(n_threads: int | None) -> int:
     return n_threads or max(1, (os.cpu_count() or 2) // 2)
 
@@ -73,10 +85,14 @@ def make_app(model, *, adapter=None, host: str = DEFAULT_HOST, port: int = DEFAU
     model_settings = ModelSettings(
         model=str(m), model_alias=alias or m.stem, lora_path=str(a) if a else None, n_ctx=n_ctx,
         n_threads=_threads(n_threads), n_threads_batch=_threads(n_threads),
-        chat_format="chat_template.default" if _has_chat_template(m) else None, verbose=verbose, logits_all=logits_all,
+        chat_format=_chat_format(m), verbose=verbose, logits_all=logits_all,
     )
     server_settings = ServerSettings(host=host, port=port, api_key=api_key)
-    return create_app(server_settings=server_settings, model_settings=[model_settings])
+    app = create_app(server_settings=server_settings, model_settings=[model_settings])
+    from .toolcalls import NullContentFix
+
+    app.add_middleware(NullContentFix)  # assistant tool-call turns sent back with content null
+    return app
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -151,7 +167,7 @@ def load_llm(model, *, adapter=None, n_ctx: int = DEFAULT_N_CTX, n_threads: int 
     from llama_cpp import Llama
 
     return Llama(model_path=str(m), lora_path=str(a) if a else None, n_ctx=n_ctx, n_threads=_threads(n_threads),
-                 chat_format="chat_template.default" if _has_chat_template(m) else None, verbose=verbose)
+                 chat_format=_chat_format(m), verbose=verbose)
 
 
 CHAT_HELP = "commands: /system TEXT (set the system prompt), /system (clear it), /reset (forget the chat), /exit"

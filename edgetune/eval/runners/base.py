@@ -36,6 +36,8 @@ class Generation:
     total_s: float
     finish_reason: str = "stop"  # stop | length
     batch: int = 1  # conversations generated together; ttft_s and total_s are the batch's
+    tool_calls: list[dict] | None = None  # [{"name", "arguments"}] the model called (tools offered only)
+    tool_error: str | None = None  # why a call the model started is malformed
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -60,12 +62,15 @@ class Runner:
         self.spec = spec
 
     # -- generation
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:  # pragma: no cover
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:  # pragma: no cover
+        """One answer; with ``tools`` (OpenAI function schemas) the model may call them and the
+        Generation carries its calls (``tool_calls``, ``tool_error``)."""
         raise NotImplementedError
 
-    def generate_batch(self, batch: list[list[dict]], params: GenParams) -> list[Generation]:
-        """Several conversations; runtimes that batch (hf) override this."""
-        return [self.generate(m, params) for m in batch]
+    def generate_batch(self, batch: list[list[dict]], params: GenParams,
+                       tools: list[list[dict] | None] | None = None) -> list[Generation]:
+        """Several conversations (``tools``: one list per conversation); runtimes that batch (hf) override this."""
+        return [self.generate(m, params, tools=tools[i] if tools else None) for i, m in enumerate(batch)]
 
     # -- teacher forcing
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -96,6 +101,17 @@ class Runner:
 
     def close(self) -> None:
         pass
+
+
+def with_tool_calls(gen: Generation, template: str | None, tools: list[dict] | None) -> Generation:
+    """``gen`` with the calls parsed from its text by the template's call syntax (tools offered only)."""
+    if not tools:
+        return gen
+    from ...toolcalls import parse_calls, syntax_for
+
+    parsed = parse_calls(gen.text, syntax_for(template), tools)
+    gen.tool_calls, gen.tool_error = parsed.calls, parsed.error
+    return gen
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

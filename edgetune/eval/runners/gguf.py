@@ -14,7 +14,16 @@ import numpy as np
 from gguf import Keys
 
 from ...errors import EdgetuneError, MissingDependencyError
-from .base import Generation, GenParams, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
+from .base import (
+    Generation,
+    GenParams,
+    Runner,
+    Timer,
+    cut_at_stop,
+    join_ids,
+    prefix_and_full,
+    with_tool_calls,
+)
 
 
 class GGUFRunner(Runner):
@@ -74,18 +83,22 @@ class GGUFRunner(Runner):
         }
         self.template = template
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        if tools:
+            from ...toolcalls import prepare_messages
+
+            return self._fmt[add_generation_prompt](messages=prepare_messages(messages), tools=tools).prompt
         return self._fmt[add_generation_prompt](messages=messages).prompt
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # add_special follows the GGUF's tokenizer.ggml.add_bos_token, as llama-server does
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
         from llama_cpp import llama_cpp as C
 
         timer = Timer()
-        ids = self.tokenize(self.render(messages, True))
+        ids = self.tokenize(self.render(messages, True, tools))
         if len(ids) + 1 >= self.n_ctx:
             raise EdgetuneError(f"Prompt of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.",
                                 fix="raise eval n_ctx or shorten the example")
@@ -113,7 +126,7 @@ class GGUFRunner(Runner):
                 break
         if not (params.stop and finish == "stop"):
             text = self.llm.detokenize(out).decode("utf-8", errors="replace")
-        return Generation(text, len(ids), len(out), timer.ttft, timer.elapsed(), finish)
+        return with_tool_calls(Generation(text, len(ids), len(out), timer.ttft, timer.elapsed(), finish), self.template, tools)
 
     # -- teacher forcing
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:

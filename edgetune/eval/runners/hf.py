@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgetuneError, MissingDependencyError
-from .base import Generation, GenParams, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
+from .base import (
+    Generation,
+    GenParams,
+    Runner,
+    Timer,
+    cut_at_stop,
+    join_ids,
+    prefix_and_full,
+    with_tool_calls,
+)
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -68,17 +77,20 @@ class HFRunner(Runner):
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(e for e in eos if e is not None)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         from ...data.template import render_prompt
+        from ...toolcalls import prepare_messages
 
-        return render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        if tools:
+            messages = prepare_messages(messages)
+        return render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         # the rendered template already holds every special token the model expects
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:
-        return self.generate_batch([messages], params)[0]
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
+        return self.generate_batch([messages], params, tools=[tools] if tools else None)[0]
 
     def left_pad(self, prompts: list[list[int]]):
         """(input ids, attention mask, pad id) of prompts left-padded to the longest."""
@@ -89,7 +101,8 @@ class HFRunner(Runner):
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         return inp, mask, pad
 
-    def generate_batch(self, batch: list[list[dict]], params: GenParams) -> list[Generation]:
+    def generate_batch(self, batch: list[list[dict]], params: GenParams,
+                       tools: list[list[dict] | None] | None = None) -> list[Generation]:
         """Greedy/sampled generation for several conversations at once (left-padded).
 
         With more than one conversation the timing is the batch's: every row reports the batch's
@@ -106,7 +119,8 @@ class HFRunner(Runner):
                 timer.first()
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-        prompts = [self.tokenize(self.render(m, True)) for m in batch]
+        tools = tools or [None] * len(batch)
+        prompts = [self.tokenize(self.render(m, True, t)) for m, t in zip(batch, tools, strict=True)]
         inp, mask, pad = self.left_pad(prompts)
         width = inp.shape[1]
         kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=pad,
@@ -122,7 +136,7 @@ class HFRunner(Runner):
             out = self.model.generate(input_ids=inp, attention_mask=mask, **kw)
         elapsed = timer.elapsed()
         gens = []
-        for row, p in zip(out.tolist(), prompts, strict=True):
+        for row, p, row_tools in zip(out.tolist(), prompts, tools, strict=True):
             new = row[width:]
             finish = "length"
             for i, t in enumerate(new):  # rows that finished early are padded after their end-of-turn
@@ -136,7 +150,8 @@ class HFRunner(Runner):
             if params.stop:
                 text, hit = cut_at_stop(text, params.stop)
                 finish = "stop" if hit else finish
-            gens.append(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch)))
+            gens.append(with_tool_calls(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch)),
+                                        self.tokenizer.chat_template, row_tools))
         return gens
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:

@@ -28,15 +28,20 @@ class OllamaRunner(Runner):
         self.client = OllamaClient(host, timeout)  # $OLLAMA_HOST when host is None
         self.base_url = self.client.base_url
 
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
         options = {"temperature": params.temperature, "num_predict": params.max_tokens, "seed": params.seed}
         if params.temperature > 0:
             options.update(top_p=params.top_p, top_k=params.top_k or None)
         if params.stop:
             options["stop"] = list(params.stop)
         timer = Timer()
-        text, final = "", {}
-        stream = self.client.chat_stream(self.model, messages, options={k: v for k, v in options.items() if v is not None})
+        text, final, calls = "", {}, []
+        if tools:  # Ollama wants a call's arguments as an object, as the template prints them
+            from ...toolcalls import prepare_messages
+
+            messages = prepare_messages(messages)
+        stream = self.client.chat_stream(self.model, messages, options={k: v for k, v in options.items() if v is not None},
+                                         tools=tools)
         with closing(stream):  # closes the connection when the loop ends early
             for msg in stream:
                 if "error" in msg:
@@ -45,6 +50,9 @@ class OllamaRunner(Runner):
                 if piece:
                     timer.first()
                     text += piece
+                if (msg.get("message") or {}).get("tool_calls"):
+                    timer.first()
+                    calls += msg["message"]["tool_calls"]
                 if msg.get("done"):
                     final = msg
                     break
@@ -56,7 +64,12 @@ class OllamaRunner(Runner):
         if final.get("eval_duration") and n > 1 and ttft is not None:
             total = ttft + final["eval_duration"] / 1e9 * (n - 1) / n
         reason = final.get("done_reason") or ("stop" if hit else "length")
-        return Generation(text, int(final.get("prompt_eval_count") or 0), n, ttft, total, "stop" if reason == "stop" else "length")
+        gen = Generation(text, int(final.get("prompt_eval_count") or 0), n, ttft, total, "stop" if reason == "stop" else "length")
+        if tools:  # Ollama parsed the calls with the Modelfile's template; text it could not parse stays content
+            from ..tools import normalise_calls
+
+            gen.tool_calls = normalise_calls(calls)
+        return gen
 
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "model": self.model, "base_url": self.base_url}
@@ -97,10 +110,12 @@ class OpenAIRunner(Runner):
         self.model = model
         self._usage_option = True  # stream_options.include_usage; dropped if the server rejects it
 
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
         openai = self._openai
         kw = dict(model=self.model, messages=messages, max_tokens=params.max_tokens, temperature=params.temperature,
                   seed=params.seed, stream=True)
+        if tools:
+            kw["tools"] = tools
         if params.temperature > 0:
             kw["top_p"] = params.top_p
         if params.stop:
@@ -113,12 +128,13 @@ class OpenAIRunner(Runner):
             if not self._usage_option:
                 raise
             self._usage_option = False
-            return self.generate(messages, params)
+            return self.generate(messages, params, tools)
         except openai.APIConnectionError as exc:
             raise EdgetuneError(f"Cannot reach {self.base_url} ({exc}).", fix="start the server (edgetune serve) or fix the URL") from None
         except openai.APIStatusError as exc:
             raise EdgetuneError(f"{self.base_url} answered {exc.status_code}: {exc.message}") from None
         text, chunks, usage, finish = "", 0, None, "length"
+        calls: dict[int, dict] = {}  # streamed tool calls by index: name, then arguments in pieces
         for chunk in stream:
             if getattr(chunk, "usage", None):
                 usage = chunk.usage
@@ -128,13 +144,40 @@ class OpenAIRunner(Runner):
                     timer.first()
                     text += piece
                     chunks += 1
+                for tc in (choice.delta.tool_calls if choice.delta else None) or []:
+                    timer.first()
+                    c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    c["name"] += (tc.function.name or "") if tc.function else ""
+                    c["arguments"] += (tc.function.arguments or "") if tc.function else ""
                 if choice.finish_reason:
                     finish = choice.finish_reason
         total = timer.elapsed()
         # Without usage, count streamed chunks: servers send one per token (a close lower bound).
         n = usage.completion_tokens if usage else chunks
         p = usage.prompt_tokens if usage else 0
-        return Generation(text, p, n, timer.ttft, total, "stop" if finish == "stop" else "length")
+        gen = Generation(text, p, n, timer.ttft, total, "stop" if finish in ("stop", "tool_calls") else "length")
+        if tools:
+            gen.tool_calls, gen.tool_error = _server_calls(calls, finish)
+        return gen
 
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "model": self.model, "base_url": self.base_url}
+
+
+def _server_calls(calls: dict[int, dict], finish: str) -> tuple[list[dict], str | None]:
+    """Streamed OpenAI tool calls -> (calls with parsed arguments, error). A call whose arguments
+    are not a JSON object is an error; so is edgetune serve's ``invalid_tool_call`` finish."""
+    import json
+
+    from ...toolcalls import INVALID
+
+    out, error = [], None
+    for _, c in sorted(calls.items()):
+        try:
+            args = json.loads(c["arguments"] or "{}")
+        except ValueError as exc:
+            args, error = c["arguments"], f"the arguments of {c['name']!r} are not valid JSON ({exc})"
+        out.append({"name": c["name"], "arguments": args})
+    if finish == INVALID and not out:
+        error = "the server could not parse the model's tool call (finish_reason invalid_tool_call)"
+    return out, error

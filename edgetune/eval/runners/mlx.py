@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgetuneError, MissingDependencyError
-from .base import Generation, GenParams, Runner, Timer, cut_at_stop, join_ids, prefix_and_full
+from .base import (
+    Generation,
+    GenParams,
+    Runner,
+    Timer,
+    cut_at_stop,
+    join_ids,
+    prefix_and_full,
+    with_tool_calls,
+)
 
 
 class MLXRunner(Runner):
@@ -41,21 +50,24 @@ class MLXRunner(Runner):
             self.hf_tok.chat_template = resolve_chat_template(chat_template)
         self.eos_ids = set(getattr(self.tok, "eos_token_ids", None) or [self.hf_tok.eos_token_id])
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         from ...data.template import render_prompt
+        from ...toolcalls import prepare_messages
 
-        return render_prompt(self.hf_tok, messages, add_generation_prompt=add_generation_prompt)
+        if tools:
+            messages = prepare_messages(messages)
+        return render_prompt(self.hf_tok, messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         return self.hf_tok(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, messages: list[dict], params: GenParams) -> Generation:
+    def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         timer = Timer()
-        ids = self.tokenize(self.render(messages, True))
+        ids = self.tokenize(self.render(messages, True, tools))
         if params.temperature > 0:
             mx.random.seed(params.seed)
         sampler = make_sampler(temp=params.temperature, top_p=params.top_p if params.temperature > 0 else 0.0,
@@ -75,7 +87,8 @@ class MLXRunner(Runner):
                     break
             if resp.finish_reason:
                 finish = resp.finish_reason
-        return Generation(text, len(ids), n, timer.ttft, timer.elapsed(), "stop" if finish == "stop" else "length")
+        return with_tool_calls(Generation(text, len(ids), n, timer.ttft, timer.elapsed(), "stop" if finish == "stop" else "length"),
+                               self.hf_tok.chat_template, tools)
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
         prompt, full = prefix_and_full(self.render, messages, reference)

@@ -1,0 +1,506 @@
+"""Tool calls in and out of a chat model: per-family call syntax, parsing, OpenAI shapes, serving.
+
+A chat model emits tool calls as text in its family's syntax; OpenAI clients send and expect
+structured ``tools`` / ``tool_calls``. This module is the glue between the two, used by
+``edgetune serve`` (a llama-cpp-python chat handler, :func:`register_handler`) and by the eval
+runners (:func:`parse_calls` on generated text):
+
+* :data:`SYNTAXES`: one row per call syntax, recognised from the Jinja chat template that defines
+  it (Hermes ``<tool_call>`` blocks for Qwen2.5/Qwen3 and Hermes-style templates, Llama 3.1/3.2's
+  bare ``{"name", "parameters"}`` JSON, Mistral's ``[TOOL_CALLS] [...]`` list). Source: each
+  family's reference chat template (tokenizer_config.json on the HF hub) and the shared format
+  notes in TOOLS_FORMAT.md.
+* :func:`parse_calls`: generated text -> content + calls, or a :class:`Parsed` with ``error`` when
+  the model started a call it did not finish well (bad JSON, an undeclared tool, arguments that are
+  not an object). Never raises on model output.
+* :func:`prepare_messages`: request history -> what the template renders (``arguments`` JSON
+  strings become objects, as the training data had them).
+
+Written by hand because llama-cpp-python's generic chat handler renders tools but never parses a
+model's calls back, and its ``functionary``/``chatml-function-calling`` handlers impose their own
+prompt format instead of the GGUF's template (the prompt served must be the prompt trained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("edgetune.serve")
+HANDLER_NAME = "edgetune-tools"  # the llama-cpp-python chat_format name edgetune serve uses
+INVALID = "invalid_tool_call"  # finish_reason of a reply that started a call it did not finish well
+
+
+@dataclass
+class Parsed:
+    content: str  # text outside the calls ("" when the reply is only calls)
+    calls: list[dict] = field(default_factory=list)  # [{"name", "arguments": dict}]
+    error: str | None = None  # set when a call was attempted but is malformed
+    attempted: bool = False  # the reply started a call (whatever came of it)
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _args(obj: dict, key: str) -> dict:
+    """A call's arguments as an object (a JSON string holding an object is accepted)."""
+    if key not in obj:
+        raise _Malformed(f"the call has no '{key}'")
+    a = obj[key]
+    if isinstance(a, str):
+        try:
+            a = json.loads(a)
+        except ValueError as exc:
+            raise _Malformed(f"the arguments are not valid JSON ({exc})") from None
+    if not isinstance(a, dict):
+        raise _Malformed(f"the arguments are a JSON {type(a).__name__}, not an object")
+    return a
+
+
+def _call(obj: Any, args_keys: tuple[str, ...]) -> dict:
+    if not isinstance(obj, dict):
+        raise _Malformed(f"a call is a JSON {type(obj).__name__}, not an object")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise _Malformed("a call has no tool name")
+    key = next((k for k in args_keys if k in obj), args_keys[0])
+    return {"name": name, "arguments": _args(obj, key)}
+
+
+def _json_values(text: str) -> list[Any]:
+    """Consecutive JSON values in ``text`` (separated by whitespace, ',' or ';')."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,;":
+            i += 1
+        if i >= len(text):
+            return out
+        try:
+            value, i = dec.raw_decode(text, i)
+        except ValueError as exc:
+            raise _Malformed(f"the call is not valid JSON ({exc.args[0]})") from None
+        out.append(value)
+
+
+# ------------------------------------------------------------------------------ per-syntax parsers
+_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def _parse_hermes(text: str) -> tuple[str, list[dict]]:
+    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks, any number."""
+    first = text.find("<tool_call>")
+    content = text[:first].strip()
+    calls = []
+    for body in _HERMES.findall(text[first:]):
+        values = _json_values(body.strip())
+        if len(values) != 1:
+            raise _Malformed("a <tool_call> block holds no call" if not values else "a <tool_call> block holds several values")
+        calls.append(_call(values[0], ("arguments", "parameters")))
+    rest = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text[first:], flags=re.DOTALL).strip()
+    return (content + ("\n" + rest if rest and content else rest)).strip(), calls
+
+
+def _parse_llama3(text: str) -> tuple[str, list[dict]]:
+    """The whole reply is ``{"name": ..., "parameters": {...}}`` (``<|python_tag|>`` optional;
+    several objects separated by ';' are accepted, as Llama 3.2 sometimes emits)."""
+    body = text.replace("<|python_tag|>", "").strip()
+    values = _json_values(body)
+    return "", [_call(v, ("parameters", "arguments")) for v in values]
+
+
+def _parse_mistral(text: str) -> tuple[str, list[dict]]:
+    """``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}, ...]`` (v0.3), or the newer
+    ``[TOOL_CALLS]name[ARGS]{...}`` form. The control token itself may have been dropped by the
+    detokenizer, so a reply opening with ``[{"`` counts too."""
+    i = text.find("[TOOL_CALLS]")
+    content = text[:i].strip() if i >= 0 else ""
+    body = text[i + len("[TOOL_CALLS]"):] if i >= 0 else text
+    if "[ARGS]" in body:
+        calls = []
+        for part in body.split("[TOOL_CALLS]"):
+            name, _, args = part.partition("[ARGS]")
+            values = _json_values(args.strip())
+            if len(values) != 1:
+                raise _Malformed("a [TOOL_CALLS] entry has no arguments")
+            calls.append({"name": name.strip(), "arguments": _args({"a": values[0]}, "a")})
+        return content, calls
+    values = _json_values(body.strip())
+    if len(values) != 1 or not isinstance(values[0], list):
+        raise _Malformed("[TOOL_CALLS] is not followed by one JSON list of calls")
+    return content, [_call(v, ("arguments", "parameters")) for v in values[0]]
+
+
+@dataclass(frozen=True)
+class Syntax:
+    """How one family writes tool calls."""
+
+    name: str
+    detect: Callable[[str], bool]  # over the Jinja chat template source
+    openers: tuple[str, ...]  # text that starts a call anywhere in the reply
+    leading: tuple[str, ...]  # text that starts a call only at the start of the reply
+    parse: Callable[[str], tuple[str, list[dict]]]
+    prefix: Callable[[str | None], str]  # prompt prefill forcing a call (to the named tool, if given)
+    families: str = ""
+
+
+def _hermes_prefix(name):
+    return "<tool_call>\n" + (f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ' if name else "")
+
+
+def _llama3_prefix(name):
+    return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "parameters": ' if name else '{"name": "'
+
+
+def _mistral_prefix(name):
+    return "[TOOL_CALLS] [" + (f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ' if name else "")
+
+
+# Order matters: the first row whose detect matches a template wins.
+SYNTAXES: tuple[Syntax, ...] = (
+    Syntax("hermes", lambda j: "<tool_call>" in j, ("<tool_call>",), (), _parse_hermes, _hermes_prefix,
+           "Qwen2.5 / Qwen3 / Hermes-2-Pro and Hermes-style templates (edgetune's smollm2-tools)"),
+    Syntax("mistral", lambda j: "[TOOL_CALLS]" in j, ("[TOOL_CALLS]",), ("[{",), _parse_mistral, _mistral_prefix,
+           "Mistral-7B-Instruct-v0.3, Mistral Nemo / Small (template with [AVAILABLE_TOOLS])"),
+    Syntax("llama3-json", lambda j: "<|start_header_id|>" in j and "tools" in j and '"parameters"' in j,
+           ("<|python_tag|>",), ("{",), _parse_llama3, _llama3_prefix, "Llama 3.1 / 3.2 / 3.3 Instruct"),
+)
+SYNTAX_BY_NAME = {s.name: s for s in SYNTAXES}
+
+
+def syntax_for(template: str | None) -> Syntax | None:
+    """The call syntax a Jinja chat template defines, or None (the template has no tool calls)."""
+    if not template:
+        return None
+    return next((s for s in SYNTAXES if s.detect(template)), None)
+
+
+def _starts_call(syntax: Syntax, text: str) -> int:
+    """Index where a call starts in ``text`` (-1: none)."""
+    found = [i for i in (text.find(o) for o in syntax.openers) if i >= 0]
+    stripped = text.lstrip()
+    if any(stripped.startswith(o) for o in syntax.leading):
+        found.append(len(text) - len(stripped))
+    return min(found, default=-1)
+
+
+def parse_calls(text: str, syntax: Syntax | None, tools: list[dict] | None = None) -> Parsed:
+    """Split a reply into content and tool calls. A started but malformed call gives ``error``
+    (and the raw text as content); calls naming a tool not in ``tools`` are malformed too."""
+    text = text or ""
+    if syntax is None or _starts_call(syntax, text) < 0:
+        return Parsed(text)
+    try:
+        content, calls = syntax.parse(text)
+        if not calls:
+            raise _Malformed("a call was started but none was written")
+        declared = {t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)}
+        unknown = [c["name"] for c in calls if tools and c["name"] not in declared]
+        if unknown:
+            raise _Malformed(f"the call names {unknown[0]!r}, which is not one of the declared tools ({', '.join(sorted(declared))})")
+    except _Malformed as exc:
+        return Parsed(text, [], str(exc), attempted=True)
+    return Parsed(content, calls, None, attempted=True)
+
+
+# ------------------------------------------------------------------------------ request side
+def prepare_messages(messages: list[dict]) -> list[dict]:
+    """Request messages as the chat template expects them: a call's ``arguments`` JSON string
+    becomes the object the training data held (templates print it with ``tojson``: a string would
+    be quoted twice), ``content: null`` becomes ""."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("content") is None:
+            m["content"] = ""
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                c = dict(c)
+                fn = dict(c.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        parsed = json.loads(fn["arguments"])
+                        if isinstance(parsed, dict):
+                            fn["arguments"] = parsed
+                    except ValueError:
+                        pass  # left as the client sent it
+                c["function"] = fn
+                calls.append(c)
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def canonical_request(messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """Request history and tools in the canonical form training data gets (edgetune.data.tools:
+    Ollama's key order, property names and argument keys sorted), so the served prompt is the
+    trained one whatever order the client wrote; the request as sent when it does not validate."""
+    from .data.formats import Problem
+    from .data.tools import Notes, canonical_messages, canonical_tools
+
+    messages = prepare_messages(messages)
+    try:
+        canon = canonical_tools(tools, Notes())
+        return canonical_messages(messages, canon, "messages", Notes()), canon
+    except (Problem, KeyError, TypeError, ValueError):
+        return messages, tools
+
+
+def openai_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls -> OpenAI ``tool_calls`` (arguments as a JSON string, fresh ids)."""
+    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
+
+
+def finish_for(parsed: Parsed, finish: str | None) -> str:
+    """The OpenAI finish_reason of a parsed reply: tool_calls, invalid_tool_call, or the runtime's
+    own (length when the reply was cut off mid-call)."""
+    if parsed.calls:
+        return "tool_calls"
+    if parsed.error:
+        return "length" if finish == "length" else INVALID
+    return finish or "stop"
+
+
+# ------------------------------------------------------------------------------ streaming
+class StreamSplitter:
+    """Streams content while it cannot be the start of a call, holds the rest back.
+
+    ``feed(piece)`` returns the text safe to send now; once a call opener appears everything after
+    it is held for :func:`parse_calls` at the end. ``held`` is what was not sent.
+    """
+
+    def __init__(self, syntax: Syntax | None):
+        self.syntax = syntax
+        self.text = ""
+        self.sent = 0
+        self.in_call = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.syntax is None:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        if self.in_call:
+            return ""
+        start = _starts_call(self.syntax, self.text)
+        if start >= 0:
+            self.in_call = True
+            limit = start
+        else:
+            limit = len(self.text) - self._partial_opener()
+            stripped = self.text.lstrip()
+            if any(o.startswith(stripped) for o in self.syntax.leading) or not stripped:
+                limit = min(limit, self.sent)  # the reply may still open with a call
+        out = self.text[self.sent:limit] if limit > self.sent else ""
+        self.sent = max(self.sent, limit)
+        return out
+
+    def _partial_opener(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of an opener."""
+        best = 0
+        for o in self.syntax.openers:
+            for k in range(min(len(o) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(o[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
+    @property
+    def held(self) -> str:
+        return self.text[self.sent:]
+
+
+# ------------------------------------------------------------------------------ llama-cpp handler
+_COMPLETION_ARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed", "max_tokens",
+                    "presence_penalty", "frequency_penalty", "repeat_penalty", "tfs_z", "mirostat_mode",
+                    "mirostat_tau", "mirostat_eta", "model", "logits_processor", "grammar", "logit_bias")
+
+
+def _formatter(llama):
+    """The GGUF's own chat template as llama-cpp-python renders it (cached on the Llama object)."""
+    fmt = getattr(llama, "_edgetune_formatter", None)
+    if fmt is None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        eos, bos = llama.token_eos(), llama.token_bos()
+        text = llama._model.token_get_text
+        fmt = Jinja2ChatFormatter(template=llama.metadata.get("tokenizer.chat_template") or "",
+                                  eos_token=text(eos) if eos != -1 else "", bos_token=text(bos) if bos != -1 else "",
+                                  stop_token_ids=[eos])
+        llama._edgetune_formatter = fmt
+        llama._edgetune_syntax = syntax_for(fmt.template)
+    return fmt
+
+
+def _forced_grammar(llama, tool: dict):
+    """A grammar for the arguments object of ``tool`` (its JSON schema; any JSON object if the
+    schema cannot be compiled)."""
+    from llama_cpp import llama_grammar
+
+    schema = (tool.get("function") or {}).get("parameters") or {"type": "object"}
+    try:
+        return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=llama.verbose)
+    except Exception:  # noqa: BLE001 - llama.cpp's schema converter rejects some schemas; fall back
+        return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=llama.verbose)
+
+
+def chat_handler(*, llama, messages, functions=None, function_call=None, tools=None, tool_choice=None,
+                 stream: bool = False, **kwargs):
+    """llama-cpp-python chat handler: the GGUF's template, plus OpenAI tools in and tool_calls out.
+
+    Without tools it is llama-cpp-python's own template handler (same prompt, same answer).
+    ``tool_choice``: ``auto`` (default) parses whatever the model writes; ``none`` renders the
+    request without tools; ``required`` prefills the family's call opener; a named function
+    prefills the call up to its arguments and constrains them to the tool's JSON schema.
+    """
+    if functions and not tools:
+        tools = [{"type": "function", "function": f} for f in functions]
+    if function_call is not None and tool_choice is None:
+        tool_choice = function_call if isinstance(function_call, str) else {"type": "function", "function": function_call}
+    fmt = _formatter(llama)
+    syntax = llama._edgetune_syntax
+    messages, shown = canonical_request(messages, tools) if tools else (prepare_messages(messages), None)
+    if not tools or tool_choice == "none" or syntax is None:
+        stock = llama._chat_handlers.get("chat_template.default")
+        from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+        stock = stock or chat_formatter_to_chat_completion_handler(fmt)
+        return stock(llama=llama, messages=messages, tools=None if tool_choice == "none" else shown,
+                     stream=stream, **kwargs)
+    forced = None
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        forced = next((t for t in tools if (t.get("function") or {}).get("name") == name), None)
+        if forced is None:
+            raise ValueError(f"tool_choice names {name!r}, which is not one of the request's tools")
+    prefix = syntax.prefix(forced["function"]["name"]) if forced else syntax.prefix(None) if tool_choice == "required" else ""
+    rendered = fmt(messages=messages, tools=shown, tool_choice=tool_choice)
+    prompt = llama.tokenize((rendered.prompt + prefix).encode("utf-8"), add_bos=not rendered.added_special, special=True)
+    args = {k: kwargs[k] for k in _COMPLETION_ARGS if k in kwargs}
+    stops = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])
+    asked = args.get("stop") or []
+    args["stop"] = ([asked] if isinstance(asked, str) else list(asked)) + stops
+    if forced is not None:
+        args["grammar"] = _forced_grammar(llama, forced)
+    if kwargs.get("logprobs"):
+        args["logprobs"] = kwargs.get("top_logprobs") or 1
+    completion = llama.create_completion(prompt=prompt, stream=stream, stopping_criteria=rendered.stopping_criteria, **args)
+    close = _closer(syntax, forced)
+    if stream:
+        return _stream_chunks(completion, syntax, tools, prefix, close)
+    text = completion["choices"][0]["text"]
+    parsed = parse_calls(prefix + text + close, syntax, tools)
+    finish = finish_for(parsed, completion["choices"][0]["finish_reason"])
+    if parsed.error:
+        log.warning("malformed tool call (%s): %s", finish, parsed.error)
+    message: dict = {"role": "assistant", "content": (parsed.content or None) if parsed.calls else parsed.content}
+    if parsed.calls:
+        message["tool_calls"] = openai_calls(parsed.calls)
+    return {"id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
+            "model": completion["model"], "choices": [{"index": 0, "message": message, "logprobs": None,
+                                                       "finish_reason": finish}],
+            "usage": completion["usage"]}
+
+
+def _closer(syntax: Syntax, forced: dict | None) -> str:
+    """Text that closes a forced call after its grammar-constrained arguments."""
+    if forced is None:
+        return ""
+    return {"hermes": "}\n</tool_call>", "mistral": "}]", "llama3-json": "}"}[syntax.name]
+
+
+def _stream_chunks(chunks, syntax: Syntax, tools: list[dict], prefix: str, close: str) -> Iterator[dict]:
+    """Completion chunks -> chat.completion.chunk dicts: content streams until a call starts; the
+    calls (or, for a malformed call, the held-back raw text) come at the end."""
+    split = StreamSplitter(syntax)
+    split.feed(prefix)
+    base: dict = {}
+    finish = None
+
+    def chunk(delta: dict, reason: str | None = None) -> dict:
+        return {**base, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    for c in chunks:
+        if not base:
+            base = {"id": "chat" + c["id"], "created": c.get("created", int(time.time())), "model": c["model"]}
+            yield chunk({"role": "assistant"})
+        choice = c["choices"][0]
+        piece = split.feed(choice.get("text") or "")
+        if piece:
+            yield chunk({"content": piece})
+        finish = choice.get("finish_reason") or finish
+    if not base:
+        base = {"id": "chatcmpl-" + secrets.token_hex(8), "created": int(time.time()), "model": ""}
+        yield chunk({"role": "assistant"})
+    split.feed(close)
+    parsed = parse_calls(split.text, syntax, tools)
+    if parsed.error:
+        log.warning("malformed tool call (%s): %s", finish_for(parsed, finish), parsed.error)
+    if parsed.calls:
+        for i, call in enumerate(openai_calls(parsed.calls)):
+            yield chunk({"tool_calls": [{"index": i, **call}]})
+    elif split.held:
+        yield chunk({"content": split.held})
+    yield chunk({}, finish_for(parsed, finish))
+
+
+class NullContentFix:
+    """ASGI middleware: OpenAI clients send an assistant turn that made tool calls back with
+    ``content: null`` (as the API returned it); llama-cpp-python's request model requires a
+    string and would answer 422, so null contents become "" before it validates the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not scope.get("path", "").endswith("/chat/completions"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        try:
+            req = json.loads(body)
+            fixed = False
+            for m in req.get("messages") or []:
+                if isinstance(m, dict) and "content" in m and m["content"] is None:
+                    m["content"] = ""
+                    fixed = True
+            if fixed:
+                body = json.dumps(req).encode()
+                headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+                scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+        except (ValueError, AttributeError):
+            pass  # not JSON / not an object: the app itself answers with its own error
+        done = False
+
+        async def replay():
+            nonlocal done
+            if not done:
+                done = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def register_handler() -> str:
+    """Register :func:`chat_handler` with llama-cpp-python under :data:`HANDLER_NAME` (idempotent)."""
+    from llama_cpp import llama_chat_format
+
+    llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(
+        HANDLER_NAME, chat_handler, overwrite=True)
+    return HANDLER_NAME
