@@ -121,6 +121,14 @@ def test_unknown_model_is_404(server):
         client(server).chat.completions.create(model="nope", messages=Q, max_tokens=1)
 
 
+def test_tools_are_refused_not_dropped(server):
+    import openai
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client(server).chat.completions.create(model="a0", messages=Q, max_tokens=1, tools=[tool])
+
+
 def test_split_is_sticky_per_user(server, config):
     c = client(server)
     seen = {}

@@ -112,6 +112,9 @@ def _validate(body) -> None:
         raise BadRequest("`messages` must be a non-empty list of {role, content} objects")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
+    if body.get("tools") or body.get("functions"):  # refused, never silently dropped
+        raise BadRequest("the team server does not take `tools` yet; serve a tool model alone "
+                         "(`edgetune serve MODEL.gguf`), which returns OpenAI tool_calls")
 
 
 class _KeyCheck:
