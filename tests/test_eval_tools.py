@@ -27,8 +27,8 @@ TOOLS = [
 ]
 
 
-def call(name, **args):
-    return {"id": "abcdefghi", "type": "function", "function": {"name": name, "arguments": args}}
+def call(name, id="abcdefghi", **args):  # ids: 9 alphanumerics (Mistral's form); distinct within a turn
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": args}}
 
 
 PARIS = call("get_weather", city="Paris", unit="celsius")
@@ -51,7 +51,7 @@ def test_call_accuracy_by_hand():
 
 
 def test_parallel_calls_compare_as_a_multiset():
-    want = [PARIS, call("get_weather", city="Oslo")]
+    want = [PARIS, call("get_weather", id="oslo00001", city="Oslo")]
     swapped = [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]
     assert score_tools(swapped, None, want)["tool_call_accuracy"] == 1.0
     assert score_tools(swapped[:1], None, want)["tool_call_accuracy"] == 0.0  # one call missing
@@ -74,7 +74,7 @@ def _write_rows(path: Path) -> Path:
         {"messages": [{"role": "user", "content": "Weather in Paris in celsius?"},
                       {"role": "assistant", "content": "", "tool_calls": [PARIS]}], "tools": TOOLS},
         {"messages": [{"role": "user", "content": "Weather in Paris and Oslo?"},
-                      {"role": "assistant", "content": "", "tool_calls": [PARIS, call("get_weather", city="Oslo")]}],
+                      {"role": "assistant", "content": "", "tool_calls": [PARIS, call("get_weather", id="oslo00001", city="Oslo")]}],
          "tools": json.dumps(TOOLS)},  # a JSON string, as some exports store it
         {"messages": [{"role": "user", "content": "Weather in Paris?"},
                       {"role": "assistant", "content": "", "tool_calls": [PARIS]},

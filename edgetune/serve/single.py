@@ -49,7 +49,7 @@ def _chat_format(model: Path) -> str | None:
     None (llama-cpp-python's guess) when the GGUF has no template."""
     if not _has_chat_template(model):
         return None
-    from .toolcalls import register_handler
+    from ..toolcalls import register_handler
 
     return register_handler()
 
@@ -89,7 +89,7 @@ def make_app(model, *, adapter=None, host: str = DEFAULT_HOST, port: int = DEFAU
     )
     server_settings = ServerSettings(host=host, port=port, api_key=api_key)
     app = create_app(server_settings=server_settings, model_settings=[model_settings])
-    from .toolcalls import NullContentFix
+    from ..toolcalls import NullContentFix
 
     app.add_middleware(NullContentFix)  # assistant tool-call turns sent back with content null
     return app
