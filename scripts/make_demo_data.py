@@ -14,9 +14,11 @@ memorising whole strings.
 
 The preference pairs (``support_ticket_pairs.jsonl``, for the align stage: DPO/ORPO after SFT) are
 new messages of the same task, none of them in the SFT file, so no split of the pairs leaks into
-an SFT split or back: ``chosen`` is the correct JSON; ``rejected`` is, in turn, a JSON with one
-field plausibly wrong (the urgency or category a hurried reader would pick, or the product), or a
-prose answer that ignores the "JSON only" instruction.
+an SFT split or back: ``chosen`` is the correct JSON; ``rejected`` is mostly a JSON with one
+field wrong (urgency or category, sometimes the product), sometimes a prose answer that ignores the
+"JSON only" instruction. Each wrong value is drawn so that every label is rejected about as often as
+it is chosen: a preference set whose rejected side over-represents one label teaches "avoid that
+label", not "read the message".
 """
 
 from __future__ import annotations
@@ -205,32 +207,52 @@ def make_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
     return records
 
 
-# the wrong label a hurried reader picks: neighbouring urgency, a category that shares words
-NEAR_URGENCY = {"low": "medium", "medium": "high", "high": "medium"}
-NEAR_CATEGORY = {"billing": "account", "bug": "feature_request", "account": "billing", "shipping": "billing",
-                 "feature_request": "bug"}
 PROSE = (
     "This looks like a {category} issue about {product}. I would rate the urgency as {urgency}.",
     "Thanks for reaching out! Our team will look into your {product} {category} request soon.",
     "Category: {category}. Urgency: {urgency}. Product: {product}.",
     "Sure! Here is the triage: it's a {urgency} priority {category} ticket for {product}.",
 )
+# which part of the answer a pair's rejected side gets wrong, by pair index: mostly urgency and
+# category (the fields a briefly tuned small model still misses), some product, a few prose answers.
+# 7 long, coprime with the 5 categories x 3 urgencies the pairs cycle through, so every label meets
+# every kind of rejection.
+REJECT_KINDS = ("urgency", "category", "urgency", "product", "category", "urgency", "prose")
+FIELD_VALUES = {"category": CATEGORIES, "urgency": URGENCIES, "product": tuple(sorted(PRODUCTS))}
 
 
-def _rejected(rng: random.Random, k: int, category: str, urgency: str, product: str) -> str:
-    kind = k % 4
-    if kind == 0:
-        return answer(category, NEAR_URGENCY[urgency], product)
-    if kind == 1:
-        return answer(NEAR_CATEGORY[category], urgency, product)
-    if kind == 2:
-        return answer(category, urgency, rng.choice([p for p in sorted(PRODUCTS) if p != product]))
-    return rng.choice(PROSE).format(category=category.replace("_", " "), urgency=urgency, product=product)
+class _Balancer:
+    """Picks the wrong value of a field so that, over all pairs, every value is rejected about as often
+    as it is chosen. With "neighbouring" wrong values instead (low -> medium, high -> medium) "medium"
+    was rejected twice as often as chosen and "low" never, so DPO learned "avoid medium" rather than
+    reading the message: SFT+DPO answered "low" for medium tickets."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.debt = {(f, v): 0 for f, vs in FIELD_VALUES.items() for v in vs}  # times chosen - times rejected
+
+    def wrong(self, field: str, right: str) -> str:
+        self.debt[field, right] += 1
+        others = [v for v in FIELD_VALUES[field] if v != right]
+        most = max(self.debt[field, v] for v in others)
+        pick = self.rng.choice([v for v in others if self.debt[field, v] == most])
+        self.debt[field, pick] -= 1
+        return pick
+
+
+def _rejected(rng: random.Random, balancer: _Balancer, k: int, category: str, urgency: str, product: str) -> str:
+    kind = REJECT_KINDS[k % len(REJECT_KINDS)]
+    if kind == "prose":
+        return rng.choice(PROSE).format(category=category.replace("_", " "), urgency=urgency, product=product)
+    right = {"category": category, "urgency": urgency, "product": product}
+    wrong = dict(right, **{kind: balancer.wrong(kind, right[kind])})
+    return answer(wrong["category"], wrong["urgency"], wrong["product"])
 
 
 def make_pairs(sft_records: list[dict], n: int = N_PAIRS, seed: int = PAIRS_SEED) -> list[dict]:
     """Preference rows whose messages are not in ``sft_records`` (so neither file leaks into the other)."""
     rng = random.Random(seed)
+    balancer = _Balancer(rng)
     seen = {r["messages"][1]["content"] for r in sft_records}
     pairs: list[dict] = []
     products = sorted(PRODUCTS)
@@ -247,7 +269,7 @@ def make_pairs(sft_records: list[dict], n: int = N_PAIRS, seed: int = PAIRS_SEED
         pairs.append({
             "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
             "chosen": answer(category, urgency, product),
-            "rejected": _rejected(rng, len(pairs), category, urgency, product),
+            "rejected": _rejected(rng, balancer, len(pairs), category, urgency, product),
         })
     return pairs
 
