@@ -176,15 +176,21 @@ def plan_epoch(
             rng.shuffle(rows)
         groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
-        rows = [[e] for e in order]
-        if group_by_length:
-            # sort within chunks of 50 batches: similar lengths share a batch, order stays random
-            chunk = batch_size * 50
-            rows = [r for i in range(0, len(rows), chunk) for r in sorted(rows[i : i + chunk], key=lambda r: len(r[0].ids))]
-        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        if shuffle and group_by_length:
-            rng.shuffle(groups)
+        groups = _batch_groups([[e] for e in order], batch_size, group_by_length, shuffle, rng, lambda r: len(r[0].ids))
     return [_collate(g, pad_id) for g in groups if g]
+
+
+def _batch_groups(items: list, batch_size: int, group_by_length: bool, shuffle: bool, rng: random.Random, length) -> list[list]:
+    """``items`` (already in epoch order) cut into batches; with ``group_by_length`` sorted by
+    ``length`` within chunks of 50 batches first (similar lengths share a batch) and the batches
+    shuffled, so the order stays random."""
+    if group_by_length:
+        chunk = batch_size * 50
+        items = [x for i in range(0, len(items), chunk) for x in sorted(items[i : i + chunk], key=length)]
+    groups = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if shuffle and group_by_length:
+        rng.shuffle(groups)
+    return groups
 
 
 def padding_fraction(batches: list[Batch]) -> float:
@@ -286,14 +292,8 @@ def plan_pairs(
     order = list(examples)
     if shuffle:
         rng.shuffle(order)
-    if group_by_length:
-        chunk = batch_size * 50
-        order = [p for i in range(0, len(order), chunk) for p in sorted(order[i : i + chunk], key=lambda p: len(p.ids))]
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if shuffle and group_by_length:
-        rng.shuffle(groups)
     out = []
-    for g in groups:
+    for g in _batch_groups(order, batch_size, group_by_length, shuffle, rng, lambda p: len(p.ids)):
         if not g:
             continue
         b = _collate([[p.chosen] for p in g] + [[p.rejected] for p in g], pad_id)
