@@ -224,13 +224,17 @@ def remove(ref: str, root: Path | None = None) -> list[Entry]:
 
 def run_artifacts(run) -> dict[str, Path]:
     """What a run folder contributes to its registry entry: GGUFs, Modelfile, data card, run.yaml,
-    eval reports and the adapter (entry-relative name -> file or folder)."""
+    eval reports and the adapters (entry-relative name -> file or folder): ``adapter`` is the train
+    stage's (on the base model); a run with an align stage adds ``align_adapter``, trained on the base
+    with ``adapter`` merged in, which is what the GGUFs hold."""
     arts: dict[str, Path] = {f.name: f for f in run.ggufs if f.is_file()}
     for p in (run.modelfile, run.data_card, run.run_yaml, run.eval_report("json"), run.eval_report("md"), run.eval_report("html")):
         if p.is_file():
             arts[p.name] = p
     if run.adapter_dir.is_dir():
         arts["adapter"] = run.adapter_dir
+    if run.aligned and run.align_adapter_dir.is_dir():
+        arts["align_adapter"] = run.align_adapter_dir
     return arts
 
 
@@ -297,7 +301,8 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
                             fix=f"run `edgetune run {run.root} --to export` first")
     hashes = {rel: {"sha256": sha256_path(p), "size": size_of(p)} for rel, p in arts.items()}
     fingerprint = sha256_json({"model": base_fp, "adapter": sha256_path(run.adapter_dir) if run.adapter_dir.is_dir() else None,
-                               "gguf": {k: v for k, v in hashes.items() if k.endswith(".gguf")}})
+                               "gguf": {k: v for k, v in hashes.items() if k.endswith(".gguf")},
+                               **({"align_adapter": hashes["align_adapter"]["sha256"]} if "align_adapter" in hashes else {})})
     body = {
         "run_dir": str(run.root.resolve()),
         "base_model": {"path": str(base.resolve()), "fingerprint": base_fp},
@@ -305,6 +310,7 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
                  "card_sha256": sha256_file(run.data_card) if run.data_card.is_file() else None},
         "method": cfg.train.method,
         "train": to_dict(cfg.train),
+        **({"align": to_dict(cfg.align)} if run.aligned else {}),
         "export": to_dict(cfg.export),
         "metrics": run.eval_metrics() if metrics is None else metrics,
         "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None, "quant": run.modelfile_quant},

@@ -265,6 +265,12 @@ def test_sft_then_dpo_recipe_runs_end_to_end(aligned_run):
     for m in report["models"]:
         assert 0.0 <= m["metrics"]["preference.accuracy"] <= 1.0 and "preference.margin" in m["metrics"]
     assert "preference.accuracy" in run.eval_report("md").read_text()
+    # the registry entry holds both adapters: SFT (on the base) and the DPO one the GGUFs were fused from
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETUNE_HOME", str(tmp / "home"))
+        (entry,) = registry.list_entries()
+    assert {"adapter", "align_adapter"} <= entry.manifest["artifacts"].keys() and entry.manifest["align"]["objective"] == "dpo"
+    assert (entry.path / "align_adapter" / "adapter_config.json").is_file()
 
 
 def test_align_reruns_alone_when_its_settings_change(aligned_run):
