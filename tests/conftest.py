@@ -237,25 +237,53 @@ def _tiny_recipe(tmp_path: Path, model_dir: Path, n: int = 120, **train) -> Path
     return path
 
 
-@pytest.fixture(scope="session")
-def smollm2_meta_gguf(tmp_path_factory) -> Path:
-    """A real GGUF holding only the SmolLM2 prompting metadata (chat template, <|im_start|> /
-    <|im_end|> as BOS / EOS) and no tensors: enough for writing a Modelfile, in milliseconds."""
+def _write_meta_gguf(path: Path, template: str, tokens: list[str], *, add_bos: bool | None = None,
+                     tokenizer_model: str = "llama", context_length: int | None = None) -> Path:
+    """A real GGUF holding only prompting metadata (``tokens[1]`` = BOS, ``tokens[2]`` = EOS, the
+    chat template) and no tensors: what Ollama/llama.cpp read to build prompts, written in milliseconds."""
     from gguf import GGUFWriter
 
-    path = tmp_path_factory.mktemp("smollm2-meta") / "smollm2-meta.gguf"
     w = GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_token_list(tokens)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template((TOKENIZER_FIXTURE / "chat_template.jinja").read_text(encoding="utf-8"))
-    w.add_context_length(8192)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.add_chat_template(template)
+    if context_length:
+        w.add_context_length(context_length)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+FAMILY_TEMPLATES = Path(__file__).resolve().parent / "templates"  # <family>.jinja + families.json
+
+
+def _family_meta_gguf(path: Path, name: str) -> Path:
+    m = json.loads((FAMILY_TEMPLATES / "families.json").read_text())[name]
+    return _write_meta_gguf(path, (FAMILY_TEMPLATES / f"{name}.jinja").read_text(),
+                            ["<unk>", m["bos_token"] or "<|endoftext|>", m["eos_token"]],
+                            add_bos=m["add_bos_token"], context_length=32768)
+
+
+@pytest.fixture(scope="session")
+def family_meta_gguf():
+    """``family_meta_gguf(path, name)``: a metadata-only GGUF carrying tests/templates/<name>.jinja
+    and that family's BOS/EOS (tests/templates/families.json)."""
+    return _family_meta_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_meta_gguf(tmp_path_factory) -> Path:
+    """A real GGUF holding only the SmolLM2 prompting metadata (chat template, <|im_start|> /
+    <|im_end|> as BOS / EOS) and no tensors: enough for writing a Modelfile, in milliseconds."""
+    path = tmp_path_factory.mktemp("smollm2-meta") / "smollm2-meta.gguf"
+    return _write_meta_gguf(path, (TOKENIZER_FIXTURE / "chat_template.jinja").read_text(encoding="utf-8"),
+                            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], tokenizer_model="gpt2", context_length=8192)
 
 
 @pytest.fixture(scope="session")

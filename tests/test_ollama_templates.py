@@ -20,26 +20,6 @@ TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
 
 
-def make_meta_gguf(path: Path, name: str) -> Path:
-    """A real GGUF holding only the tokenizer metadata Ollama/llama.cpp read for prompting."""
-    from gguf import GGUFWriter
-
-    m = META[name]
-    w = GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", m["bos_token"] or "<|endoftext|>", m["eos_token"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(m["add_bos_token"])
-    w.add_chat_template((TEMPLATES / f"{name}.jinja").read_text())
-    w.add_context_length(32768)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def make_hf_dir(d: Path, name: str) -> Path:
     m = META[name]
     d.mkdir(parents=True, exist_ok=True)
@@ -52,8 +32,8 @@ def make_hf_dir(d: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(META))
-def test_family_from_gguf_metadata(tmp_path, name):
-    gguf = make_meta_gguf(tmp_path / "model.gguf", name)
+def test_family_from_gguf_metadata(tmp_path, name, family_meta_gguf):
+    gguf = family_meta_gguf(tmp_path / "model.gguf", name)
     out = tmp_path / "ollama"
     mf_path = write_modelfile(gguf, out, f"test-{name}", system='Be brief. Say "ok" {{ not a template }}')
     mf = read_modelfile(mf_path)
@@ -74,10 +54,10 @@ def test_family_from_gguf_metadata(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", sorted(META))
-def test_family_from_hf_folder_and_text_identity(tmp_path, name):
+def test_family_from_hf_folder_and_text_identity(tmp_path, name, family_meta_gguf):
     """Text comparison done here by hand, independently of check(): Jinja (transformers-style) vs
     Ollama's rendering with the BOS llama.cpp would add."""
-    gguf = make_meta_gguf(tmp_path / "model.gguf", name)
+    gguf = family_meta_gguf(tmp_path / "model.gguf", name)
     hf = make_hf_dir(tmp_path / "hf", name)
     text, result = build_modelfile(gguf, tmp_path, f"test-{name}", model_dir=hf)
     assert result.ok and result.n_identical >= 5, result.diff
@@ -137,8 +117,8 @@ def test_tampered_template_is_caught_with_a_diff(tmp_path, tokenizer_dir, demo_g
     assert "part at position" in result.diff and "'Ċ'" in result.diff  # the missing newline token
 
 
-def test_unknown_template_refused_unless_template_file(tmp_path):
-    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+def test_unknown_template_refused_unless_template_file(tmp_path, family_meta_gguf):
+    gguf = family_meta_gguf(tmp_path / "model.gguf", "chatml")
     hf = make_hf_dir(tmp_path / "hf", "chatml")
     cfg = json.loads((hf / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<<assistant>>{% endif %}"
@@ -152,10 +132,10 @@ def test_unknown_template_refused_unless_template_file(tmp_path):
     assert read_modelfile(path).get("template") == tfile.read_text()
 
 
-def test_adapter_relative_paths_and_overrides(tmp_path):
+def test_adapter_relative_paths_and_overrides(tmp_path, family_meta_gguf):
     out = tmp_path / "run"
-    gguf = make_meta_gguf((out / "gguf").mkdir(parents=True) or out / "gguf" / "base.gguf", "llama3")
-    adapter = make_meta_gguf(out / "gguf" / "adapter.gguf", "llama3")
+    gguf = family_meta_gguf((out / "gguf").mkdir(parents=True) or out / "gguf" / "base.gguf", "llama3")
+    adapter = family_meta_gguf(out / "gguf" / "adapter.gguf", "llama3")
     path = write_modelfile(gguf, out, "x", adapter_gguf=adapter, temperature=0.0, num_ctx=2048, top_k=40)
     mf = read_modelfile(path)
     assert mf.get("model") == "./gguf/base.gguf" and mf.get("adapter") == "./gguf/adapter.gguf"
@@ -175,8 +155,8 @@ def test_missing_inputs_are_clear_errors(tmp_path):
         check_modelfile(tmp_path / "Modelfile")
 
 
-def test_system_defaults_to_training_data_dominant_prompt(tmp_path):
-    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+def test_system_defaults_to_training_data_dominant_prompt(tmp_path, family_meta_gguf):
+    gguf = family_meta_gguf(tmp_path / "model.gguf", "chatml")
     data = tmp_path / "train.jsonl"
     sys_a = 'You turn tickets into JSON.\nKeys: "team", "urgency".'
     rows = [{"messages": [{"role": "system", "content": sys_a}, {"role": "user", "content": f"t{i}"},
@@ -202,10 +182,10 @@ def test_ollama_message_handling():
     assert system == "mine" and msgs[0]["Content"] == "mine"
 
 
-def test_legacy_prompt_response_template_is_rendered_like_ollama(tmp_path):
+def test_legacy_prompt_response_template_is_rendered_like_ollama(tmp_path, family_meta_gguf):
     """A user --template in Ollama's older .System/.Prompt/.Response style: executed per exchange,
     the last one cut after {{ .Response }}, and checked for every chat that asks for an answer."""
-    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    gguf = family_meta_gguf(tmp_path / "model.gguf", "chatml")
     tfile = tmp_path / "legacy.tmpl"
     tfile.write_text("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
                      "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
@@ -220,9 +200,9 @@ def test_legacy_prompt_response_template_is_rendered_like_ollama(tmp_path):
     assert not bad.ok and "part at character" in bad.diff
 
 
-def test_default_system_with_template_delimiters_is_escaped(tmp_path):
+def test_default_system_with_template_delimiters_is_escaped(tmp_path, family_meta_gguf):
     """A chat template whose built-in system prompt contains '{{' gets it as a Go string literal."""
-    gguf = make_meta_gguf(tmp_path / "model.gguf", "smollm2")
+    gguf = family_meta_gguf(tmp_path / "model.gguf", "smollm2")
     hf = make_hf_dir(tmp_path / "hf", "smollm2")
     cfg = json.loads((hf / "tokenizer_config.json").read_text())
     cfg["chat_template"] = cfg["chat_template"].replace("You are a helpful AI assistant named SmolLM",
@@ -247,12 +227,12 @@ def test_demo_model_modelfile_passes_check(tmp_path, demo_model_dir, demo_gguf_p
     assert params["stop"][:2] == ["<|im_end|>", "<|im_start|>"]
 
 
-def test_modelfile_options_object_and_keywords(tmp_path):
+def test_modelfile_options_object_and_keywords(tmp_path, family_meta_gguf):
     """One options dataclass for build/write_modelfile and the CLI; keyword fields override it."""
     from edgetune.config import OllamaConfig
     from edgetune.export.modelfile import ModelfileOptions
 
-    gguf = make_meta_gguf(tmp_path / "model.gguf", "chatml")
+    gguf = family_meta_gguf(tmp_path / "model.gguf", "chatml")
     hf = make_hf_dir(tmp_path / "hf", "chatml")
     opts = ModelfileOptions.from_config(OllamaConfig(system="Be brief.", num_ctx=2048, top_k=40), model_dir=hf)
     mf = read_modelfile(write_modelfile(gguf, tmp_path / "a", "x", opts, top_k=7))

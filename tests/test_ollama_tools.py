@@ -32,24 +32,6 @@ def _info(name: str) -> ModelInfo:
                      eos_token=m["eos_token"], add_bos=m["add_bos_token"], source=name, context_length=4096)
 
 
-def _meta_gguf(path: Path, name: str) -> Path:
-    from gguf import GGUFWriter
-
-    m = META[name]
-    w = GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", m["bos_token"] or "<|endoftext|>", m["eos_token"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(m["add_bos_token"])
-    w.add_chat_template((TEMPLATES / f"{name}.jinja").read_text())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("system", [None, "Answer briefly."], ids=["no-system", "modelfile-system"])
 @pytest.mark.parametrize("name", sorted(TOOL_FIXTURES))
 def test_tool_conversations_are_identical(name, system):
@@ -119,19 +101,19 @@ def test_a_template_printing_go_json_is_caught():
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama3", "phi3"])
-def test_families_without_tool_syntax_say_so(tmp_path, name):
+def test_families_without_tool_syntax_say_so(tmp_path, name, family_meta_gguf):
     info = _info(name)
     fam, go = go_template_for(info)
     assert not fam.tools and not gotemplate.uses_field(go, "Tools")
     result = compare(go, info, None, family=fam.name, use_tokenizer=False)
     assert result.ok and not any(c.name.startswith("tools:") for c in result.conversations)
     assert any(n.startswith("tools are not rendered") for n in result.notes)
-    text, _ = build_modelfile(_meta_gguf(tmp_path / "m.gguf", name), tmp_path, "m")
+    text, _ = build_modelfile(family_meta_gguf(tmp_path / "m.gguf", name), tmp_path, "m")
     assert "# Tools: NOT rendered" in text
 
 
-def test_modelfile_header_says_tools_are_rendered(tmp_path):
-    text, result = build_modelfile(_meta_gguf(tmp_path / "m.gguf", "mistral-v0.3"), tmp_path, "m")
+def test_modelfile_header_says_tools_are_rendered(tmp_path, family_meta_gguf):
+    text, result = build_modelfile(family_meta_gguf(tmp_path / "m.gguf", "mistral-v0.3"), tmp_path, "m")
     assert "# Tools: rendered (mistral call syntax, parallel calls allowed" in text
     assert result.ok and any(c.name == "tools: parallel calls, results, answer" for c in result.conversations)
 
