@@ -83,6 +83,10 @@ class TrainConfig:
     objective: str = "sft"  # what a step optimises (train/objectives.py): sft = completion-only cross entropy
     # dpo: -logsigmoid(beta * margin of log-ratios vs the adapter-disabled model); orpo: NLL + lambda * odds-ratio term
     beta: float = 0.1  # DPO's beta (TRL DPOConfig.beta default 0.1)
+    # DPO + rpo_alpha * NLL of the chosen answer (RPO, whose paper suggests 1.0; TRL: loss_type
+    # [sigmoid, sft] with loss_weights [1, rpo_alpha], formerly DPOConfig.rpo_alpha):
+    # keeps the chosen answer likely while DPO widens the margin; 0 = plain DPO
+    rpo_alpha: float = 0.0
     orpo_lambda: float = 0.1  # ORPO's lambda on the odds-ratio term (TRL ORPOConfig calls it beta, default 0.1)
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
@@ -119,6 +123,7 @@ class TrainConfig:
         _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         _check_range("train", "beta", self.beta, 1e-6, 100.0)
         _check_range("train", "orpo_lambda", self.orpo_lambda, 0.0, 100.0)
+        _check_range("train", "rpo_alpha", self.rpo_alpha, 0.0, 100.0)
         if self.rank < 1:
             raise EdgetuneError(f"train.rank must be >= 1, got {self.rank}.", fix="use e.g. rank: 16")
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -115,7 +115,7 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
     n = batch.n_target
     leaf = {"lora_a": "lora_A.default.weight", "lora_b": "lora_B.default.weight",
             "m": "lora_magnitude_vector.default.weight"}
-    for objective, kw in (("dpo", {"beta": 0.1}), ("orpo", {"orpo_lambda": 0.1})):
+    for objective, kw in (("dpo", {"beta": 0.1}), ("dpo", {"beta": 0.1, "rpo_alpha": 1.0}), ("orpo", {"orpo_lambda": 0.1})):
         peft.zero_grad()
         t_loss, t_metrics = getattr(tb, f"{objective}_loss")(peft, t_arrays, **kw)
         t_loss.backward()
@@ -172,9 +172,9 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
 def test_loss_params_bound_on_mlx():
     from edgetune.train import mlx_backend, objectives
 
-    cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25)
+    cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25, rpo_alpha=0.5)
     dpo, orpo = objectives.get("dpo").loss_for("mlx", cfg), objectives.get("orpo").loss_for("mlx", cfg)
-    assert (dpo.func, dpo.keywords) == (mlx_backend.dpo_loss, {"beta": 0.5})
+    assert (dpo.func, dpo.keywords) == (mlx_backend.dpo_loss, {"beta": 0.5, "rpo_alpha": 0.5})
     assert (orpo.func, orpo.keywords) == (mlx_backend.orpo_loss, {"orpo_lambda": 0.25})
 
 

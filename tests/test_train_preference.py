@@ -83,7 +83,7 @@ def test_loss_params_bound_from_config():
     from edgetune.train import objectives
 
     cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25)
-    assert objectives.get("dpo").loss_for("torch", cfg).keywords == {"beta": 0.5}
+    assert objectives.get("dpo").loss_for("torch", cfg).keywords == {"beta": 0.5, "rpo_alpha": 0.0}
     assert objectives.get("orpo").loss_for("torch", cfg).keywords == {"orpo_lambda": 0.25}
     probe = objectives.Objective("probe", encode=None, plan=None, losses={"torch": "x:y"})
     with pytest.raises(UnsupportedError, match="not implemented on the mlx backend"):
@@ -158,9 +158,12 @@ def _trl_inputs(arrays):
     return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
 
 
-def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0], ids=["dpo", "dpo+nll"])
+def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path, rpo_alpha):
     """TRL's own ``DPOTrainer.compute_loss`` (sigmoid loss, PEFT model, reference = adapter disabled,
-    fused LM head) on the same model, adapter weights and batch as ours, fp32: equal within 1e-5."""
+    fused LM head) on the same model, adapter weights and batch as ours, fp32: equal within 1e-5.
+    With ``rpo_alpha``: TRL's ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, rpo_alpha]`` (the
+    RPO loss, once TRL's ``rpo_alpha``)."""
     pytest.importorskip("trl", reason="TRL is a test-only reference (not installed here): pip install trl")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -170,10 +173,12 @@ def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path):
     model, arrays = _model_and_batch(tiny_llama_dir, tmp_path)
     beta = 0.1
     with torch.no_grad():
-        loss_sum, metrics = dpo_loss(model, arrays, beta=beta)
+        loss_sum, metrics = dpo_loss(model, arrays, beta=beta, rpo_alpha=rpo_alpha)
+        plain_sum, _ = dpo_loss(model, arrays, beta=beta)
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in PAIRS[:4]]
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid"], report_to="none", use_cpu=True,
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, rpo_alpha]} if rpo_alpha else {"loss_type": ["sigmoid"]}
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, **losses, report_to="none", use_cpu=True,
                      bf16=False, fp16=False, per_device_train_batch_size=4, precompute_ref_log_probs=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=_tok(tiny_llama_dir))
     # Handed a PEFT model whose adapter is already trained, TRL copies it as a frozen "ref" adapter (its
@@ -187,6 +192,7 @@ def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path):
     b = arrays["input_ids"].shape[0] // 2
     assert abs(trl_loss.item()) > 1e-3  # a real loss, not a degenerate zero
     torch.testing.assert_close(loss_sum / b, trl_loss.detach(), atol=1e-5, rtol=0)
+    assert (loss_sum - plain_sum).item() > 0.1 if rpo_alpha else torch.equal(loss_sum, plain_sum)  # the NLL term is really there
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
     torch.testing.assert_close(metrics["reward_accuracy"].item() / b, logged["rewards/accuracies"], atol=1e-6, rtol=0)
     torch.testing.assert_close(metrics["reward_margin"].item() / b, logged["rewards/margins"], atol=1e-5, rtol=0)

@@ -215,7 +215,8 @@ def test_non_default_settings_take_effect(backend, tiny_llama_dir, tmp_path, mon
     elsewhere = {"epochs": "test_epochs_and_early_stopping", "early_stopping_patience": "test_epochs_and_early_stopping",
                  # the preference objectives' parameters: test_train_preference.py (loss binding + TRL parity),
                  # test_train_mlx_preference.py on mlx (loss binding + parity with torch)
-                 "beta": "test_loss_params_bound_from_config", "orpo_lambda": "test_loss_params_bound_from_config"}
+                 "beta": "test_loss_params_bound_from_config", "orpo_lambda": "test_loss_params_bound_from_config",
+                 "rpo_alpha": "test_dpo_loss_matches_trl_dpotrainer"}
     honoured = {n for n, row in support.SUPPORT.items()
                 if isinstance(row[backend], str) or row[backend].honoured}
     assert honoured == set(checks) | set(elsewhere)

@@ -27,6 +27,8 @@ from .options import json_option, model_option, output_option, seed_option
               help="What training optimises: sft = completion-only cross entropy on the prepared chats; "
                    "dpo / orpo = preference training on prompt/chosen/rejected rows (torch and MLX).")
 @click.option("--beta", type=float, default=None, help="DPO beta (default 0.1).")
+@click.option("--rpo-alpha", type=float, default=None,
+              help="DPO: add this times the NLL of the chosen answer (RPO; 0 = plain DPO, the default; 1.0 is the paper's).")
 @click.option("--orpo-lambda", type=float, default=None, help="ORPO weight of the odds-ratio term (default 0.1).")
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")

@@ -324,18 +324,22 @@ def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
             **{k: sg(v).sum() for k, v in extra.items()}}
 
 
-def dpo_loss(model, arrays: dict, *, beta: float = 0.1):
+def dpo_loss(model, arrays: dict, *, beta: float = 0.1, rpo_alpha: float = 0.0):
     """The ``dpo`` objective on MLX: ``-logsigmoid(beta * ((pc - rc) - (pr - rr)))`` summed over the
     batch's pairs (p: policy, r: adapter-disabled reference; c/r: chosen/rejected summed log-probs),
-    rewards ``beta * (policy - reference)``; as torch_backend.dpo_loss."""
+    rewards ``beta * (policy - reference)``, ``rpo_alpha`` times the chosen tokens' mean NLL added
+    per pair; as torch_backend.dpo_loss."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    pc, pr, _, _ = _pair_logps(model, arrays)
+    pc, pr, nc, _ = _pair_logps(model, arrays)
     rc, rr, _, _ = _pair_logps(model, arrays, reference=True)
     loss = -nn.log_sigmoid(beta * ((pc - rc) - (pr - rr)))
     rew_c, rew_r = mx.stop_gradient(beta * (pc - rc)), mx.stop_gradient(beta * (pr - rr))
-    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+    if not rpo_alpha:
+        return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+    nll = -pc.sum() / mx.maximum(nc.sum(), 1)
+    return loss.sum() + rpo_alpha * pc.shape[0] * nll, _pair_metrics(pc, pr, rew_c, rew_r, nll=-pc / mx.maximum(nc, 1))
 
 
 def log1mexp(x):

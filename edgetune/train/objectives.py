@@ -71,13 +71,14 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     # preference pairs (prompt/chosen/rejected rows), padded 2B-row batches: chosen rows then rejected;
     # a loss unit is a pair; the torch and MLX losses are the same maths (tests/test_train_mlx_preference.py)
-    # DPO, sigmoid loss; the reference is the same model with its adapter disabled (no second copy)
+    # DPO, sigmoid loss; the reference is the same model with its adapter disabled (no second copy);
+    # rpo_alpha > 0 adds that times the chosen answers' token-mean NLL (TRL: the "sft" loss_type)
     "dpo": Objective(
         "dpo",
         encode=batching.encode_pairs,
         plan=batching.plan_pairs,
         losses={"torch": "edgetune.train.torch_backend:dpo_loss", "mlx": "edgetune.train.mlx_backend:dpo_loss"},
-        params=("beta",),
+        params=("beta", "rpo_alpha"),
         monitor="reward_accuracy",
         maximize=True,
     ),

@@ -36,6 +36,8 @@ SUPPORT: dict[str, dict[str, object]] = {
     "objective": {"torch": "objectives.OBJECTIVES (sft, dpo, orpo)", "mlx": "objectives.OBJECTIVES (sft, dpo, orpo)"},
     "beta": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
              "mlx": "objectives dpo loss (mlx_backend.dpo_loss); unused by sft/orpo"},
+    "rpo_alpha": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
+                  "mlx": "objectives dpo loss (mlx_backend.dpo_loss); unused by sft/orpo"},
     "orpo_lambda": {"torch": "objectives orpo loss (torch_backend.orpo_loss); unused by sft/dpo",
                     "mlx": "objectives orpo loss (mlx_backend.orpo_loss); unused by sft/dpo"},
     "method": {

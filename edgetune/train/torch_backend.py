@@ -115,12 +115,17 @@ def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
             **{k: v.detach().sum() for k, v in extra.items()}}
 
 
-def dpo_loss(lm, arrays: dict, *, beta: float = 0.1):
-    """The ``dpo`` objective on torch: sigmoid DPO loss summed over the batch's pairs, + pair metrics."""
-    pc, pr, _, _ = _pair_logps(lm, arrays)
+def dpo_loss(lm, arrays: dict, *, beta: float = 0.1, rpo_alpha: float = 0.0):
+    """The ``dpo`` objective on torch: sigmoid DPO loss summed over the batch's pairs, + pair metrics.
+    ``rpo_alpha``: plus that times the NLL of the batch's chosen answers (the mean over all their
+    tokens, as TRL computes it) for each pair, so the loop's per-pair mean is TRL's loss."""
+    pc, pr, nc, _ = _pair_logps(lm, arrays)
     rc, rr, _, _ = _pair_logps(lm, arrays, reference=True)
     loss, rew_c, rew_r = dpo_pair_losses(pc, pr, rc, rr, beta)
-    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+    if not rpo_alpha:
+        return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
+    nll = -pc.sum() / nc.sum().clamp(min=1)
+    return loss.sum() + rpo_alpha * len(pc) * nll, _pair_metrics(pc, pr, rew_c, rew_r, nll=-pc / nc.clamp(min=1))
 
 
 def orpo_loss(lm, arrays: dict, *, orpo_lambda: float = 0.1):
