@@ -336,6 +336,22 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return _build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_tools_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny llama with the shipped smollm2-tools chat template: (HF folder, f32 GGUF)."""
+    from edgetune.export.gguf import convert
+
+    d = tmp_path_factory.mktemp("tiny-tools")
+    hf = d / "hf"
+    shutil.copytree(tiny_llama_dir, hf)
+    template = Path(__file__).resolve().parents[1] / "edgetune" / "resources" / "demo" / "smollm2-tools.jinja"
+    (hf / "chat_template.jinja").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return hf, convert(hf, d / "tiny-tools-f32.gguf", "f32", verify=False, show_progress=False)
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -5,7 +5,6 @@ and ollama runners against servers that speak each API's recorded streaming prot
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,18 +94,9 @@ def test_tool_examples_load_with_their_reference_calls(tmp_path):
 
 # ------------------------------------------------------------------------------ runners' prompts
 @pytest.fixture(scope="module")
-def tools_model(tiny_llama_dir, tmp_path_factory):
+def tools_model(tiny_tools_model):
     """The tiny llama with the shipped tool template, as an HF folder and an f32 GGUF."""
-    from edgetune.export.gguf import convert
-
-    d = tmp_path_factory.mktemp("tiny-tools-eval")
-    hf = d / "hf"
-    shutil.copytree(tiny_llama_dir, hf)
-    (hf / "chat_template.jinja").write_text(TOOLS_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
-    cfg = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg.pop("chat_template", None)
-    (hf / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    return hf, convert(hf, d / "tiny-tools.gguf", "f32", verify=False, show_progress=False)
+    return tiny_tools_model
 
 
 def test_hf_and_gguf_render_the_same_tool_prompt(tools_model, tmp_path):

@@ -5,7 +5,6 @@ tiny real GGUF whose template is the shipped Hermes-style smollm2-tools template
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -160,18 +159,9 @@ def test_request_tools_take_the_training_datas_canonical_form():
 
 # ------------------------------------------------------------------------------ over HTTP
 @pytest.fixture(scope="module")
-def tools_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
+def tools_gguf(tiny_tools_model) -> Path:
     """The tiny random llama as an f32 GGUF whose chat template is the shipped smollm2-tools one."""
-    from edgetune.export.gguf import convert
-
-    d = tmp_path_factory.mktemp("tiny-tools")
-    src = d / "hf"
-    shutil.copytree(tiny_llama_dir, src)
-    (src / "chat_template.jinja").write_text(TOOLS_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
-    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg.pop("chat_template", None)
-    (src / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    return convert(src, d / "tiny-tools-f32.gguf", "f32", verify=False, show_progress=False)
+    return tiny_tools_model[1]
 
 
 @pytest.fixture(scope="module")
