@@ -1,7 +1,9 @@
 """Quantization drift: per-token KL divergence and top-1 agreement, teacher-forced over references.
 
 Both models read the *same token ids* (the reference model's tokenization of prompt + reference
-answer) and are compared at every reference-answer position. The comparison itself is
+answer) and are compared at every reference-answer position. Examples go in chunks whose logits fit
+:data:`LOGIT_BUDGET`; an hf reference computes each chunk in one pass streamed block by block in
+fp32 (:mod:`edgetune.streaming`), so no model is ever held whole in fp32. The comparison itself is
 :func:`edgetune.export.verify.drift` — the same function the export stage uses to verify a
 GGUF — so "drift" means one thing across edgetune.
 """
@@ -19,6 +21,8 @@ from .data import Example
 from .runner_args import runner_options
 from .runners import Runner, Spec, make_runner, parse_spec
 
+LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits held at once (reference + candidate)
+
 
 def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], label: str) -> dict[str, Any]:
     """KL(reference || candidate) and top-1 agreement over every reference-answer token."""
@@ -30,21 +34,24 @@ def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], la
                                 fix="compare runners with logits: hf, mlx or gguf")
     rows = []
     per_example = []
+    todo = []
+    for ex in examples:
+        ids, n_prompt = reference.encode(ex.messages, ex.reference)
+        if len(ids) > n_prompt:
+            todo.append((ex, ids, slice(n_prompt - 1, len(ids) - 1)))
     with progress() as bar:
         task = bar.add_task(f"drift {label}", total=len(examples))
-        for ex in examples:
-            ids, n_prompt = reference.encode(ex.messages, ex.reference)
-            if len(ids) <= n_prompt:
+        bar.advance(task, len(examples) - len(todo))
+        for chunk in _chunks(todo, reference):
+            seqs = [(ids, keep) for _, ids, keep in chunk]
+            # one call per chunk and model: an hf reference streams its blocks once per chunk
+            for (ex, _, _), lr, lc in zip(chunk, reference.logits_many(seqs), candidate.logits_many(seqs), strict=True):
+                # HF checkpoints often pad the output layer past the tokenizer; compare the shared ids
+                v = min(lr.shape[-1], lc.shape[-1])
+                row = drift(np.asarray(lr[:, :v]), np.asarray(lc[:, :v]), ex.id)
+                rows.append(row)
+                per_example.append({"id": ex.id, "tokens": row.positions, "kl": row.mean_kl, "top1": row.top1})
                 bar.advance(task)
-                continue
-            lr = reference.logits(ids)[n_prompt - 1 : len(ids) - 1]
-            lc = candidate.logits(ids)[n_prompt - 1 : len(ids) - 1]
-            # HF checkpoints often pad the output layer past the tokenizer; compare the shared ids
-            v = min(lr.shape[-1], lc.shape[-1])
-            row = drift(np.asarray(lr[:, :v]), np.asarray(lc[:, :v]), ex.id)
-            rows.append(row)
-            per_example.append({"id": ex.id, "tokens": row.positions, "kl": row.mean_kl, "top1": row.top1})
-            bar.advance(task)
     if not rows:
         raise EdgetuneError("No reference tokens to compare (empty references?).")
     total = combine(rows, label)
@@ -54,6 +61,24 @@ def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], la
         "kl": total.mean_kl, "top1_agreement": total.top1, "max_abs_logit_diff": total.max_abs,
         "kl_p95_example": float(np.percentile(kls, 95)), "examples": per_example,
     }
+
+
+def _chunks(todo: list, reference: Runner):
+    """Examples grouped so that one chunk's reference-answer logits (fp32, both models) stay under
+    :data:`LOGIT_BUDGET`."""
+    vocab = reference.vocab_size or 256_000  # unknown: assume a large vocabulary
+    per_chunk = max(1, int(LOGIT_BUDGET // (2 * 4 * vocab)))
+    chunk: list = []
+    n = 0
+    for item in todo:
+        width = item[2].stop - item[2].start
+        if chunk and n + width > per_chunk:
+            yield chunk
+            chunk, n = [], 0
+        chunk.append(item)
+        n += width
+    if chunk:
+        yield chunk
 
 
 def run_drift(reference_spec: str, candidate_specs: list[str], examples: list[Example], cfg: EvalConfig | None = None) -> dict:

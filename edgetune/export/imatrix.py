@@ -8,7 +8,8 @@ matrices only (``output.weight`` needs --process-output), so do we.
 
 Hand-written because llama-imatrix is a C++ binary that a pip install of llama-cpp-python does not
 ship, and because we want the calibration text to be the training split rendered through the chat
-template the model will serve with: forward hooks on every ``nn.Linear`` of the HF model (inputs
+template the model will serve with: forward hooks on every ``nn.Linear`` of the HF model, run one
+decoder block at a time in fp32 (:mod:`edgetune.streaming`, never the whole model in memory; inputs
 are the same vectors llama.cpp multiplies: the q/k row permutation of the converter touches output
 rows, not input columns), padded positions excluded, names mapped to GGUF names by gguf-py's
 tensor map (the converter's table). Written in llama.cpp's current imatrix GGUF format
@@ -30,7 +31,7 @@ from ..io import atomic_path, sha256_file, write_json
 
 CHUNK_SIZE = 512  # tokens per sequence at most (llama-imatrix's default n_ctx); longer texts are cut
 MAX_TOKENS = 100_000  # calibration budget: llama.cpp's guides use ~100 chunks of 512 tokens
-BATCH_TOKENS = 4096  # padded tokens per forward pass: memory = the model plus one batch
+BATCH_TOKENS = 4096  # padded tokens per forward pass: memory = one fp32 block plus one batch
 
 
 @dataclass
@@ -134,7 +135,7 @@ def compute_imatrix(model_dir, texts: list[str], *, chunk_size: int = CHUNK_SIZE
     """Run the HF model over ``texts`` (tokenized as the model sees them, each cut at ``chunk_size``
     tokens, at most ``max_tokens`` in all) and collect llama.cpp's importance statistics."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..console import console
 
@@ -152,9 +153,10 @@ def compute_imatrix(model_dir, texts: list[str], *, chunk_size: int = CHUNK_SIZE
         total += len(x)
     if not ids:
         raise EdgetuneError("The calibration data produced no tokens.", fix="pass a non-empty JSONL or text file")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    names = gguf_weight_names(model, model_dir)
+    from ..streaming import StreamedModel, Unit
+
+    sm = StreamedModel(model_dir)  # one decoder block in fp32 at a time, never the whole model
+    names = gguf_weight_names(sm.model, model_dir)
     if not names:
         raise EdgetuneError(f"No weight of {model_dir} maps to a GGUF block tensor.", where=str(model_dir))
     im = Imatrix({}, {}, {}, chunk_size=chunk_size, datasets=list(datasets or []))
@@ -173,21 +175,25 @@ def compute_imatrix(model_dir, texts: list[str], *, chunk_size: int = CHUNK_SIZE
                 im.sum2[gname], im.sums[gname], im.counts[gname] = s2, s1, x.shape[0]
         return fn
 
-    mods = dict(model.named_modules())
+    mods = dict(sm.model.named_modules())
     handles = [mods[n].register_forward_pre_hook(hook(g)) for n, g in names.items()]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    units = []
+    for batch in _batches(ids, batch_tokens):
+        n = max(len(b) for b in batch)
+        # right padding: causal rows unaffected; the mask keeps padded positions out of the sums
+        units.append(Unit(torch.tensor([b + [pad] * (n - len(b)) for b in batch]),
+                          torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])))
     try:
         from rich.progress import Progress
 
-        with Progress(console=console, disable=not show_progress, transient=True) as prog, torch.no_grad():
-            task = prog.add_task("imatrix", total=total)
-            for batch in _batches(ids, batch_tokens):
-                n = max(len(b) for b in batch)
-                inp = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
-                att = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
-                mask["m"] = att.bool()
-                model(input_ids=inp, attention_mask=att, use_cache=False)  # right padding: causal rows unaffected
-                prog.advance(task, int(att.sum()))
+        with Progress(console=console, disable=not show_progress, transient=True) as prog:
+            task = prog.add_task("imatrix", total=total * len(sm.layers))
+            # the layer loop is outermost: each unit enters each block once, so sums add up per
+            # block in the same batch order as a whole-model pass (bit-identical float64 sums)
+            for _ in sm.run(units, logits=False, on_unit=lambda u: (mask.__setitem__("m", u.mask.bool()),
+                                                                      prog.advance(task, int(u.mask.sum())))):
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -113,6 +113,26 @@ class SafetensorsReader:
             arr = np.fromfile(fh, dtype=dt, count=ref.numel)
         return arr.reshape(ref.shape)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor (first axis) in its storage dtype; only those are read."""
+        ref = self.refs[name]
+        dt = ST_DTYPES[ref.dtype]
+        row = ref.numel // ref.shape[0] if ref.shape and ref.shape[0] else 0
+        with open(ref.file, "rb") as fh:
+            fh.seek(ref.start + start * row * dt.itemsize)
+            arr = np.fromfile(fh, dtype=dt, count=(stop - start) * row)
+        return arr.reshape((stop - start, *ref.shape[1:]))
+
+    def take(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of a tensor (an embedding lookup) through a read-only memory map: the
+        pages read are page cache, not the process's own memory."""
+        ref = self.refs[name]
+        mm = np.memmap(ref.file, dtype=ST_DTYPES[ref.dtype], mode="r", offset=ref.start, shape=ref.shape)
+        try:
+            return np.array(mm[np.asarray(index)])
+        finally:
+            del mm
+
     def load_f32(self, name: str) -> np.ndarray:
         return to_float32(self.load(name), self.refs[name].dtype)
 

@@ -10,7 +10,8 @@ digits, special tokens, a rendered chat):
   (top-1 100% outside near-ties, small max |Δlogit|): a disagreement is a converter bug. Quantized
   exports are reported against the f16 export.
 
-Reference logits come from transformers (torch) when it is installed; on a torch-less machine
+Reference logits come from transformers (torch) when it is installed, streamed block by block in
+fp32 (:mod:`edgetune.streaming`: never the whole model in memory); on a torch-less machine
 (e.g. a Mac with only ``[mlx]``) the tokenizer check still runs and the logit check is skipped
 with a note.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgetuneError
+from ..errors import EdgetuneError, MissingDependencyError
 
 PROMPTS: list[str] = [
     "The capital of France is",
@@ -161,8 +162,6 @@ def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool 
     try:
         from llama_cpp import Llama
     except ImportError:
-        from ..errors import MissingDependencyError
-
         raise MissingDependencyError("llama-cpp-python", "llama", "Verifying a GGUF with llama.cpp") from None
 
     kw = {"lora_path": str(lora_path)} if lora_path else {}
@@ -186,16 +185,11 @@ def gguf_logits(llm, token_lists: list[list[int]]) -> list[np.ndarray]:
 
 
 def hf_logits(model_dir, token_lists: list[list[int]]) -> list[np.ndarray]:
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The HF model's fp32 logits, streamed one decoder block at a time (:mod:`edgetune.streaming`):
+    bit-identical to a whole-model fp32 forward, in the memory of one block."""
+    from ..streaming import logits
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for ids in token_lists:
-            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
-    return out
+    return logits(model_dir, token_lists)
 
 
 def corpus_token_lists(tokenizer) -> list[list[int]]:
@@ -239,7 +233,7 @@ def verify_gguf(model_dir, gguf_path, *, outtype: str | None = None) -> VerifyRe
         lists = corpus_token_lists(tok)
         try:
             ref = hf_logits(model_dir, lists)
-        except ImportError:
+        except MissingDependencyError:
             report.notes.append("torch is not installed: logit check skipped (tokenizer checked)")
             report.tolerance = None
             return report

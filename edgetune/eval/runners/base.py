@@ -57,6 +57,7 @@ class Runner:
     kind = "base"
     supports_logits = False
     batch_size = 1  # conversations per generate_batch call when eval.batch_size is auto
+    vocab_size: int | None = None  # width of the logits, where the runner knows it (sizes drift's chunks)
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -81,6 +82,11 @@ class Runner:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits [len(ids), vocab] (float32) for the sequence ``ids``."""
         raise UnsupportedError(f"The {self.kind} runner does not expose logits.")
+
+    def logits_many(self, seqs: list[tuple[list[int], slice]]) -> list[np.ndarray]:
+        """Logits of several sequences, each at its ``slice`` of positions; runners that can do
+        better than one call per sequence (hf: one streamed pass) override it."""
+        return [self.logits(ids)[keep] for ids, keep in seqs]
 
     def score(self, messages: list[dict], reference: str) -> tuple[float, int]:
         """Sum of the reference tokens' negative log-likelihood and their count."""

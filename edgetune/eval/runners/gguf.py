@@ -48,6 +48,7 @@ class GGUFRunner(Runner):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or 2
         self.llm = self._load(logits_all=False)
+        self.vocab_size = self.llm.n_vocab()
         self._scorer = None  # a second context with logits for every position, made on first use
         self._init_template(chat_template)
 

@@ -36,7 +36,6 @@ class HFRunner(Runner):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
-            from transformers import AutoModelForCausalLM
         except ImportError:
             raise MissingDependencyError("torch", "torch", "The hf runner") from None
         from ...data.template import load_tokenizer
@@ -58,24 +57,44 @@ class HFRunner(Runner):
         # fast bf16, the checkpoint's own bf16 makes every prefill ~100x slower than fp32
         self.decision = decide("generate", self.device, dtype)
         self.batch_size = self.decision.batch_size or 1
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.decision.torch_dtype,
-                                                          local_files_only=True)
         self.adapter = None
         if adapter:
             self.adapter = Path(adapter).expanduser()
             if not (self.adapter / "adapter_config.json").is_file():
                 raise EdgetuneError(f"Not a PEFT adapter folder (no adapter_config.json): {self.adapter}",
                                     where=str(self.adapter), fix="pass the adapter/ folder written by edgetune train")
-            try:
-                from peft import PeftModel
-            except ImportError:
-                raise MissingDependencyError("peft", "torch", "Evaluating a PEFT adapter") from None
-            self.model = PeftModel.from_pretrained(self.model, str(self.adapter))
-        self.model.to(self.device).eval()
+        self._model = None  # loaded on first generation or single-sequence logits: drift streams instead
+        self._streamed = None
+        from transformers import GenerationConfig
+
         eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        try:
+            gen_eos = GenerationConfig.from_pretrained(str(self.path), local_files_only=True).eos_token_id
+        except OSError:  # no generation_config.json: the model config's, as transformers derives it
+            from transformers import AutoConfig
+
+            gen_eos = getattr(AutoConfig.from_pretrained(str(self.path), local_files_only=True), "eos_token_id", None)
+        from ...train.memory import _model_shapes
+
+        self.vocab_size = _model_shapes(self.path)["vocab"]
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(e for e in eos if e is not None)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.decision.torch_dtype,
+                                                         local_files_only=True)
+            if self.adapter:
+                try:
+                    from peft import PeftModel
+                except ImportError:
+                    raise MissingDependencyError("peft", "torch", "Evaluating a PEFT adapter") from None
+                model = PeftModel.from_pretrained(model, str(self.adapter))
+            self._model = model.to(self.device).eval()
+        return self._model
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         from ...data.template import render_prompt
@@ -164,10 +183,22 @@ class HFRunner(Runner):
             out = self.model(torch.tensor([ids], device=self.device)).logits[0]
         return out.float().cpu().numpy()
 
+    def logits_many(self, seqs: list[tuple[list[int], slice]]) -> list[np.ndarray]:
+        """fp32 logits without loading the model: one pass streamed block by block
+        (:mod:`edgetune.streaming`, the adapter merged as each weight is read). A model already
+        loaded for generation, or a non-fp32 dtype, answers from memory instead."""
+        if self._model is not None or self.decision.dtype != "fp32" or self.device != "cpu":
+            return super().logits_many(seqs)
+        from ...streaming import StreamedModel, logits
+
+        if self._streamed is None:
+            self._streamed = StreamedModel(self.path, adapter=self.adapter)
+        return logits(self.path, [ids for ids, _ in seqs], keep=[keep for _, keep in seqs], model=self._streamed)
+
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "path": str(self.path),
                 "adapter": str(self.adapter) if self.adapter else None, "dtype": self.decision.dtype,
                 "dtype_reason": self.decision.reason, "batch_size": self.batch_size}
 
     def close(self) -> None:
-        self.model = None
+        self._model = self._streamed = None
