@@ -429,11 +429,17 @@ def run(
     from_stage: str | None = None,
     to_stage: str | None = None,
     log: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> RunResult:
-    """Run (or continue) every stage of ``cfg``; return what ran and the manifest."""
+    """Run (or continue) every stage of ``cfg``; return what ran and the manifest. A stage that cannot
+    fit in this machine's memory is refused before the first stage starts (``force`` skips the check)."""
     for s in (from_stage, to_stage):
         if s and s not in STAGES:
             raise EdgetuneError(f"Unknown stage '{s}'.", fix=f"stages: {', '.join(STAGES)}")
+    if not force:
+        i, j = STAGES.index(from_stage) if from_stage else 0, STAGES.index(to_stage) if to_stage else len(STAGES) - 1
+        # imatrix is sized as its own row but runs inside export
+        check_fits(cfg, [*STAGES[i: j + 1], *(["imatrix"] if "export" in STAGES[i: j + 1] else [])])
     c = prepare_run(cfg)
     if log:
         c.log = log
@@ -520,10 +526,13 @@ class Plan:
     disk_bytes: int | None
     params: int | None
     notes: list[str]
+    stages_cost: Any = None  # edgetune.stageplan.StagePlan: each stage's memory, disk, time and fit
 
 
-def plan(cfg: RunConfig) -> Plan:
-    """What ``run(cfg)`` would do on this machine, without doing any of it."""
+
+def plan(cfg: RunConfig, target=None) -> Plan:
+    """What ``run(cfg)`` would do on this machine (or on ``target``, an edgetune.stageplan.Target),
+    without doing any of it."""
     notes: list[str] = []
     model_dir = resolve_model(cfg.model) if cfg.model else None
     have_model = bool(model_dir and (model_dir / "config.json").is_file())
@@ -566,7 +575,35 @@ def plan(cfg: RunConfig) -> Plan:
         if st.name == "align" and not cfg.align.enabled:
             status = "off (no align.data)"
         stages.append((st.name, st.help, {"done": "done (will be skipped if inputs are unchanged)"}.get(status, status or "will run")))
-    return Plan(cfg, stages, backend, reason, memory, disk, params, notes)
+    from . import stageplan
+
+    costs = stageplan.plan_stages(cfg, model_dir, target or stageplan.this_machine())
+    if costs is None:
+        notes.append("per-stage memory, disk and time need the model's config.json (or a model named in "
+                      "edgetune/stageplan.py KNOWN_MODELS)")
+    elif not have_model:
+        notes.append(f"sized from {costs.shape_source}: {cfg.model}")
+    return Plan(cfg, stages, backend, reason, memory, disk, params, notes, costs)
+
+
+def check_fits(cfg: RunConfig, stages: list[str] | None = None) -> None:
+    """Refuse, before any stage starts, a run whose stages cannot fit this machine's memory
+    (edgetune/stageplan.py), naming the numbers and the fix."""
+    from . import stageplan
+
+    model_dir = resolve_model(cfg.model) if cfg.model else None
+    done = {k for k, v in RunFolder(cfg.run_dir, cfg).manifest()["stages"].items() if v.get("status") == "done"}
+    stages = [s for s in (stages or [*STAGES, "imatrix"]) if s not in done and not (s == "imatrix" and "export" in done)]
+    try:
+        p = stageplan.plan_stages(cfg, model_dir, stageplan.this_machine(), stages=stages)
+    except EdgetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a sizing bug must not stop a run that may well fit
+        console.print(f"[yellow]warning: could not size the stages ({exc}); running without the memory check[/]")
+        return
+    bad = stageplan.refusal(p) if p else None
+    if bad:
+        raise EdgetuneError(f"This run cannot fit: {bad[0]}.", fix=bad[1])
 
 
 def replace(cfg: RunConfig, **top: Any) -> RunConfig:
@@ -574,6 +611,6 @@ def replace(cfg: RunConfig, **top: Any) -> RunConfig:
 
 
 __all__ = [
-    "STAGES", "RunResult", "Plan", "run", "plan", "load_recipe", "find_recipe", "load_run_config",
+    "STAGES", "RunResult", "Plan", "run", "plan", "check_fits", "load_recipe", "find_recipe", "load_run_config",
     "demo_data_path", "recipes_dir", "model_fingerprint",
 ]

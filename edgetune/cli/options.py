@@ -19,3 +19,17 @@ def json_option(f):
 
 def seed_option(f):
     return click.option("--seed", type=int, default=None, help="Random seed (default from the config).")(f)
+
+
+def target_options(f):
+    """--target NAME / --target-memory SIZE: size a plan for another machine (edgetune/stageplan.py TARGETS)."""
+    f = click.option("--target-memory", default=None, metavar="SIZE",
+                     help="Check the plan against this much memory (e.g. 16GB) instead of what is free here.")(f)
+    return click.option("--target", default=None, metavar="PROFILE",
+                        help="Check the plan against a machine profile: mac-16gb, mac-32gb, rtx-4090-24gb, ... "
+                             "(the TARGETS table in edgetune/stageplan.py).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True,
+                        help="Start even when the plan says it will not fit in memory.")(f)

@@ -8,6 +8,7 @@ import click
 
 from ..console import console, out
 from ..pipeline import STAGES
+from .options import force_option, json_option, target_options
 
 STAGE_CHOICE = click.Choice(STAGES)
 
@@ -24,17 +25,20 @@ def _set_option(f):
 @_set_option
 @click.option("--from", "from_stage", type=STAGE_CHOICE, default=None, help="Re-run this stage and every stage after it.")
 @click.option("--to", "to_stage", type=STAGE_CHOICE, default=None, help="Stop after this stage.")
-def run(recipe, overrides, from_stage, to_stage):
+@force_option
+def run(recipe, overrides, from_stage, to_stage, force):
     """Run every stage of RECIPE (a YAML file or a shipped recipe name), skipping what is done.
 
     data → train → fuse → export (f16 + quants) → Modelfile + check → eval → registry.
     An interrupted run continues where it stopped when you run the same command again.
+    A run whose stages cannot fit in this machine's memory is refused before it starts
+    (see `edgetune plan RECIPE`; --force starts anyway).
     """
     from .. import pipeline
 
     cfg = pipeline.load_recipe(recipe, list(overrides))
     t0 = time.time()
-    result = pipeline.run(cfg, from_stage=from_stage, to_stage=to_stage)
+    result = pipeline.run(cfg, from_stage=from_stage, to_stage=to_stage, force=force)
     print_summary(result, time.time() - t0)
 
 
@@ -142,20 +146,35 @@ def _metric_columns(metrics: dict, headline: str | None) -> list[tuple[str, str]
 @click.command("plan")
 @click.argument("recipe")
 @_set_option
-def plan(recipe, overrides):
-    """Show what RECIPE would do on this machine (stages, backend, memory, disk) without doing it."""
+@target_options
+@json_option
+def plan(recipe, overrides, target, target_memory, as_json):
+    """Show what RECIPE would do (stages, backend, and each stage's peak memory, disk and time) and
+    whether it fits this machine, or --target / --target-memory; nothing is loaded or written.
+
+    \b
+    Examples:
+      edgetune plan mac-lora-7b --target mac-16gb
+      edgetune plan cpu-lora-1b --target-memory 8GB
+    """
+    import json
+
     from rich.table import Table
 
-    from .. import pipeline
+    from .. import pipeline, stageplan
 
     cfg = pipeline.load_recipe(recipe, list(overrides))
-    p = pipeline.plan(cfg)
+    tgt = stageplan.resolve_target(target, target_memory)
+    p = pipeline.plan(cfg, tgt)
+    sp = p.stages_cost
+    if as_json:
+        out.print_json(json.dumps({"name": cfg.name, "model": cfg.model, "backend": p.backend, "notes": p.notes,
+                                   "stages": [list(s) for s in p.stages], **(sp.as_dict() if sp else {})}))
+        return
     out.print(f"[bold]{cfg.name}[/]: {cfg.model} → {cfg.run_dir}")
     t = Table(show_header=True, header_style="bold")
-    t.add_column("#", justify="right")
-    t.add_column("stage")
-    t.add_column("does")
-    t.add_column("status")
+    for col, just in (("#", "right"), ("stage", "left"), ("does", "left"), ("status", "left")):
+        t.add_column(col, justify=just)
     for i, (name, what, status) in enumerate(p.stages, 1):
         t.add_row(str(i), name, what, status)
     out.print(t)
@@ -165,17 +184,41 @@ def plan(recipe, overrides):
               f"seq {tr.max_seq_len or 'from the data'}, {steps}")
     if p.backend:
         out.print(f"backend:  {p.backend} — {p.backend_reason}")
-    if p.params:
-        out.print(f"model:    {p.params / 1e6:,.0f}M parameters")
-    if isinstance(p.memory, dict) and p.memory:
-        m = p.memory
-        fits = {True: "[green]fits[/]", False: "[red]does NOT fit[/]", None: "?"}.get(m.get("fits"))
-        out.print(f"memory:   ~{m.get('total_gb')} GB to train (weights {m.get('weights_gb')}, optimizer {m.get('optimizer_gb')}, "
-                  f"activations {m.get('activations_gb')}); available {m.get('available_gb')} GB: {fits}")
-        if p.params:
-            out.print(f"          ~{p.params * 2 / 1e9 * 1.2:.1f} GB to fuse and export (bf16 weights, streamed conversion)")
-    if p.disk_bytes:
-        out.print(f"disk:     ~{p.disk_bytes / 1e9:.2f} GB (fused model, {', '.join([cfg.export.outtype, *cfg.export.quants])} GGUFs, checkpoints)")
+    if sp:
+        print_stage_costs(sp)
     for n in p.notes:
         out.print(f"[yellow]note:[/] {n}")
     out.print(f"run it:   edgetune run {recipe}" + "".join(f" --set {o}" for o in overrides))
+
+
+def print_stage_costs(sp) -> None:
+    """The per-stage table of edgetune.stageplan: peak memory, disk, time, fit; then the fixes."""
+    from rich.table import Table
+
+    from ..stageplan import fmt_seconds
+
+    tg = sp.target
+    out.print(f"model:    {sp.params / 1e9:.2f}B parameters (shape from {sp.shape_source})")
+    dev = {"mlx": "MLX (unified memory)", "cuda": "CUDA", "cpu": "CPU"}[tg.device]
+    out.print(f"target:   {tg.name} — {tg.note}; training on {dev}, {tg.usable_gb:.1f} GB usable"
+              + ("" if tg.device != "cuda" else f", {tg.host_usable_gb:.1f} GB host RAM for the other stages"))
+    t = Table(show_header=True, header_style="bold", title="estimated cost per stage (an estimate: ±15% for training, "
+              "conservative elsewhere)", title_justify="left")
+    for col in ("stage", "peak memory", "disk", "time", "fits"):
+        t.add_column(col, justify="right" if col in ("peak memory", "disk", "time") else "left", no_wrap=True)
+    for c in sp.costs:
+        fit = {True: "[green]yes[/]", False: f"[red]NO (> {c.limit_bytes / 1e9:.1f} GB)[/]", None: "?"}[c.fits]
+        t.add_row(c.stage, f"{c.peak_gb:.2f} GB", f"{c.disk_bytes / 1e9:.2f} GB", fmt_seconds(c.seconds), fit)
+    out.print(t)
+    for c in sp.costs:
+        out.print(f"  {c.stage:<8} peak: {c.how}", soft_wrap=True, highlight=False)
+    disk = sum(c.disk_bytes for c in sp.costs)
+    secs = [c.seconds for c in sp.costs if c.seconds is not None]
+    out.print(f"total:    ~{disk / 1e9:.1f} GB of disk, ~{fmt_seconds(sum(secs))} (time from FLOPs / "
+              f"{tg.gflops:,.0f} GFLOP/s training throughput: an estimate)")
+    for c in sp.costs:
+        if c.fits is False:
+            out.print(f"[red]{c.stage} does not fit[/]: ~{c.peak_gb:.1f} GB needed, {c.limit_bytes / 1e9:.1f} GB usable. Fix: "
+                      + "; or ".join(c.fixes or ["a machine with more memory"]), soft_wrap=True)
+    if sp.fits:
+        out.print("[green]every stage fits[/]")
