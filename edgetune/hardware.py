@@ -121,3 +121,20 @@ def memory_gb() -> tuple[float, float]:
 
     vm = psutil.virtual_memory()
     return vm.total / 1e9, vm.available / 1e9
+
+
+def require_free_disk(path, need_bytes: float, what: str, fix: str) -> None:
+    """Refuse before writing ``what`` (~``need_bytes``) into the folder of ``path`` when the disk there
+    has less free space (with 5% and 100 MB to spare); the error names both numbers and ``fix``."""
+    from pathlib import Path
+
+    from .errors import EdgetuneError
+
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need_bytes * 1.05 + 100e6 > free:
+        raise EdgetuneError(
+            f"Not enough disk space for {what}: ~{need_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free at {folder}.",
+            where=str(Path(path)), fix=fix)

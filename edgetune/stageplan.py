@@ -489,9 +489,13 @@ def _cost_eval(i: Inputs) -> Cost:
     fixes = [f"eval the base and tuned models on the {i.cfg.export.outtype} GGUF (llama.cpp) instead of the hf runner",
              "eval.dtype: bfloat16 (half of float32)" if dtype == "float32" else "eval.batch_size: 1"]
     if hf > limit:
-        alt = gguf(i.cfg.export.outtype)
-        peak, how = alt, (f"hf runner would need {hf / GB:.1f} GB: base/tuned on llama.cpp over the "
-                          f"{i.cfg.export.outtype} GGUF ({'resident' if resident else 'mmapped'})")
+        # the GGUF runner on the unquantized export, else on a q8_0 one when the run exports it (issue 24)
+        kinds = [i.cfg.export.outtype] + (["q8_0"] if "q8_0" in i.cfg.export.quants else [])
+        kind = next((k for k in kinds if gguf(k) <= limit), kinds[-1])
+        peak, how = gguf(kind), (f"hf runner would need {hf / GB:.1f} GB: base/tuned on llama.cpp over the "
+                                 f"{kind} GGUF ({'resident' if resident else 'mmapped'})")
+        if "q8_0" not in kinds:
+            fixes.insert(0, "add q8_0 to export.quants: base/tuned then run on the q8_0 GGUF (half of f16)")
     if ev.drift_reference:
         d = _stream_peak(i, 2048, 2048)
         if d > peak:
@@ -641,6 +645,18 @@ def plan_stages(cfg, model_dir: Path | None, target: Target, *, train_tokens: fl
     if tokens is None:
         notes.append("train time unknown: set train.iters, or point data.path at the data")
     return StagePlan(target, source, params, costs, tokens, notes)
+
+
+def train_cost(model_dir: Path, tcfg, target: Target, tokens: float | None) -> Cost:
+    """The train row alone (``edgetune train --dry-run`` and its refusal), with its fit verdict."""
+    from .config import RunConfig
+
+    cfg = RunConfig(model=str(model_dir), train=tcfg)
+    inp = Inputs(Path(model_dir), cfg, target, _count_params(Path(model_dir)), tokens, 0.0, 0)
+    c = _train_cost(inp, tcfg, "train")
+    c.limit_bytes = target.usable_gb * GB
+    c.fits = c.peak_bytes <= c.limit_bytes
+    return c
 
 
 def refusal(p: StagePlan) -> tuple[str, str] | None:

@@ -249,7 +249,7 @@ def test_cli_dry_run_prints_memory_estimate(tiny_llama_dir, small_data, tmp_path
     info = json.loads(r.output)
     mem = info["memory"]
     assert info["backend"] in ("torch", "mlx") and mem["total_gb"] > 0
-    assert mem["total_gb"] == pytest.approx(sum(mem[k] for k in ("weights_gb", "adapter_gb", "optimizer_gb", "activations_gb")), abs=0.01)
+    assert mem["total_gb"] == pytest.approx(sum(mem[k] for k in ("runtime_gb", "weights_gb", "adapter_gb", "optimizer_gb", "activations_gb")), abs=0.01)
     assert not (tmp_path / "o").exists()
 
 

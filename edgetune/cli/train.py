@@ -8,7 +8,7 @@ import os
 import click
 
 from ..config import CHOICES
-from .options import json_option, model_option, output_option, seed_option
+from .options import force_option, json_option, model_option, output_option, seed_option, target_options
 
 
 @click.command("train")
@@ -59,9 +59,13 @@ from .options import json_option, model_option, output_option, seed_option
 @click.option("--chat-template", default=None, help="Template file or family name for models without one.")
 @seed_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
-@click.option("--dry-run", is_flag=True, help="Print the backend, max_seq_len, what a step holds, the epochs and a memory estimate; load no model.")
+@click.option("--dry-run", is_flag=True, help="Print the backend, max_seq_len, what a step holds, the epochs, a memory and time "
+              "estimate and whether it fits (this machine, or --target / --target-memory); load no model.")
+@target_options
+@force_option
 @json_option
-def train(model, data_dir, output, recipe, section, chat_template, resume, dry_run, as_json, target_modules, **flags):
+def train(model, data_dir, output, recipe, section, chat_template, resume, dry_run, as_json, target_modules,
+          target, target_memory, force, **flags):
     """Fine-tune MODEL on prepared DATA; writes OUTPUT/adapter (PEFT format) and friends.
 
     \b
@@ -91,17 +95,35 @@ def train(model, data_dir, output, recipe, section, chat_template, resume, dry_r
     from ..train import preflight, sizing
 
     choice = preflight(model, data_dir, cfg)
-    if dry_run:
+    if dry_run or not force:
+        from ..stageplan import fmt_seconds, resolve_target, train_cost
+
         cfg, plan = sizing.size(model, data_dir, cfg, choice.backend, chat_template=chat_template)
+        tgt = resolve_target(target, target_memory)
+        tokens = plan.steps * plan.tokens_per_step
+        cost = train_cost(model, cfg, tgt, tokens)
+        if not dry_run and not cost.fits:
+            from ..errors import EdgetuneError
+
+            raise EdgetuneError(
+                f"Training needs ~{cost.peak_gb:.1f} GB ({cost.how}); {tgt.name} offers {cost.limit_bytes / 1e9:.1f} GB.",
+                fix="; or ".join(cost.fixes[:3]) + " — or --force to try anyway")
+    if dry_run:
         est = plan.memory
         if as_json:
-            info = {"backend": choice.backend, "device": choice.device, "reason": choice.reason, **plan.as_dict()}
+            info = {"backend": choice.backend, "device": choice.device, "reason": choice.reason, **plan.as_dict(),
+                    "plan": cost.as_dict()}
             out.print_json(json.dumps(info))
             return
         out.print(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
         sizing.announce(plan, out)
         for k, v in est.items():
             out.print(f"  {k:20s} {v}")
+        fit = "[green]fits[/]" if cost.fits else "[red]does NOT fit[/]"
+        out.print(f"plan: ~{cost.peak_gb:.2f} GB peak vs {cost.limit_bytes / 1e9:.1f} GB usable on {tgt.name}: {fit}; "
+                  f"~{fmt_seconds(cost.seconds)} for {tokens:,} tokens (an estimate from FLOPs)", soft_wrap=True)
+        if not cost.fits:
+            out.print("fix: " + "; or ".join(cost.fixes), soft_wrap=True)
         return
 
     from ..train import train as run_train

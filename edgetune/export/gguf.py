@@ -350,6 +350,11 @@ def convert(
     embed = reader.refs.get("model.embed_tokens.weight")
     n_vocab = int(embed.shape[0]) if embed is not None else int(cfg["vocab_size"])
 
+    from ..hardware import require_free_disk
+
+    n_values = sum(math.prod(p.shape) for p in plans)
+    require_free_disk(out_path, n_values * QTYPES[outtype].bits / 8, f"the {outtype} GGUF",
+                      "free space there, write elsewhere (-o), or choose a smaller --outtype (q8_0 is about half of f16)")
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, arch.gguf_arch)
         try:

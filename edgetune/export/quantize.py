@@ -105,6 +105,11 @@ def quantize(in_gguf, out_gguf, qtype: str, imatrix=None, *, nthread: int | None
         keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     out = Path(out_gguf)
+    from ..hardware import require_free_disk
+
+    # the source is f16/bf16 (2 bytes a weight; an f32 source only makes this figure larger)
+    require_free_disk(out, src.stat().st_size / 2 * QTYPES[q].bits / 8, f"the {q} GGUF",
+                      "free space there, or quantize into another folder")
     with atomic_path(out) as tmp, _quiet(verbose):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
