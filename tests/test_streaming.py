@@ -103,3 +103,31 @@ def test_estimate_grows_with_the_block_not_the_model(tiny_llama_dir, tmp_path, t
     a = streaming.estimate_peak(tiny_llama_dir, tokens=100)
     b = streaming.estimate_peak(deeper, tokens=100)
     assert a["block"] == b["block"] and a["total"] == b["total"]
+
+
+def test_measuring_llama_contexts_do_not_repack(monkeypatch):
+    """Verification and drift load llama.cpp without its repacked weight copy, unless asked."""
+    import llama_cpp.llama_cpp as C
+
+    from edgetune.export.verify import measure_repack, model_params
+
+    assert C.llama_model_default_params().use_extra_bufts  # llama.cpp's default: repack
+    with model_params(False):
+        assert not C.llama_model_default_params().use_extra_bufts
+    assert C.llama_model_default_params().use_extra_bufts  # restored
+    assert not measure_repack()
+    monkeypatch.setenv("EDGETUNE_LLAMA_REPACK", "1")
+    assert measure_repack()
+
+
+def test_gguf_runner_scoring_only_keeps_one_model(tiny_tools_model):
+    from edgetune.eval.runners.gguf import GGUFRunner
+
+    _, gguf = tiny_tools_model
+    r = GGUFRunner(str(gguf), n_ctx=128)
+    try:
+        out = r.logits_many([([1, 504, 3458, 314], slice(1, 3))])
+        assert out[0].shape == (2, r.vocab_size)
+        assert r.llm is r._scorer  # the generation context was closed, not kept beside it
+    finally:
+        r.close()

@@ -18,6 +18,8 @@ with a note.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +160,42 @@ def drift_text(rows: list[DriftRow]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool = True):
+# llama.cpp's CPU backend may copy quantized weights (q4_0, q4_K, iq4_nl) into "repacked" buffers
+# for faster kernels: a second, anonymous copy of the model beside the mmapped file (0.45 GB for a
+# 1.2B q4_k_m; 4+ GB at 8B) that bought no prefill speed where measured (1.2B q4_k_m, 200 tokens,
+# 2.43 s vs 2.45 s). The contexts that *measure* (verification, drift, --quant auto, scoring) load
+# without it so the weights stay page cache; generation and serving keep llama.cpp's default.
+# EDGETUNE_LLAMA_REPACK=1 measures with it (logits then come from the repacked kernels).
+def measure_repack() -> bool:
+    return os.environ.get("EDGETUNE_LLAMA_REPACK", "0") == "1"
+
+
+@contextmanager
+def model_params(repack: bool):
+    """llama-cpp-python's ``Llama`` takes no ``use_extra_bufts``: while the context is open, the
+    default model parameters it starts from carry ``repack``."""
+    import llama_cpp.llama_cpp as C
+
+    orig = C.llama_model_default_params
+    if repack:
+        yield
+        return
+
+    def params():
+        p = orig()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_model_default_params = orig
+
+
+def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool = True, repack: bool | None = None):
+    """A llama.cpp model for measuring (``repack`` None: :func:`measure_repack`)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -166,7 +203,8 @@ def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool 
 
     kw = {"lora_path": str(lora_path)} if lora_path else {}
     try:
-        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
+        with model_params(measure_repack() if repack is None else repack):
+            return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
     except ValueError as exc:
         raise EdgetuneError(
             f"llama.cpp could not load {Path(gguf_path).name}{' with adapter ' + Path(lora_path).name if lora_path else ''}: {exc}",

@@ -48,6 +48,7 @@ class GGUFRunner(Runner):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or 2
         self.llm = self._load(logits_all=False)
+        self._generated = False
         self.vocab_size = self.llm.n_vocab()
         self._scorer = None  # a second context with logits for every position, made on first use
         self._init_template(chat_template)
@@ -55,10 +56,14 @@ class GGUFRunner(Runner):
     def _load(self, logits_all: bool):
         from llama_cpp import Llama
 
+        from ...export.verify import measure_repack, model_params
+
         kw = {"lora_path": str(self.adapter)} if self.adapter else {}
         try:
-            return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False,
-                         logits_all=logits_all, **kw)
+            # the scoring context measures: no repacked copy of the weights (export/verify.py)
+            with model_params(measure_repack() or not logits_all):
+                return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False,
+                             logits_all=logits_all, **kw)
         except (ValueError, RuntimeError) as exc:
             raise EdgetuneError(f"llama.cpp could not load {self.path.name}: {exc}", where=str(self.path),
                                 fix="check the file is a complete GGUF (re-run the export) and the adapter matches it") from None
@@ -99,6 +104,7 @@ class GGUFRunner(Runner):
         from llama_cpp import llama_cpp as C
 
         timer = Timer()
+        self._generated = True
         ids = self.tokenize(self.render(messages, True, tools))
         if len(ids) + 1 >= self.n_ctx:
             raise EdgetuneError(f"Prompt of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.",
@@ -139,6 +145,9 @@ class GGUFRunner(Runner):
             raise EdgetuneError(f"Sequence of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.", fix="raise eval n_ctx")
         if self._scorer is None:
             self._scorer = self._load(logits_all=True)
+            if not self._generated:  # scoring only (drift): one model in memory, not two
+                self.llm.close()
+                self.llm = self._scorer
         from ...export.verify import gguf_logits
 
         return gguf_logits(self._scorer, [list(ids)])[0]
@@ -149,7 +158,6 @@ class GGUFRunner(Runner):
                 "file_type": self.llm.metadata.get(Keys.General.FILE_TYPE)}
 
     def close(self) -> None:
-        for llm in (self.llm, self._scorer):
-            if llm is not None:
-                llm.close()
+        for llm in {id(x): x for x in (self.llm, self._scorer) if x is not None}.values():
+            llm.close()
         self._scorer = None
