@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.report_to": ("none", "tensorboard", "wandb"),
     "export.outtype": OUTTYPES,  # the GGUF types table (export/qtypes.py)
     "eval.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "eval.runner": ("auto", "hf", "gguf"),
 }
 
 
@@ -238,6 +239,9 @@ class EvalConfig:
     n_ctx: int = 2048  # llama.cpp context for gguf runners
     batch_size: int | None = None  # conversations generated together (hf); None = edgetune.precision's choice; latency is then per batch
     dtype: str = "auto"  # hf runner dtype; auto = edgetune.precision's choice for this device (see doctor)
+    # the run's base/tuned rows: auto = the hf runner when its whole model fits the memory available,
+    # else llama.cpp over a GGUF (edgetune/eval/fit.py); an 8B model in fp32 is 32 GB
+    runner: str = "auto"
     chat_template: str | None = None  # template file / family for models without one
     # preference pairs (prompt/chosen/rejected): each logit runner's accuracy at ranking chosen above
     # rejected (summed completion log-probs). None = the run's align test split (runs with align:)

@@ -247,14 +247,17 @@ def _eval_inputs(c: Ctx) -> dict:
 
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
-    specs = c.run.eval_specs()
+    from .eval.fit import run_specs
+
+    specs, rows = run_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
     pref = c.run.preference_data
     cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
     report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
-                      baseline=c.cfg.eval.baseline or "base")
+                      baseline=c.cfg.eval.baseline or "base", runner_choice=rows.as_dict())
     gates = report.get("gates") or {}
     summary = {
         "specs": specs,
+        "runner_choice": rows.as_dict(),
         "headline": report.get("headline"),
         "n_examples": report.get("n_examples"),
         "metrics": report_metrics(report),

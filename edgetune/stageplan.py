@@ -475,8 +475,9 @@ def _cost_eval(i: Inputs) -> Cost:
         dtype = "bfloat16" if i.target.device in ("cuda", "mlx") else _eval_dtype()
     bytes_per = 4.0 if dtype == "float32" else 2.0
     batch = ev.batch_size or 8
-    ctx = min(ev.n_ctx, 2048)
-    hf = RUNTIME + i.params * bytes_per + _kv_bytes(s, batch * ctx, bytes_per) + batch * 64 * s["vocab"] * 4.0
+    from .eval.fit import hf_runner_bytes
+
+    hf = hf_runner_bytes(i.model_dir, dtype, batch)  # what the run's eval stage decides on (eval/fit.py)
     quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != "auto"), "q4_k_m")
     resident = i.target.device != "cpu"  # Metal / CUDA hold the file in GPU memory; CPU llama.cpp mmaps it
 

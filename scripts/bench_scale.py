@@ -7,6 +7,7 @@ ollama check, eval drift and fuse, on random-weight Llama-shaped models of real 
     python scripts/bench_scale.py --sizes 1.2b --stages export,imatrix
     python scripts/bench_scale.py --sizes 8b --ladder q8_0,q4_k_m     # the 8B shape (14 GB of disk per copy)
     python scripts/bench_scale.py --llama-cpp-converter PATH/convert_hf_to_gguf.py   # llama.cpp's own, side by side
+                                  # (e.g. vendor/llama.cpp/ of the llama-cpp-python sdist of the installed version)
 
 Each stage is the CLI command a user runs, measured by ../shared/tools/peakmem (or --peakmem):
 anonymous memory is what must fit in RAM; file-backed pages (mmapped safetensors / GGUF) are page
@@ -45,7 +46,7 @@ SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),  # Llama-3.1-8B blocks
 }
-STAGES = ["export", "imatrix", "quantize", "auto", "ollama", "drift", "fuse"]
+STAGES = ["convert", "export", "imatrix", "quantize", "auto", "ollama", "drift", "fuse"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja")
 
@@ -162,6 +163,7 @@ def bench_size(size: str, args, demo: Path, peakmem: str) -> dict:
     g.mkdir(exist_ok=True)
     f16, q4, im = g / "m-f16.gguf", g / "m-q4_k_m.gguf", g / "imatrix.gguf"
     cmds = {
+        "convert": edgetune("export", "gguf", str(model), "-o", str(g / "noverify-f16.gguf"), "--type", "f16", "--no-verify"),
         "export": edgetune("export", "gguf", str(model), "-o", str(f16), "--type", "f16"),
         "imatrix": edgetune("export", "imatrix", str(model), "--calib", str(calib), "-o", str(im),
                             "--max-tokens", str(args.imatrix_tokens)),
@@ -198,8 +200,16 @@ def bench_size(size: str, args, demo: Path, peakmem: str) -> dict:
               f"{r.get('wall_s', 0):7.1f} s  {status}", flush=True)
         if st == "auto":
             shutil.rmtree(w / "auto", ignore_errors=True)  # its f16 copy and the ladder: disk, not data
+        if st == "convert":
+            (g / "noverify-f16.gguf").unlink(missing_ok=True)
     if args.llama_cpp_converter:
-        cmd = [sys.executable, args.llama_cpp_converter, str(model), "--outfile", str(g / "llamacpp-f16.gguf"), "--outtype", "f16"]
+        conv = Path(args.llama_cpp_converter)
+        if conv.suffix == ".py":  # a llama.cpp checkout: its gguf-py and conversion/ beside the script
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(conv.parent / "gguf-py"), str(conv.parent)])
+            cmd = [sys.executable, str(conv)]
+        else:
+            cmd = [str(conv)]
+        cmd += [str(model), "--outfile", str(g / "llamacpp-f16.gguf"), "--outtype", "f16"]
         r = measure(cmd, peakmem, w / "llamacpp_convert.log")
         r["anon_x_bf16"] = r.get("anon_gb", 0) / out["bf16_gb"]
         out["stages"]["llama.cpp convert"] = r
@@ -235,7 +245,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def readme_table(results: list[dict]) -> str:
-    stages = [s for s in [*STAGES, "llama.cpp convert"] if any(s in r["stages"] for r in results)]
+    order = ["convert", "llama.cpp convert", *STAGES[1:]]
+    stages = [s for s in order if any(s in r["stages"] for r in results)]
     head = "| stage | " + " | ".join(f"{r['size']} ({r['bf16_gb']:.2f} GB bf16)" for r in results) + " |"
     lines = [head, "|---|" + "---|" * len(results)]
     for st in stages:

@@ -295,3 +295,38 @@ def test_align_stage_equals_train_command_and_fuse(aligned_run, tmp_path):
         np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), rtol=0, atol=1e-6, err_msg=k)
     _cli("fuse", "--base", run.sft_model_dir, "--adapter", run.align_adapter_dir, "-o", tmp_path / "fused")
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (run.fused_dir / "model.safetensors").read_bytes()
+
+
+def test_eval_rows_move_to_a_gguf_when_the_hf_runner_does_not_fit(done_run, tmp_path, monkeypatch):
+    """Less memory than the hf runner needs: base and tuned are evaluated on llama.cpp over f16
+    GGUFs (the base converted under RUN/eval/), and the report says so and why."""
+    from edgetune import hardware
+
+    run, _ = done_run
+    monkeypatch.setattr(hardware, "memory_gb", lambda: (1.0, 0.2))  # 0.2 GB free: the runtime alone is 0.3
+    _cli("eval", run.root, "-o", tmp_path, "--limit", "1")
+    report = read_json(tmp_path / "report.json")
+    specs = {m["name"]: m["spec"] for m in report["models"]}
+    assert specs["base"] == f"base=gguf:{run.eval_dir / 'base-f16.gguf'}"
+    assert specs["tuned"] == f"tuned=gguf:{run.gguf('f16')}"
+    assert report["runner_choice"]["runner"] == "gguf" and report["runner_choice"]["gguf_type"] == "f16"
+    assert "would need" in report["runner_choice"]["reason"]
+    assert "Runner for the run's models: **gguf** (f16 GGUF)" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_runner_choice_follows_the_switches(tiny_llama_dir):
+    from edgetune.config import RunConfig
+    from edgetune.eval.fit import choose
+
+    cfg = RunConfig(model=str(tiny_llama_dir))
+    assert choose(cfg, tiny_llama_dir, available_bytes=100e9).kind == "hf"
+    small = choose(cfg, tiny_llama_dir, available_bytes=0.2e9)
+    assert (small.kind, small.gguf_type) == ("gguf", "f16")
+    cfg.eval.runner = "hf"
+    assert choose(cfg, tiny_llama_dir, available_bytes=0.2e9).kind == "hf"  # forced: the user's call
+    cfg.eval.runner = "gguf"
+    assert choose(cfg, tiny_llama_dir, available_bytes=100e9).kind == "gguf"
+    cfg.eval.runner, cfg.eval.dtype = "auto", "float32"
+    assert choose(cfg, tiny_llama_dir, available_bytes=0.2e9).kind == "hf"  # an explicit dtype means hf
+    tiny_f16 = 2 * 3.3e6  # the tiny model's f16 file: with less than that usable, q8_0
+    assert choose(RunConfig(model=str(tiny_llama_dir)), tiny_llama_dir, available_bytes=tiny_f16).gguf_type == "q8_0"

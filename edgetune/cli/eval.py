@@ -82,6 +82,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     from ..eval.gates import describe, parse_gate_args
 
     cfg = _load_cfg(recipe)
+    runner_choice = None
     if run_dir:  # the run folder supplies what the flags do not
         from ..runfolder import RunFolder
 
@@ -91,7 +92,11 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
         data_path = data_path or cfg.data or str(run.require(run.split("test"), "data"))
         if not models:
             run.require(run.fused_dir, "fuse")
-            models = tuple(f"{k}={v}" for k, v in run.eval_specs().items())
+            from ..eval.fit import run_specs
+
+            specs, rows = run_specs(run)
+            models = tuple(f"{k}={v}" for k, v in specs.items())
+            runner_choice = rows.as_dict()
             baseline = baseline or cfg.baseline or "base"  # what the run's eval stage compares against
         out_dir = out_dir or str(run.eval_dir)
         pref = run.preference_data
@@ -108,7 +113,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
                    regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,
                    chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression)
-    report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline)
+    report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline, runner_choice=runner_choice)
     if as_json:
         out.print_json(json.dumps({"models": report["models"], "deltas": report["deltas"], "gates": report["gates"],
                                    "drift": report.get("drift")}, default=str))

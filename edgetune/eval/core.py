@@ -177,11 +177,12 @@ def resolve_baseline(baseline: str | None, models: list[dict]) -> str:
 
 
 def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None = None, baseline: str | None = None,
-             *, write: bool = True) -> dict:
+             *, write: bool = True, runner_choice: dict | None = None) -> dict:
     """Evaluate every model on the task set (and the regression set), write report.{json,md,html}.
 
     ``baseline`` (a model name or spec; default ``cfg.baseline`` or the first model) is what
-    deltas and ``max_regression`` gates compare against. Returns the report dict; its
+    deltas and ``max_regression`` gates compare against. ``runner_choice`` (eval/fit.py: which runner
+    a run's rows use and why) is recorded in the report. Returns the report dict; its
     ``gates.passed`` says whether every gate held.
     """
     from .gates import check_gates
@@ -247,6 +248,8 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
         "examples": examples_table(sets_def, per_example),
         "seconds": round(time.time() - t0, 1),
     }
+    if runner_choice:
+        report["runner_choice"] = runner_choice
     if pairs:
         report["n_examples"]["preference"] = len(pairs)
         report["preference"] = {"data": str(cfg.preference_data), "n_pairs": len(pairs),

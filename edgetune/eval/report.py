@@ -121,6 +121,10 @@ def to_markdown(report: dict, worst: int = 5) -> str:
                + f" · baseline: **{base}** · headline metric: **{report['headline']}** · {report['seconds']}s")
     out.append("")
     out.append(_md_table(["model", "spec"], [[m["name"], f"`{m['spec']}`"] for m in models]))
+    if report.get("runner_choice"):
+        rc = report["runner_choice"]
+        out += ["", f"Runner for the run's models: **{rc['runner']}**" + (f" ({rc['gguf_type']} GGUF)" if rc.get("gguf_type") else "")
+                + f" — {rc['reason']}."]
     out += ["", "## Metrics", ""]
     keys = metric_order(report)
     out.append(_md_table(["metric"] + names, [[k] + [fmt(k, m["metrics"].get(k)) for m in models] for k in keys]))

@@ -47,23 +47,32 @@ class GGUFRunner(Runner):
                                 fix="export the adapter with `edgetune export adapter --base MODEL_DIR --adapter ADAPTER_DIR -o LORA.gguf`")
         self.n_ctx = n_ctx
         self.n_threads = n_threads or 2
-        self.llm = self._load(logits_all=False)
-        self._generated = False
-        self.vocab_size = self.llm.n_vocab()
-        self._scorer = None  # a second context with logits for every position, made on first use
+        # weights load on first use, by what is asked: generation (llama.cpp's defaults) or scoring
+        # (logits at every position, no repacked weight copy: export/verify.py); drift never loads
+        # the generation context. The vocabulary alone answers tokenizing and the chat template.
+        self.vocab = self._load(logits_all=False, vocab_only=True)
+        self._llm = self._scorer = None
+        self.vocab_size = self.vocab.n_vocab()
         self._init_template(chat_template)
 
-    def _load(self, logits_all: bool):
+    @property
+    def llm(self):
+        """The generation context."""
+        if self._llm is None:
+            self._llm = self._load(logits_all=False)
+        return self._llm
+
+    def _load(self, logits_all: bool, vocab_only: bool = False):
         from llama_cpp import Llama
 
+        from ...export.quantize import _quiet
         from ...export.verify import measure_repack, model_params
 
-        kw = {"lora_path": str(self.adapter)} if self.adapter else {}
+        kw = {"lora_path": str(self.adapter)} if self.adapter and not vocab_only else {}
         try:
-            # the scoring context measures: no repacked copy of the weights (export/verify.py)
-            with model_params(measure_repack() or not logits_all):
+            with model_params(measure_repack() or not logits_all), _quiet(verbose=False):
                 return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False,
-                             logits_all=logits_all, **kw)
+                             logits_all=logits_all, vocab_only=vocab_only, **kw)
         except (ValueError, RuntimeError) as exc:
             raise EdgetuneError(f"llama.cpp could not load {self.path.name}: {exc}", where=str(self.path),
                                 fix="check the file is a complete GGUF (re-run the export) and the adapter matches it") from None
@@ -71,7 +80,7 @@ class GGUFRunner(Runner):
     def _init_template(self, chat_template: str | None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = chat_template or self.llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
+        template = chat_template or self.vocab.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
         if chat_template:
             from ...data.template import resolve_chat_template
 
@@ -79,8 +88,8 @@ class GGUFRunner(Runner):
         if not template:
             raise EdgetuneError(f"{self.path.name} has no chat template in its metadata.", where=str(self.path),
                                 fix="pass a chat template (eval --chat-template FILE|FAMILY) or re-export with one")
-        m = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        m = self.vocab._model
+        eos, bos = self.vocab.token_eos(), self.vocab.token_bos()
         self.eos_text = m.token_get_text(eos) if eos != -1 else ""
         bos_text = m.token_get_text(bos) if bos != -1 else ""
         self._fmt = {
@@ -98,13 +107,12 @@ class GGUFRunner(Runner):
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # add_special follows the GGUF's tokenizer.ggml.add_bos_token, as llama-server does
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+        return self.vocab.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
     def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:
         from llama_cpp import llama_cpp as C
 
         timer = Timer()
-        self._generated = True
         ids = self.tokenize(self.render(messages, True, tools))
         if len(ids) + 1 >= self.n_ctx:
             raise EdgetuneError(f"Prompt of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.",
@@ -145,9 +153,6 @@ class GGUFRunner(Runner):
             raise EdgetuneError(f"Sequence of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.", fix="raise eval n_ctx")
         if self._scorer is None:
             self._scorer = self._load(logits_all=True)
-            if not self._generated:  # scoring only (drift): one model in memory, not two
-                self.llm.close()
-                self.llm = self._scorer
         from ...export.verify import gguf_logits
 
         return gguf_logits(self._scorer, [list(ids)])[0]
@@ -155,9 +160,10 @@ class GGUFRunner(Runner):
     def info(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "path": str(self.path),
                 "adapter": str(self.adapter) if self.adapter else None,
-                "file_type": self.llm.metadata.get(Keys.General.FILE_TYPE)}
+                "file_type": self.vocab.metadata.get(Keys.General.FILE_TYPE)}
 
     def close(self) -> None:
-        for llm in {id(x): x for x in (self.llm, self._scorer) if x is not None}.values():
-            llm.close()
-        self._scorer = None
+        for llm in (self.vocab, self._llm, self._scorer):
+            if llm is not None:
+                llm.close()
+        self.vocab = self._llm = self._scorer = None
