@@ -418,12 +418,13 @@ def _cost_export(i: Inputs) -> Cost:
 
         ladder = e.ladder or list(LADDER)
         disk = out + sum(_gguf_bytes(i, q) for q in ladder)
-        # each candidate is quantized, then run by llama.cpp beside the f16 file (mmapped) on held-out texts
-        q_peak = RUNTIME + max(_gguf_bytes(i, q) for q in ladder) + 2 * LLAMA_CTX
+        # each candidate is quantized, then run by llama.cpp beside the f16 file on held-out texts; both
+        # stay mmapped (measuring contexts keep no repacked copy of the weights: export/verify.py)
+        q_peak = RUNTIME + 2 * LLAMA_CTX
         heldout = 4096
         seconds += len(ladder) * (i.params / QUANT_PARAMS_PER_S + 2 * 2.0 * i.params * heldout / (i.target.gflops * 1e9))
         if q_peak > peak:
-            peak, how = q_peak, f"quant auto: a quantized candidate repacked in memory (llama.cpp on CPU) while {len(ladder)} types are measured"
+            peak, how = q_peak, f"quant auto: two llama.cpp contexts on mmapped GGUFs while {len(ladder)} types are measured"
         fixes.append("export.quants: [q4_k_m] (one type instead of the auto ladder)")
     else:
         disk = out + sum(_gguf_bytes(i, q) for q in quants)

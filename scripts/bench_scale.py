@@ -294,6 +294,9 @@ def main() -> int:
         res = bench_size(size, args, demo, args.peakmem)
         res["cpu"], res["load_avg_start"] = cpu, os.getloadavg()[0]
         results.append(res)
+        old = next((r for r in prev["results"] if r["size"] == size), None)
+        if old:  # stages of this size measured earlier and not now stay
+            res = {**res, "stages": {**old["stages"], **res["stages"]}}
         kept = [r for r in prev["results"] if r["size"] != size]  # other sizes from earlier runs stay
         prev = {"results": sorted([*kept, res], key=lambda r: r["params"])}
         path.write_text(json.dumps(prev, indent=2))

@@ -131,3 +131,24 @@ def test_gguf_runner_scoring_only_keeps_one_model(tiny_tools_model):
         assert r._llm is None  # scoring never loaded the generation context (nor its repacked weights)
     finally:
         r.close()
+
+
+# peak anonymous memory of `edgetune export imatrix` over 1,000 tokens on random-weight Llama shapes
+# with the demo vocabulary (scripts/bench_scale.py, shared/tools/peakmem, Intel Xeon, 2026-12-06)
+MEASURED_IMATRIX_GB = {
+    (576, 30, 1536, 9, 3): 0.44,  # 135M
+    (2048, 16, 8192, 32, 8): 0.80,  # 1.17B
+    (3072, 28, 8192, 24, 8): 0.97,  # 3.1B
+}
+
+
+@pytest.mark.parametrize("shape", list(MEASURED_IMATRIX_GB), ids=["135m", "1.2b", "3b"])
+def test_estimate_matches_measured_streamed_peaks(tmp_path, shape):
+    import json
+
+    h, layers, inter, heads, kv = shape
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": h, "num_hidden_layers": layers, "intermediate_size": inter,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 49152}))
+    est = streaming.estimate_peak(tmp_path, tokens=1000)["total"] / 1e9
+    assert abs(est - MEASURED_IMATRIX_GB[shape]) / MEASURED_IMATRIX_GB[shape] < 0.15
