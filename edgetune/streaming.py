@@ -256,7 +256,7 @@ class StreamedModel:
         torch = self.torch
         hidden = int(self.text_config.hidden_size)
         with torch.no_grad():
-            for group in _groups(units, hidden):
+            for group in budget_groups(units, lambda u: int(u.ids.numel()) * hidden * 4, HIDDEN_BUDGET):
                 self.passes += 1
                 for u in group:
                     self._capture(u)
@@ -304,16 +304,18 @@ def _set_param(module, name: str, tensor) -> None:
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
 
 
-def _groups(units: list[Unit], hidden: int):
-    group: list[Unit] = []
-    size = 0
-    for u in units:
-        n = int(u.ids.numel()) * hidden * 4
-        if group and size + n > HIDDEN_BUDGET:
+def budget_groups(items: list, size: Callable[[object], int], budget: float):
+    """Consecutive ``items`` grouped so that each group's summed ``size`` stays within ``budget``
+    (an item larger than the budget goes alone)."""
+    group: list = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if group and total + n > budget:
             yield group
-            group, size = [], 0
-        group.append(u)
-        size += n
+            group, total = [], 0
+        group.append(item)
+        total += n
     if group:
         yield group
 

@@ -230,6 +230,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = [r["params"] / 1e9 for r in results]
     ax.plot(xs, [r["bf16_gb"] for r in results], "k--", label="model size (bf16)")
+    ax.plot(xs, [2 * r["bf16_gb"] for r in results], "k:", label="whole model in fp32 (what verification,\nimatrix and drift held before)")
     stages = sorted({s for r in results for s in r["stages"]})
     for st in stages:
         pts = [(r["params"] / 1e9, r["stages"][st]["anon_gb"]) for r in results if r["stages"].get(st, {}).get("rc") == 0]
@@ -275,6 +276,7 @@ def main() -> int:
     ap.add_argument("--llama-cpp-converter", default=None, help="path to llama.cpp's convert_hf_to_gguf.py, run side by side")
     ap.add_argument("--keep", action="store_true", help="keep GGUFs and fused models (disk)")
     ap.add_argument("--readme", action="store_true", help="print the README table")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot and table from WORK/bench_scale.json")
     args = ap.parse_args()
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in args.stages if s not in STAGES]
@@ -290,6 +292,10 @@ def main() -> int:
     results = []
     path = Path(args.work) / "bench_scale.json"
     prev = json.loads(path.read_text()) if path.is_file() else {"results": []}
+    if args.plot_only:
+        plot(prev["results"], Path(args.work) / "bench_scale.png")
+        print(readme_table(prev["results"]))
+        return 0
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         res = bench_size(size, args, demo, args.peakmem)
         res["cpu"], res["load_avg_start"] = cpu, os.getloadavg()[0]

@@ -304,6 +304,12 @@ def hf_logits():
 
 
 @pytest.fixture(scope="session")
+def peft_ids():
+    """The token ids ``make_peft_adapter`` and ``hf_logits`` compute their logits on."""
+    return PEFT_IDS
+
+
+@pytest.fixture(scope="session")
 def write_mlx_adapter():
     return _write_mlx_adapter
 

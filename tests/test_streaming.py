@@ -77,14 +77,12 @@ def test_layers_hold_no_weights_outside_their_turn(arch_models):
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_streamed_adapter_equals_peft(tiny_llama_dir, tmp_path, make_peft_adapter, dora):
-    from conftest import PEFT_IDS
-
+def test_streamed_adapter_equals_peft(tiny_llama_dir, tmp_path, make_peft_adapter, hf_logits, peft_ids, dora):
     adapter, adapted = make_peft_adapter(tiny_llama_dir, tmp_path / "ad", dora=dora)
-    got = streaming.logits(tiny_llama_dir, PEFT_IDS, adapter=adapter)[0]
+    got = streaming.logits(tiny_llama_dir, peft_ids, adapter=adapter)[0]
     # merged W + BA in fp32 vs PEFT's x·W + (x·A)·B: two roundings of the same sum
     np.testing.assert_allclose(got, adapted, rtol=1e-4, atol=1e-4 * float(np.abs(adapted).max()))
-    assert np.abs(got - _whole(tiny_llama_dir, PEFT_IDS)[0]).max() > 1e-3  # the adapter was applied
+    assert np.abs(got - hf_logits(tiny_llama_dir)).max() > 1e-3  # the adapter was applied
 
 
 def test_reader_rows_and_take(tiny_llama_dir):

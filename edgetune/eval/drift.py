@@ -66,19 +66,10 @@ def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], la
 def _chunks(todo: list, reference: Runner):
     """Examples grouped so that one chunk's reference-answer logits (fp32, both models) stay under
     :data:`LOGIT_BUDGET`."""
+    from ..streaming import budget_groups
+
     vocab = reference.vocab_size or 256_000  # unknown: assume a large vocabulary
-    per_chunk = max(1, int(LOGIT_BUDGET // (2 * 4 * vocab)))
-    chunk: list = []
-    n = 0
-    for item in todo:
-        width = item[2].stop - item[2].start
-        if chunk and n + width > per_chunk:
-            yield chunk
-            chunk, n = [], 0
-        chunk.append(item)
-        n += width
-    if chunk:
-        yield chunk
+    return budget_groups(todo, lambda item: item[2].stop - item[2].start, LOGIT_BUDGET / (2 * 4 * vocab))
 
 
 def run_drift(reference_spec: str, candidate_specs: list[str], examples: list[Example], cfg: EvalConfig | None = None) -> dict:
