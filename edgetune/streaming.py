@@ -244,19 +244,24 @@ class StreamedModel:
 
     # ---------------------------------------------------------------- the pass
 
+    def groups(self, units: list[Unit]) -> list[list[Unit]]:
+        """``units`` in the groups :meth:`run` streams the weights for (hidden states under :data:`HIDDEN_BUDGET`)."""
+        hidden = int(self.text_config.hidden_size)
+        return list(budget_groups(units, lambda u: int(u.ids.numel()) * hidden * 4, HIDDEN_BUDGET))
+
     def run(self, units: list[Unit], *, logits: bool = True, on_unit: Callable[[Unit], None] | None = None,
-            progress: Callable[[int], None] | None = None) -> Iterable[tuple[Unit, object]]:
+            on_layer: Callable[[], None] | None = None) -> Iterable[tuple[Unit, object]]:
         """Push ``units`` through the model, block-major, in groups that fit :data:`HIDDEN_BUDGET`.
 
         Yields ``(unit, logits)`` per unit in order (``logits`` [B, kept positions, vocab] fp32, or
         None when ``logits=False``: callers that only watch activations, like the importance
         matrix, skip the norm and output layer). ``on_unit`` is called before a unit enters each
-        layer (hooks read which unit is in flight); ``progress`` gets real tokens per unit done.
+        layer (hooks read which unit is in flight); ``on_layer`` after each layer of each group
+        (a group streams every layer once: ``passes x len(layers)`` calls in all).
         """
         torch = self.torch
-        hidden = int(self.text_config.hidden_size)
         with torch.no_grad():
-            for group in budget_groups(units, lambda u: int(u.ids.numel()) * hidden * 4, HIDDEN_BUDGET):
+            for group in self.groups(units):
                 self.passes += 1
                 for u in group:
                     self._capture(u)
@@ -274,6 +279,8 @@ class StreamedModel:
                     finally:
                         self._drop(layer)
                         self.resident -= 1
+                    if on_layer is not None:
+                        on_layer()
                 for u in group:
                     u.calls = []
                 if logits:
@@ -290,8 +297,6 @@ class StreamedModel:
                         b, n, d = h.shape
                         out = self._head(h.reshape(b * n, d)).reshape(b, n, -1)
                     u.h = None
-                    if progress is not None:
-                        progress(int(u.mask.sum()) if u.mask is not None else int(u.ids.numel()))
                     yield u, out
 
 
@@ -326,9 +331,13 @@ def logits(model_dir, token_lists: list[list[int]], *, keep: list[slice] | None 
     ``model(torch.tensor([ids])).logits[0]`` computes them), at ``keep[i]`` positions when given."""
     import torch
 
+    from .console import progress
+
     sm = model or StreamedModel(model_dir, adapter=adapter)
     units = [Unit(torch.tensor([ids]), keep=(keep[i] if keep else None)) for i, ids in enumerate(token_lists)]
-    return [out[0].numpy() for _, out in sm.run(units)]
+    with progress(transient=True) as bar:  # minutes per pass at 8B on two cores
+        task = bar.add_task("fp32 reference, layer by layer", total=len(sm.groups(units)) * len(sm.layers))
+        return [out[0].numpy() for _, out in sm.run(units, on_layer=lambda: bar.advance(task))]
 
 
 def estimate_peak(model_dir, *, tokens: int, logit_positions: int = 0) -> dict:
