@@ -478,7 +478,7 @@ def _cost_eval(i: Inputs) -> Cost:
     batch = ev.batch_size or 8
     from .eval.fit import hf_runner_bytes
 
-    hf = hf_runner_bytes(i.model_dir, dtype, batch)  # what the run's eval stage decides on (eval/fit.py)
+    hf = hf_runner_bytes(i.model_dir, dtype, batch, i.params)  # what the run's eval stage decides on (eval/fit.py)
     quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != "auto"), "q4_k_m")
     resident = i.target.device != "cpu"  # Metal / CUDA hold the file in GPU memory; CPU llama.cpp mmaps it
 

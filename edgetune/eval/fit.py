@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-GB = 1e9
-FIT_MARGIN = 0.9  # of the memory available: the page cache and the user's other programs need the rest
-RUNTIME = 0.30e9  # python + torch + transformers imported (peakmem, 2026-12-06)
+from ..stageplan import FIT_MARGIN, GB, RUNTIME, _count_params
+
 PROMPT_TOKENS = 1024  # per generated row: prompt + answer the KV cache holds (a generous eval prompt)
 
 
@@ -34,16 +33,17 @@ class RowRunner:
                 "hf_runner_gb": round(self.hf_bytes / GB, 2)}
 
 
-def hf_runner_bytes(model_dir, dtype: str, batch: int) -> float:
+def hf_runner_bytes(model_dir, dtype: str, batch: int, params: int | None = None) -> float:
     """Peak memory of the hf runner generating ``batch`` rows: weights at ``dtype`` (fp32/bf16/fp16),
-    the KV cache of ``batch`` x :data:`PROMPT_TOKENS`, the last position's logits and the runtime."""
-    from ..stageplan import _count_params
+    the KV cache of ``batch`` x :data:`PROMPT_TOKENS`, the last position's logits and the runtime.
+    ``params``: the parameter count when the caller has it (else read from the safetensors headers)."""
     from ..train.memory import _model_shapes
 
     s = _model_shapes(model_dir)
     per = 4.0 if dtype in ("fp32", "float32") else 2.0
     kv = 2.0 * s["layers"] * s["kv_heads"] * s["head_dim"] * batch * PROMPT_TOKENS * per
-    return RUNTIME + _count_params(Path(model_dir)) * per + kv + batch * s["vocab"] * 4.0 * 2
+    params = params if params is not None else _count_params(Path(model_dir))
+    return RUNTIME + params * per + kv + batch * s["vocab"] * 4.0 * 2
 
 
 def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
@@ -52,7 +52,8 @@ def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
 
     ev = cfg.eval
     dec = decide("generate", "cpu", ev.dtype)
-    hf = hf_runner_bytes(model_dir, dec.dtype, ev.batch_size or dec.batch_size or 1)
+    params = _count_params(Path(model_dir))
+    hf = hf_runner_bytes(model_dir, dec.dtype, ev.batch_size or dec.batch_size or 1, params)
     if ev.runner == "hf":
         return RowRunner("hf", None, "eval.runner: hf", hf)
     if ev.runner == "auto" and ev.dtype != "auto":
@@ -65,9 +66,7 @@ def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
     if ev.runner == "auto" and hf <= limit:
         return RowRunner("hf", None, f"hf runner ({dec.dtype}) needs ~{hf / GB:.1f} GB of {limit / GB:.1f} GB usable", hf)
     from ..export.qtypes import bits_per_weight
-    from ..stageplan import _count_params
 
-    params = _count_params(Path(model_dir))
     outtype = cfg.export.outtype
     gtype = next((t for t in (outtype, "q8_0") if params * bits_per_weight(t) / 8 <= limit), "q8_0")
     why = ("eval.runner: gguf" if ev.runner == "gguf" else
