@@ -329,3 +329,40 @@ def test_streaming_client_that_leaves_stops_generation(server):
     assert _wait(lambda: _health(server)["running"] == 0, 30)  # far sooner than 3000 tokens
     text = http("GET", root(server) + "/metrics", headers=auth).text
     assert 'edgetune_requests_total{model="a0",status="499"} 1' in text and before == 0
+
+
+def test_shadow_runs_never_take_a_clients_place_in_the_queue():
+    """queue_depth 1 with a shadow run waiting: a client request still gets the one place; a
+    second shadow run past the bound is dropped, not queued."""
+    from types import SimpleNamespace
+
+    from edgetune.serve.engine import LoadedBase, Overloaded, _Turn
+
+    cfg = SimpleNamespace(queue_depth=1, queue_timeout=5.0)
+    base = LoadedBase(SimpleNamespace(name="tiny"), 1)
+
+    async def scenario():
+        order = []
+
+        async def job(tag, background):
+            async with _Turn(cfg, base, background):
+                order.append(tag)
+                await asyncio.sleep(0.01)
+
+        await base.turn.acquire()  # a request is running
+        shadow = asyncio.create_task(job("shadow", True))
+        await asyncio.sleep(0)
+        assert base.waiting_background == 1 and base.waiting == 0
+        client = asyncio.create_task(job("client", False))
+        await asyncio.sleep(0)
+        assert base.waiting == 1  # admitted although a shadow run waits
+        with pytest.raises(Overloaded, match="queue for tiny is full"):
+            await job("shadow2", True)
+        with pytest.raises(Overloaded, match="queue for tiny is full"):
+            await job("client2", False)
+        base.turn.release()
+        await asyncio.gather(shadow, client)
+        return order
+
+    assert asyncio.run(scenario()) == ["shadow", "client"]
+    assert base.waiting == base.waiting_background == 0

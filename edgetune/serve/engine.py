@@ -7,7 +7,9 @@ high-level ``Llama`` takes one ``lora_path`` at load time; the low-level calls a
 
 A base runs one request at a time (a llama.cpp context is not thread-safe). Others wait in a
 bounded queue: past ``queue_depth`` waiting, or after ``queue_timeout`` seconds of waiting, the
-request is refused with :class:`Overloaded` (the app answers 503 + Retry-After).
+request is refused with :class:`Overloaded` (the app answers 503 + Retry-After). Shadow runs
+(``background=True``) wait in a queue of their own with the same bound: they never take a client's
+place in the queue, and past the bound they are dropped (logged), never answered 503 to anyone.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class LoadedBase:
     llm: object = None
     adapters: dict = field(default_factory=dict)  # name → llama_adapter_lora_p
     current: str | None = None
-    waiting: int = 0
+    waiting: int = 0  # client requests waiting for a turn
+    waiting_background: int = 0  # shadow runs waiting (bounded separately: they never fill a client's place)
     running: int = 0
     last_used: float = 0.0
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -193,7 +196,7 @@ class Pool:
                 return
             cap = self.cfg.memory_cap_mb
             if cap:
-                idle = sorted((b for b in self.loaded() if b is not base and not b.running and not b.waiting),
+                idle = sorted((b for b in self.loaded() if b is not base and not b.running and not b.waiting and not b.waiting_background),
                               key=lambda b: b.last_used)
                 while idle and sum(b.size_mb for b in self.loaded()) + base.size_mb > cap:
                     victim = idle.pop(0)
@@ -205,12 +208,13 @@ class Pool:
             self.loads += 1
 
     async def submit(self, model_id: str, body: dict, *, disconnected: Callable[[], Awaitable[bool]] | None = None,
-                     on_piece: Callable[[str], None] | None = None, on_turn: Callable[[], None] | None = None) -> Completion:
+                     on_piece: Callable[[str], None] | None = None, on_turn: Callable[[], None] | None = None,
+                     background: bool = False) -> Completion:
         """Wait for a turn on the model's base (bounded), switch adapter, generate (in a thread),
-        cancelling when ``disconnected()`` turns true."""
+        cancelling when ``disconnected()`` turns true. ``background``: a shadow run (its own queue bound)."""
         spec, adapter = self.cfg.locate(model_id)
         base = self.bases[spec.name]
-        async with self.turn_on(base):
+        async with self.turn_on(base, background):
             if on_turn is not None:
                 on_turn()
             await self.ensure_loaded(base)
@@ -232,27 +236,29 @@ class Pool:
                 raise
             return fut.result()
 
-    def turn_on(self, base: LoadedBase):
-        return _Turn(self.cfg, base)
+    def turn_on(self, base: LoadedBase, background: bool = False):
+        return _Turn(self.cfg, base, background)
 
 
 class _Turn:
     """Admission to a base: refuse at once when the queue is full, or after the timeout."""
 
-    def __init__(self, cfg: TeamConfig, base: LoadedBase):
+    def __init__(self, cfg: TeamConfig, base: LoadedBase, background: bool = False):
         self.cfg, self.base = cfg, base
+        self.counter = "waiting_background" if background else "waiting"
 
     async def __aenter__(self):
         b = self.base
-        if b.turn.locked() and b.waiting >= self.cfg.queue_depth:
-            raise Overloaded(f"queue for {b.spec.name} is full ({b.waiting} waiting)", retry_after=_retry(self.cfg))
-        b.waiting += 1
+        queued = getattr(b, self.counter)
+        if b.turn.locked() and queued >= self.cfg.queue_depth:
+            raise Overloaded(f"queue for {b.spec.name} is full ({queued} waiting)", retry_after=_retry(self.cfg))
+        setattr(b, self.counter, queued + 1)
         try:
             await asyncio.wait_for(b.turn.acquire(), timeout=self.cfg.queue_timeout)
         except TimeoutError:
             raise Overloaded(f"no turn on {b.spec.name} within {self.cfg.queue_timeout:g} s", retry_after=_retry(self.cfg)) from None
         finally:
-            b.waiting -= 1
+            setattr(b, self.counter, getattr(b, self.counter) - 1)
         b.running += 1
         return self
 

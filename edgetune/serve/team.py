@@ -170,7 +170,7 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
     async def shadow_run(route: str, cand: str, body: dict, rid: str, primary: dict, reference) -> None:
         t0 = time.perf_counter()
         try:
-            c = await pool.submit(cand, body)
+            c = await pool.submit(cand, body, background=True)
             rec, status = _answer_record(cand, c, time.perf_counter() - t0), 200
             metrics.observe(cand, 200, time.perf_counter() - t0, c.completion_tokens, c.seconds)
             metrics.shadow["done"] += 1
