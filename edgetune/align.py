@@ -1,6 +1,6 @@
-"""The ``align`` stage of ``edgetune run``: preference training (DPO/ORPO) after SFT.
+"""The ``align`` stage of ``edgetune run``: preference training (DPO/ORPO) or GRPO after SFT.
 
-SFT teaches the kind of answer, DPO which answer is better. The stage prepares the preference
+SFT teaches the kind of answer, DPO which answer is better, GRPO what the rewards score higher. The stage prepares the preference
 pairs of ``align.data`` into ``RUN/align/data/`` (the same cleaning, dedup and split as the data
 stage), merges the SFT adapter into the base (``RUN/align/sft_model/``), and trains a fresh adapter
 on that merged model with ``align.objective``. Merging first makes the SFT model both the policy at
@@ -36,7 +36,11 @@ def align(run: RunFolder, model_dir: Path, *, resume: bool = False, log=print) -
     if not source.exists():
         raise EdgetuneError(f"align.data not found: {source}", where=str(source), fix="fix align.data in the recipe")
     if not (run.align_data_dir / "data_card.json").is_file():  # written last: present means the splits are complete
-        data_cfg = dataclasses.replace(run.cfg.data, path=str(source), format="preference")
+        from .train.objectives import get
+
+        # pair objectives read preference rows; GRPO reads prompts (+ references) from any row kind
+        fmt = "preference" if get(a.objective).rows_per_example(a) == 2 else run.cfg.data.format
+        data_cfg = dataclasses.replace(run.cfg.data, path=str(source), format=fmt)
         prepare(source, run.align_data_dir, data_cfg, model_dir=model_dir)
     leaked = prompts_seen_in(run.align_data_dir / "test.jsonl", run.split("train"))
     if leaked:

@@ -14,6 +14,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import EdgetuneError
 from .export.qtypes import AUTO, OUTTYPES, QUANTS
+from .train.objectives import OBJECTIVES as _OBJECTIVES
+from .train.objectives import params as _objective_params
 
 # "section.field" -> allowed values: validated here, offered by the CLI's click.Choice options.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -22,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlength": ("drop", "truncate", "keep"),
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
-    "train.objective": ("sft", "dpo", "orpo"),  # rows of edgetune/train/objectives.py's table
+    "train.objective": tuple(_OBJECTIVES),  # one module each under edgetune/train/objectives/
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
@@ -77,18 +79,28 @@ class DataConfig:
         _check_range("data", "near_threshold", self.near_threshold, 0.05, 1.0)
 
 
+def _with_objective_fields(cls):
+    """Add every objective's own settings (``Param``s in ``edgetune/train/objectives/*.py``: DPO's
+    beta, GRPO's num_generations...) to the class as fields, before ``@dataclass`` sees it, so a new
+    objective declares its settings in its own module."""
+    for p in _objective_params():
+        if p.name in cls.__annotations__:
+            continue
+        cls.__annotations__[p.name] = p.type
+        setattr(cls, p.name, field(default_factory=list) if p.type.startswith("list") and p.default is not None
+                else p.default)
+    return cls
+
+
 @dataclass
+@_with_objective_fields
 class TrainConfig:
     backend: str = "auto"  # auto|mlx|torch
     method: str = "lora"  # lora|dora|qlora|full
-    objective: str = "sft"  # what a step optimises (train/objectives.py): sft = completion-only cross entropy
-    # dpo: -logsigmoid(beta * margin of log-ratios vs the adapter-disabled model); orpo: NLL + lambda * odds-ratio term
-    beta: float = 0.1  # DPO's beta (TRL DPOConfig.beta default 0.1)
-    # DPO + rpo_alpha * NLL of the chosen answer (RPO, whose paper suggests 1.0; TRL: loss_type
-    # [sigmoid, sft] with loss_weights [1, rpo_alpha], formerly DPOConfig.rpo_alpha):
-    # keeps the chosen answer likely while DPO widens the margin; 0 = plain DPO
-    rpo_alpha: float = 0.0
-    orpo_lambda: float = 0.1  # ORPO's lambda on the odds-ratio term (TRL ORPOConfig calls it beta, default 0.1)
+    # what a step optimises: one module each under train/objectives/ (sft = completion-only cross entropy,
+    # dpo / orpo = preference pairs, grpo = sampled completions scored by rewards); each objective's own
+    # settings (beta, rpo_alpha, orpo_lambda, num_generations, rewards...) are added from its module
+    objective: str = "sft"
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
     dropout: float = 0.05
@@ -122,9 +134,13 @@ class TrainConfig:
         _check_choices("train", self)
         _check_range("train", "dropout", self.dropout, 0.0, 0.9)
         _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
-        _check_range("train", "beta", self.beta, 1e-6, 100.0)
-        _check_range("train", "orpo_lambda", self.orpo_lambda, 0.0, 100.0)
-        _check_range("train", "rpo_alpha", self.rpo_alpha, 0.0, 100.0)
+        for p in _objective_params():
+            if p.lo is not None:
+                _check_range("train", p.name, getattr(self, p.name), p.lo, p.hi)
+            if p.choices:
+                _check_choice("train", p.name, getattr(self, p.name), p.choices)
+        if self.objective == "dpo" and self.beta == 0:
+            raise EdgetuneError("train.beta = 0 makes the DPO loss constant.", fix="use a beta > 0 (default 0.1)")
         if self.rank < 1:
             raise EdgetuneError(f"train.rank must be >= 1, got {self.rank}.", fix="use e.g. rank: 16")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -138,16 +154,17 @@ class AlignConfig(TrainConfig):
     reference model of DPO is the SFT model (policy at start) and no second copy sits in memory.
     Every ``train`` setting applies; the defaults differ where preference training wants them to."""
 
-    data: str | None = None  # preference rows (prompt/chosen/rejected): file or folder; None = no align stage
-    objective: str = "dpo"  # dpo|orpo (sft belongs in train:)
+    data: str | None = None  # preference rows (dpo/orpo) or prompts with references (grpo): file or folder; None = no align stage
+    objective: str = "dpo"  # dpo|orpo|grpo (sft belongs in train:)
     learning_rate: float = 5e-5  # DPO moves a finished SFT model: far gentler than SFT's rate
     packing: bool | None = False  # pairs are padded, never packed
 
     def __post_init__(self):
         super().__post_init__()
-        if self.objective not in ("dpo", "orpo"):
-            raise EdgetuneError(f"align.objective = {self.objective!r}: the align stage trains on preference pairs.",
-                                fix="use objective: dpo or orpo (SFT is the train: section)")
+        allowed = [n for n, o in _OBJECTIVES.items() if o.align]
+        if self.objective not in allowed:
+            raise EdgetuneError(f"align.objective = {self.objective!r}: the align stage runs after SFT.",
+                                fix=f"use objective: {' or '.join(allowed)} (SFT is the train: section)")
 
     @property
     def enabled(self) -> bool:

@@ -125,7 +125,7 @@ def _train_run(c: Ctx, resume: bool) -> dict:
     return summary
 
 
-# --- align (optional: DPO/ORPO after SFT) ------------------------------------------------------
+# --- align (optional: DPO/ORPO/GRPO after SFT) ------------------------------------------------------
 
 
 def _align_inputs(c: Ctx) -> dict:
@@ -311,7 +311,7 @@ PIPELINE: tuple[Stage, ...] = (
           lambda c: [c.run.split(s) for s in ("train", "valid", "test")], _data_run, lambda c: [c.run.data_dir]),
     Stage("train", "fine-tune an adapter on the train split (RUN/train/adapter/)", _train_inputs,
           lambda c: [c.run.adapter_dir / "adapter_config.json"], _train_run, lambda c: [c.run.adapter_dir]),
-    Stage("align", "optional DPO/ORPO on preference pairs after SFT (RUN/align/adapter/)", _align_inputs,
+    Stage("align", "optional DPO/ORPO/GRPO after SFT (RUN/align/adapter/)", _align_inputs,
           _align_outputs, _align_run, lambda c: [c.run.align_adapter_dir] if c.run.aligned else []),
     Stage("fuse", "merge the final adapter into its base model (RUN/fused/)", _fuse_inputs,
           lambda c: [c.run.fused_dir / "config.json"], _fuse_run, lambda c: [c.run.fused_dir]),

@@ -169,8 +169,11 @@ class RunFolder:
         """Held-out preference pairs the eval scores (eval.preference_data, else the align test split)."""
         if self.cfg.eval.preference_data:
             return Path(self.cfg.eval.preference_data)
-        p = self.align_data_dir / "test.jsonl"
-        return p if self.aligned else None
+        from .train.objectives import get
+
+        if not self.aligned or get(self.cfg.align.objective).rows_per_example(self.cfg.align) != 2:
+            return None  # GRPO's align data are prompts, not pairs
+        return self.align_data_dir / "test.jsonl"
 
     @property
     def fused_dir(self) -> Path:

@@ -200,8 +200,11 @@ def longest_seq(arm: str, method: str, work: Path, a) -> int:
     if arm == "edgetune":
         from edgetune.config import TrainConfig
         from edgetune.train.batching import IGNORE, Batch
+        from edgetune.train.objectives import get
         from edgetune.train.select import Choice
-        from edgetune.train.torch_backend import TorchBackend, sft_loss
+        from edgetune.train.torch_backend import TorchBackend
+
+        sft_loss = get("sft").loss_for("torch")
 
         cfg = TrainConfig(backend="torch", method=method, rank=16, alpha=32.0, dropout=0.0, max_seq_len=a.longest_cap,
                           gradient_checkpointing=True)

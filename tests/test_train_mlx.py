@@ -122,7 +122,10 @@ def test_mlx_gradient_checkpointing_keeps_loss_and_gradients(tiny_llama_dir):
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from edgetune.train.mlx_backend import build_model, checkpoint_layers, sft_loss
+    from edgetune.train.mlx_backend import build_model, checkpoint_layers
+    from edgetune.train.objectives import get
+
+    sft_loss = get("sft").loss_for("mlx")
 
     cfg = TrainConfig(backend="mlx", dropout=0.0)
     ids = [1, 504, 3075, 282, 4649, 47, 198, 1780, 30, 2]

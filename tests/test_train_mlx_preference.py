@@ -27,6 +27,7 @@ pytest.importorskip("mlx_lm")
 
 from edgetune.config import TrainConfig  # noqa: E402
 from edgetune.train import train  # noqa: E402
+from edgetune.train.objectives import get  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # a short system turn: SmolLM2's template otherwise adds its ~30-token default one, and mlx on this
@@ -115,16 +116,32 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
     n = batch.n_target
     leaf = {"lora_a": "lora_A.default.weight", "lora_b": "lora_B.default.weight",
             "m": "lora_magnitude_vector.default.weight"}
-    for objective, kw in (("dpo", {"beta": 0.1}), ("dpo", {"beta": 0.1, "rpo_alpha": 1.0}), ("orpo", {"orpo_lambda": 0.1})):
+    # GRPO on the same rows (a completion is scored where the pair's answer is): advantages, and old /
+    # reference log-probs off the current ones so that ratios clip and the KL term is non-zero
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        lp, mask = tb.token_logps(peft, t_arrays["input_ids"], t_arrays["position_ids"], t_arrays["labels"])
+    grpo = {"advantages": rng.normal(0, 1, lp.shape[0]).astype(np.float32),
+            "old_logps": (lp.numpy() + rng.normal(0, 0.3, lp.shape) * mask.numpy()).astype(np.float32),
+            "ref_logps": (lp.numpy() + rng.normal(0, 0.3, lp.shape) * mask.numpy()).astype(np.float32)}
+    cases = [("dpo", {"beta": 0.1}), ("dpo", {"beta": 0.1, "rpo_alpha": 1.0}), ("orpo", {"orpo_lambda": 0.1})]
+    cases += [("grpo", {"beta": 0.04, "loss_type": t, "epsilon": 0.2, "max_completion_length": 32})
+              for t in ("grpo", "dapo", "dr_grpo")]
+    for objective, kw in cases:
         peft.zero_grad()
-        t_loss, t_metrics = getattr(tb, f"{objective}_loss")(peft, t_arrays, **kw)
+        extra = grpo if objective == "grpo" else {}
+        ta = {**t_arrays, **{k: torch.from_numpy(v) for k, v in extra.items()}}
+        ma = {**m_arrays, **{k: mx.array(v) for k, v in extra.items()}}
+        t_loss, t_metrics = get(objective).loss_for("torch")(peft, ta, **kw)
         t_loss.backward()
         t_grads = {k: p.grad.numpy() for k, p in peft.named_parameters() if p.requires_grad}
 
         def m_fn(mdl, arrays, objective=objective, kw=kw):
-            return getattr(mb, f"{objective}_loss")(mdl, arrays, **kw)
+            return get(objective).loss_for("mlx")(mdl, arrays, **kw)
 
-        (m_loss, m_metrics), m_grads = nn.value_and_grad(model, m_fn)(model, m_arrays)
+        (m_loss, m_metrics), m_grads = nn.value_and_grad(model, m_fn)(model, ma)
+        if objective == "grpo":
+            assert t_metrics["clip_fraction"].item() > 0 and t_metrics["kl"].item() > 0
         assert set(m_metrics) == set(t_metrics), objective
         np.testing.assert_allclose(m_loss.item() / n, t_loss.item() / n, rtol=0, atol=1e-5, err_msg=objective)
         for k in t_metrics:
@@ -140,8 +157,10 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
         for k, g in m_grads.items():
             prefix, name = k.rsplit(".", 1)
             g = np.array(g) if name == "m" else np.array(g).T  # mlx-lm stores lora_a/b transposed
-            np.testing.assert_allclose(g, t_grads[f"base_model.model.{prefix}.{leaf[name]}"], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{objective} {k}")
+            want = t_grads[f"base_model.model.{prefix}.{leaf[name]}"]
+            # GRPO's dapo/dr_grpo sums are over every token (x ~100 a DPO pair's): the same fp32 accuracy, scaled
+            atol = 1e-5 * max(1.0, float(np.abs(want).max())) if objective == "grpo" else 1e-5
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=atol, err_msg=f"{objective} {kw} {k}")
     # DPO's reference is the adapter-free base: bypassing the adapter gives the base model's logits,
     # and the model is adapted again afterwards
     from mlx_lm.utils import load_model
@@ -160,9 +179,9 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
     # gradient checkpointing recomputes the blocks (reference pass included): same DPO loss and gradients
     # (on one pair: mlx on this CPU spends ~1.7 s on a forward of the 8-row batch, mostly in the LM head)
     one = {k: v[mx.array([0, n])] for k, v in m_arrays.items()}
-    (l0, _), g0 = nn.value_and_grad(model, lambda mdl, a: mb.dpo_loss(mdl, a, beta=0.1))(model, one)
+    (l0, _), g0 = nn.value_and_grad(model, lambda mdl, a: get("dpo").loss_for("mlx")(mdl, a, beta=0.1))(model, one)
     mb.checkpoint_layers(model)
-    (l1, _), g1 = nn.value_and_grad(model, lambda mdl, a: mb.dpo_loss(mdl, a, beta=0.1))(model, one)
+    (l1, _), g1 = nn.value_and_grad(model, lambda mdl, a: get("dpo").loss_for("mlx")(mdl, a, beta=0.1))(model, one)
     assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
     g0, g1 = dict(tree_flatten(g0)), dict(tree_flatten(g1))
     for k in g0:
@@ -171,11 +190,14 @@ def test_mlx_losses_metrics_and_gradients_equal_torch(tiny_arch_llama, tmp_path,
 
 def test_loss_params_bound_on_mlx():
     from edgetune.train import mlx_backend, objectives
+    from edgetune.train.objectives import dpo as dpo_mod
+    from edgetune.train.objectives import orpo as orpo_mod
 
     cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25, rpo_alpha=0.5)
     dpo, orpo = objectives.get("dpo").loss_for("mlx", cfg), objectives.get("orpo").loss_for("mlx", cfg)
-    assert (dpo.func, dpo.keywords) == (mlx_backend.dpo_loss, {"beta": 0.5, "rpo_alpha": 0.5})
-    assert (orpo.func, orpo.keywords) == (mlx_backend.orpo_loss, {"orpo_lambda": 0.25})
+    assert (dpo.func, dpo.keywords) == (dpo_mod.loss, {"beta": 0.5, "rpo_alpha": 0.5})
+    assert (orpo.func, orpo.keywords) == (orpo_mod.loss, {"orpo_lambda": 0.25})
+    assert isinstance(dpo.args[0], mlx_backend.MLXKit) and isinstance(orpo.args[0], mlx_backend.MLXKit)
 
 
 def _rows(out: Path) -> list[dict]:

@@ -85,7 +85,7 @@ def test_loss_params_bound_from_config():
     cfg = TrainConfig(objective="dpo", beta=0.5, orpo_lambda=0.25)
     assert objectives.get("dpo").loss_for("torch", cfg).keywords == {"beta": 0.5, "rpo_alpha": 0.0}
     assert objectives.get("orpo").loss_for("torch", cfg).keywords == {"orpo_lambda": 0.25}
-    probe = objectives.Objective("probe", encode=None, plan=None, losses={"torch": "x:y"})
+    probe = objectives.Objective("probe", encode=None, plan=None, loss=None, backends=("torch",))
     with pytest.raises(UnsupportedError, match="not implemented on the mlx backend"):
         probe.loss_for("mlx", cfg)
 
@@ -168,7 +168,9 @@ def test_dpo_loss_matches_trl_dpotrainer(tiny_llama_dir, tmp_path, rpo_alpha):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from edgetune.train.torch_backend import dpo_loss
+    from edgetune.train.objectives import get
+
+    dpo_loss = get("dpo").loss_for("torch")
 
     model, arrays = _model_and_batch(tiny_llama_dir, tmp_path)
     beta = 0.1
@@ -205,7 +207,9 @@ def test_orpo_loss_matches_trl(tiny_llama_dir, tmp_path):
     "computed over the full prompt and response"); ours is the per-pair mean over the completion
     tokens only (prompt tokens are never scored), so the NLL is compared per pair, batch size 1."""
     ORPOTrainer = _trl_orpo()
-    from edgetune.train.torch_backend import orpo_loss
+    from edgetune.train.objectives import get
+
+    orpo_loss = get("orpo").loss_for("torch")
 
     model, arrays = _model_and_batch(tiny_llama_dir, tmp_path)
     lam = 0.1

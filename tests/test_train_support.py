@@ -216,7 +216,14 @@ def test_non_default_settings_take_effect(backend, tiny_llama_dir, tmp_path, mon
                  # the preference objectives' parameters: test_train_preference.py (loss binding + TRL parity),
                  # test_train_mlx_preference.py on mlx (loss binding + parity with torch)
                  "beta": "test_loss_params_bound_from_config", "orpo_lambda": "test_loss_params_bound_from_config",
-                 "rpo_alpha": "test_dpo_loss_matches_trl_dpotrainer"}
+                 "rpo_alpha": "test_dpo_loss_matches_trl_dpotrainer",
+                 # GRPO's: test_train_grpo.py (loss vs TRL per loss_type, a run per backend with
+                 # num_iterations/beta/rewards, greedy temperature and the completion cap, advantages)
+                 **dict.fromkeys(("epsilon", "loss_type"), "test_grpo_loss_matches_trl_grpotrainer"),
+                 **dict.fromkeys(("num_generations", "num_iterations", "rewards", "top_p"),
+                                 "test_grpo_trains_logs_and_resumes"),
+                 **dict.fromkeys(("temperature", "max_completion_length"), "test_settings_take_effect"),
+                 "scale_rewards": "test_group_advantages_as_trl_computes_them"}
     honoured = {n for n, row in support.SUPPORT.items()
                 if isinstance(row[backend], str) or row[backend].honoured}
     assert honoured == set(checks) | set(elsewhere)
@@ -250,11 +257,9 @@ def test_plan_notes_a_refused_setting(tiny_llama_dir):
     assert any("train.packing" in n and "mlx backend" in n for n in p.notes), p.notes
 
 
-def neg_loss_objective_loss(lm, arrays):
+def neg_loss_objective_loss(kit, lm, arrays):
     """A stand-in for a preference objective's loss: SFT's loss plus a metric to maximise."""
-    from edgetune.train.torch_backend import completion_ce_sum
-
-    loss = completion_ce_sum(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"])
+    loss = kit.completion_ce_sum(lm, arrays)
     return loss, {"neg_loss": -loss.detach()}
 
 
@@ -266,7 +271,7 @@ def test_a_new_objective_is_a_table_row_not_a_loop_edit(tiny_llama_dir, tmp_path
     from edgetune.train import train
 
     probe = replace(objectives.OBJECTIVES["sft"], name="probe", monitor="neg_loss", maximize=True,
-                    losses={"torch": "test_train_support:neg_loss_objective_loss"})
+                    loss=neg_loss_objective_loss)
     monkeypatch.setitem(objectives.OBJECTIVES, "probe", probe)
     monkeypatch.setitem(CHOICES, "train.objective", ("sft", "probe"))
     data = write_data(tmp_path / "d", rows()[:4], rows()[:4])

@@ -8,7 +8,24 @@ import os
 import click
 
 from ..config import CHOICES
+from ..train.objectives import OBJECTIVES
+from ..train.objectives import params as objective_params
 from .options import force_option, json_option, model_option, output_option, seed_option, target_options
+
+
+def objective_options(fn):
+    """A flag for every objective setting, from the objective modules (train/objectives/*.py)."""
+    for p in reversed(objective_params()):
+        kind = {"int": int, "float": float}.get(p.type.split(" ")[0])
+        if p.choices:
+            kind = click.Choice(p.choices)
+        default = "" if p.default is None else f" (default {p.default})"
+        if p.multiple:
+            flag = p.flag.rstrip("s") if p.flag.endswith("s") else p.flag
+            fn = click.option(flag, p.name, multiple=True, default=None, help=p.help)(fn)
+        else:
+            fn = click.option(p.flag, p.name, type=kind, default=None, help=p.help + default)(fn)
+    return fn
 
 
 @click.command("train")
@@ -24,12 +41,9 @@ from .options import force_option, json_option, model_option, output_option, see
 @click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
 @click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
 @click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
-              help="What training optimises: sft = completion-only cross entropy on the prepared chats; "
-                   "dpo / orpo = preference training on prompt/chosen/rejected rows (torch and MLX).")
-@click.option("--beta", type=float, default=None, help="DPO beta (default 0.1).")
-@click.option("--rpo-alpha", type=float, default=None,
-              help="DPO: add this times the NLL of the chosen answer (RPO; 0 = plain DPO, the default; 1.0 is the paper's).")
-@click.option("--orpo-lambda", type=float, default=None, help="ORPO weight of the odds-ratio term (default 0.1).")
+              help="What training optimises (torch and MLX): "
+                   + "; ".join(f"{n} = {o.summary}" for n, o in OBJECTIVES.items()) + ".")
+@objective_options
 @click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--dropout", type=float, default=None, help="LoRA dropout.")
@@ -86,6 +100,9 @@ def train(model, data_dir, output, recipe, section, chat_template, resume, dry_r
         model = str(resolve_model(rc.model))
     if rc and not chat_template:
         chat_template = rc.data.chat_template  # the template the data stage rendered with
+    for p in objective_params():
+        if p.multiple:  # a repeatable flag given no times leaves the recipe's list alone
+            flags[p.name] = list(flags.get(p.name) or ()) or None
     if target_modules:
         flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = override(cfg, **flags)

@@ -2,7 +2,7 @@
 
 ``train(model_dir, data_dir, out_dir, cfg)`` picks the backend (``select.choose_backend``), checks
 every input before loading a model (``support.py``: each setting is honoured by that backend or
-refused), sizes the rows to the data and says what a step holds (``sizing.py``), trains with the shared loop (``loop.py``) on the chosen objective (``objectives.py``),
+refused), sizes the rows to the data and says what a step holds (``sizing.py``), trains with the shared loop (``loop.py``) on the chosen objective (``objectives/``, one module each),
 and leaves the run folder other stages read:
 
     OUT/adapter/          PEFT adapter (adapter_config.json + adapter_model.safetensors) - always
@@ -37,6 +37,11 @@ def preflight(model_dir, data_dir, cfg) -> Choice:
                             fix="pass an HF model folder (edgetune models fetch-demo makes the demo one)")
     arch_of_model_dir(model_dir)
     check_data_dir(data_dir)
+    from .objectives import get
+
+    objective = get(cfg.objective)
+    if objective.check is not None:  # e.g. GRPO: the rewards parse and every row has the reference they need
+        objective.check(cfg, data_dir)
     return choice
 
 

@@ -117,7 +117,7 @@ def _load_data(objective, splits: dict, model_dir: Path, cfg, chat_template):
     val_ex = objective.encode(splits["valid"], tok, cfg.max_seq_len)[0] if "valid" in splits else []
     plan_kw = dict(batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
                    group_by_length=cfg.group_by_length, pad_id=pad_id, seed=cfg.seed)
-    return train_ex, dropped, val_ex, plan_kw
+    return train_ex, dropped, val_ex, plan_kw, tok
 
 
 def _check_resume(backend, cfg, out_dir: Path, resume: bool) -> dict | None:
@@ -169,7 +169,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
     loss_fn = objective.loss_for(backend.name, cfg)
 
     # --- data ---------------------------------------------------------------------------------
-    train_ex, dropped, val_ex, plan_kw = _load_data(objective, splits, model_dir, cfg, chat_template)
+    train_ex, dropped, val_ex, plan_kw, tok = _load_data(objective, splits, model_dir, cfg, chat_template)
     data = EpochBatches(objective.plan, train_ex, plan_kw)
     per_step = cfg.grad_accum * backend.world_size
     n_epoch0 = len(data.plan(0))
@@ -190,6 +190,8 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
     except BaseException:
         reporter.close()
         raise
+    # objectives that generate (GRPO) sample this step's batches from the policy and validate by reward
+    session = objective.start(backend, tok, cfg, model_dir) if objective.start else None
 
     # --- state --------------------------------------------------------------------------------
     step, tokens_seen, elapsed = 0, 0, 0.0
@@ -224,7 +226,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
         """Validation numbers into ``row``; returns the monitored one (None: no valid split)."""
         if not val_batches:
             return None
-        vals = backend.eval_loss(val_batches, loss_fn)
+        vals = session.evaluate(val_batches) if session else backend.eval_loss(val_batches, loss_fn)
         row.update({f"val_{k}": v for k, v in vals.items()})
         return vals[monitor]
 
@@ -267,7 +269,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
                                 val=last_val, tps="-") if main else None
             while step < total:
                 t0 = time.perf_counter()
-                mbs = data.take(per_step)
+                mbs, sampled = session.batches(data, per_step, step) if session else (data.take(per_step), {})
                 st = backend.step(mbs, loss_fn)
                 step += 1
                 step_tokens = sum(b.n_tokens for b in mbs)
@@ -275,7 +277,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
                 losses.append(st.loss)
                 dt = time.perf_counter() - t0
                 ep = data.progress
-                row = {"step": step, "epoch": round(ep, 4), "loss": st.loss, **st.metrics, "lr": st.lr,
+                row = {"step": step, "epoch": round(ep, 4), "loss": st.loss, **sampled, **st.metrics, "lr": st.lr,
                        "tokens": tokens_seen, "tok_s": step_tokens / dt, "grad_norm": st.grad_norm}
                 if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
                     v = evaluate(row)

@@ -119,11 +119,13 @@ def estimate_memory(model_dir, cfg, precision: str | None = None, device: str = 
     adapter = ad * 4.0  # fp32 master
     optimizer = ad * 4.0 * 3  # gradient + two AdamW moments (fp32); paged 8-bit would be less
     # unset max_seq_len (from the data, train/sizing.py) before the data exists: its cap, the most it picks
-    seq = cfg.max_seq_len or 2048
-    # DPO/ORPO: an example is a pair, two padded sequences (prompt+chosen, prompt+rejected) in one batch
-    from .support import PAIRED
+    # DPO/ORPO: an example is a pair, two padded sequences (prompt+chosen, prompt+rejected) in one batch;
+    # GRPO: a prompt is num_generations rows of prompt + sampled completion (train/objectives/)
+    from .objectives import get
 
-    rows = cfg.batch_size * (2 if cfg.objective in PAIRED else 1)
+    objective = get(cfg.objective)
+    seq = (cfg.max_seq_len or 2048) + objective.tokens_beyond(cfg)
+    rows = cfg.batch_size * objective.rows_per_example(cfg)
     tokens = rows * seq
     act_b = 2.0 if precision in ("bf16", "fp16") else 4.0
     L = s["layers"]
@@ -138,8 +140,9 @@ def estimate_memory(model_dir, cfg, precision: str | None = None, device: str = 
     # logits only at completion tokens in edgetune's loss
     logits = tokens * SCORED * s["vocab"] * LOGIT_BYTES
     # DPO's reference pass (the adapter disabled, no gradient) runs while the policy's graph is held:
-    # one layer's activations at a time plus its own fp32 logits/log-softmax. ORPO has none.
-    reference = layer + logits if cfg.objective == "dpo" else 0.0
+    # one layer's activations at a time plus its own fp32 logits/log-softmax. ORPO has none; GRPO's
+    # (beta > 0) runs before the step, no larger.
+    reference = layer + logits if objective.has_reference_pass(cfg) else 0.0
     runtime = RUNTIME
     total = runtime + weights + adapter + optimizer + acts + logits + reference
     gb = 1e9

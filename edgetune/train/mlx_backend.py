@@ -195,6 +195,42 @@ class MLXBackend:
         n = max(n, 1)
         return {"loss": tot / n, **{k: v / n for k, v in sums.items()}}
 
+    def token_logps(self, batch, reference: bool = False) -> np.ndarray:
+        """Per-token log-probs of ``batch``'s scored tokens (no dropout), numpy ``[rows, L]``."""
+        self.model.eval()
+        try:
+            lp, _ = MLXKit.token_logps(self.model, self._arrays(batch), reference=reference)
+        finally:
+            self.model.train()
+        return np.array(lp)
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 stop_ids: list[int], pad_id: int, seed: int) -> list[list[int]]:
+        """``n`` completions per prompt from the current policy (adapter on, no dropout), grouped by
+        prompt: mlx-lm's ``generate_step`` (KV cache) per sequence. Temperature 0: greedy."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        mx.random.seed(seed)
+        sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+        stop = set(stop_ids)
+        outs = []
+        self.model.eval()
+        try:
+            for p in prompts:
+                for _ in range(n):
+                    toks = []
+                    for tok, _lp in generate_step(mx.array(p), self.model, max_tokens=max_new_tokens, sampler=sampler):
+                        t = int(tok.item() if hasattr(tok, "item") else tok)
+                        toks.append(t)
+                        if t in stop:
+                            break
+                    outs.append(toks)
+        finally:
+            self.model.train()
+        return outs
+
     def save_adapter(self, dirpath: Path) -> None:
         _save_native(dirpath, self.model, self.native)
 
@@ -240,21 +276,7 @@ class MLXBackend:
         pass
 
 
-def sft_loss(model, arrays: dict):
-    """The ``sft`` objective on MLX: completion-token cross entropy summed over the batch (no metrics).
-
-    mlx-lm models take no position ids and return logits for every position (batches are padded)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    labels = arrays["labels"]
-    logits = model(arrays["input_ids"]).astype(mx.float32)
-    mask = labels != batching.IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, labels, 0), reduction="none")
-    return (ce * mask).sum(), {}
-
-
-# --- preference objectives (dpo, orpo): the same maths as torch_backend's, in mlx ---------------------
+# --- what the objectives need from MLX (train/objectives: the maths is written once) ----------------
 
 _BYPASSED: dict = {}
 
@@ -287,81 +309,101 @@ def adapter_disabled(model):
             m.__class__ = cls
 
 
-def sequence_logps(model, input_ids, labels):
-    """(sum of log-probs of the scored tokens, number of scored tokens) per row, both ``[rows]`` fp32;
-    a token is scored where ``labels != -100`` (completion tokens only: the prompt never is)."""
+def token_logps(model, input_ids, labels):
+    """(log-prob of each scored token in place, 0 elsewhere; the float mask), both ``[rows, L]`` fp32."""
     import mlx.core as mx
     import mlx.nn as nn
 
     logits = model(input_ids).astype(mx.float32)
     mask = labels != batching.IGNORE
     tok_logp = -nn.losses.cross_entropy(logits, mx.where(mask, labels, 0), reduction="none")
-    return (tok_logp * mask).sum(axis=-1), mask.sum(axis=-1).astype(mx.float32)
-
-
-def _pair_logps(model, arrays: dict, reference: bool = False):
-    """(chosen sums, rejected sums, chosen counts, rejected counts) of a pair batch (rows ``[:B]``
-    chosen, ``[B:]`` rejected); ``reference``: the adapter-disabled model, gradient stopped."""
-    import mlx.core as mx
-
-    if reference:
-        with adapter_disabled(model):
-            sums, counts = sequence_logps(model, arrays["input_ids"], arrays["labels"])
-        sums = mx.stop_gradient(sums)
-    else:
-        sums, counts = sequence_logps(model, arrays["input_ids"], arrays["labels"])
-    b = sums.shape[0] // 2
-    return sums[:b], sums[b:], counts[:b], counts[b:]
-
-
-def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
-    """The metrics torch_backend._pair_metrics logs, under the same names, summed over pairs."""
-    import mlx.core as mx
-
-    sg = mx.stop_gradient
-    return {"reward_margin": sg(rew_c - rew_r).sum(), "reward_accuracy": (rew_c > rew_r).astype(mx.float32).sum(),
-            "logps_chosen": sg(pc).sum(), "logps_rejected": sg(pr).sum(),
-            **{k: sg(v).sum() for k, v in extra.items()}}
-
-
-def dpo_loss(model, arrays: dict, *, beta: float = 0.1, rpo_alpha: float = 0.0):
-    """The ``dpo`` objective on MLX: ``-logsigmoid(beta * ((pc - rc) - (pr - rr)))`` summed over the
-    batch's pairs (p: policy, r: adapter-disabled reference; c/r: chosen/rejected summed log-probs),
-    rewards ``beta * (policy - reference)``, ``rpo_alpha`` times the chosen tokens' mean NLL added
-    per pair; as torch_backend.dpo_loss."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    pc, pr, nc, _ = _pair_logps(model, arrays)
-    rc, rr, _, _ = _pair_logps(model, arrays, reference=True)
-    loss = -nn.log_sigmoid(beta * ((pc - rc) - (pr - rr)))
-    rew_c, rew_r = mx.stop_gradient(beta * (pc - rc)), mx.stop_gradient(beta * (pr - rr))
-    if not rpo_alpha:
-        return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
-    nll = -pc.sum() / mx.maximum(nc.sum(), 1)
-    return loss.sum() + rpo_alpha * pc.shape[0] * nll, _pair_metrics(pc, pr, rew_c, rew_r, nll=-pc / mx.maximum(nc, 1))
+    maskf = mask.astype(mx.float32)
+    return tok_logp * maskf, maskf
 
 
 def log1mexp(x):
-    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as torch_backend.log1mexp)."""
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
     import mlx.core as mx
 
     return mx.where(x < -0.6931471805599453, mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
 
 
-def orpo_loss(model, arrays: dict, *, orpo_lambda: float = 0.1):
-    """The ``orpo`` objective on MLX: per pair, the mean NLL of the chosen completion tokens minus
-    ``orpo_lambda * logsigmoid(log odds ratio)`` on per-token average log-probs (TRL's
-    ORPOTrainer.odds_ratio_loss), summed over pairs; as torch_backend.orpo_loss."""
-    import mlx.core as mx
-    import mlx.nn as nn
+class MLXKit:
+    """The array operations and model calls the objectives' maths uses (``train/objectives``), in MLX.
 
-    pc, pr, nc, nr = _pair_logps(model, arrays)
-    avg_c, avg_r = pc / mx.maximum(nc, 1), pr / mx.maximum(nr, 1)
-    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
-    loss = -avg_c - orpo_lambda * nn.log_sigmoid(log_odds)
-    rew_c, rew_r = mx.stop_gradient(orpo_lambda * avg_c), mx.stop_gradient(orpo_lambda * avg_r)
-    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r, nll=-avg_c, log_odds_ratio=log_odds)
+    mlx-lm models take no position ids and return logits for every position (batches are padded)."""
+
+    name = "mlx"
+
+    @staticmethod
+    def logsigmoid(x):
+        import mlx.nn as nn
+
+        return nn.log_sigmoid(x)
+
+    log1mexp = staticmethod(log1mexp)
+
+    @staticmethod
+    def exp(x):
+        import mlx.core as mx
+
+        return mx.exp(x)
+
+    @staticmethod
+    def minimum(a, b):
+        import mlx.core as mx
+
+        return mx.minimum(a, b)
+
+    @staticmethod
+    def maximum(x, v: float):
+        import mlx.core as mx
+
+        return mx.maximum(x, v)
+
+    @staticmethod
+    def clip(x, lo: float, hi: float):
+        import mlx.core as mx
+
+        return mx.clip(x, lo, hi)
+
+    @staticmethod
+    def ones_like(x):
+        import mlx.core as mx
+
+        return mx.ones_like(x)
+
+    @staticmethod
+    def stop_gradient(x):
+        import mlx.core as mx
+
+        return mx.stop_gradient(x)
+
+    @staticmethod
+    def to_float(x):
+        import mlx.core as mx
+
+        return x.astype(mx.float32)
+
+    @staticmethod
+    def completion_ce_sum(model, arrays: dict):
+        lp, _ = token_logps(model, arrays["input_ids"], arrays["labels"])
+        return -lp.sum()
+
+    @staticmethod
+    def seq_logps(model, arrays: dict, reference: bool = False):
+        lp, mask = MLXKit.token_logps(model, arrays, reference)
+        return lp.sum(axis=-1), mask.sum(axis=-1)
+
+    @staticmethod
+    def token_logps(model, arrays: dict, reference: bool = False):
+        import mlx.core as mx
+
+        if not reference:
+            return token_logps(model, arrays["input_ids"], arrays["labels"])
+        with adapter_disabled(model):
+            lp, mask = token_logps(model, arrays["input_ids"], arrays["labels"])
+        return mx.stop_gradient(lp), mask
 
 
 def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):

@@ -74,23 +74,26 @@ def _card_stats(model_dir, data_dir) -> dict | None:
     return stats
 
 
-def _tokenized_stats(model_dir, data_dir, chat_template, preference: bool = False) -> dict:
+def _tokenized_stats(model_dir, data_dir, chat_template, objective: str = "sft") -> dict:
     from ..data.stats import length_stats
     from ..data.template import load_tokenizer
-    from .batching import encode_pairs, encode_split
+    from .objectives import get
 
     tok = load_tokenizer(model_dir, chat_template=chat_template)
     train = Path(data_dir) / "train.jsonl"
-    examples, _ = (encode_pairs if preference else encode_split)(train, tok, None)
+    examples, _ = get(objective).encode(train, tok, None)
     return length_stats([len(e.ids) for e in examples])
 
 
-def train_length_stats(model_dir, data_dir, chat_template=None, preference: bool = False) -> tuple[dict, str]:
-    """(length stats of the train split, where they came from)."""
-    stats = _card_stats(model_dir, data_dir)
+def train_length_stats(model_dir, data_dir, chat_template=None, objective: str = "sft") -> tuple[dict, str]:
+    """(length stats of the train split as ``objective`` encodes it, where they came from; the data
+    card's row lengths unless the objective generates: GRPO's rows are prompts, measured as encoded)."""
+    from .objectives import get
+
+    stats = _card_stats(model_dir, data_dir) if get(objective).start is None else None
     if stats is not None:
         return stats, "data_card.json"
-    return _tokenized_stats(model_dir, data_dir, chat_template, preference), "train.jsonl tokenized"
+    return _tokenized_stats(model_dir, data_dir, chat_template, objective), "train.jsonl tokenized"
 
 
 def seq_len_from_data(stats: dict, where: str, context: int | None) -> tuple[int, str]:
@@ -109,9 +112,11 @@ def seq_len_from_data(stats: dict, where: str, context: int | None) -> tuple[int
 def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_size: int = 1):
     """(``cfg`` with ``max_seq_len`` resolved, :class:`Sizing`) for training on ``backend``."""
     from .memory import estimate_memory
-    from .support import PAIRED, resolve
+    from .objectives import get
+    from .support import resolve
 
-    stats, where = train_length_stats(model_dir, data_dir, chat_template, cfg.objective in PAIRED)
+    objective = get(cfg.objective)
+    stats, where = train_length_stats(model_dir, data_dir, chat_template, cfg.objective)
     if cfg.max_seq_len is None:
         seq, source = seq_len_from_data(stats, where, model_context(model_dir))
         cfg = dataclasses.replace(cfg, max_seq_len=seq)
@@ -128,7 +133,10 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
     steps = cfg.iters or max(1, math.ceil(cfg.epochs * math.ceil(rows / cfg.batch_size) / micro))
     epochs = steps * per_step / n
     memory = estimate_memory(model_dir, cfg)
-    seqs = 2 if cfg.objective in PAIRED else 1  # a pair is two sequences (mean: of the longer branch, an upper bound)
+    # rows per example: a pair is two sequences (mean: of the longer branch, an upper bound); a GRPO prompt
+    # is num_generations rows of prompt + up to max_completion_length sampled tokens
+    seqs = objective.rows_per_example(cfg)
+    mean = mean + objective.tokens_beyond(cfg)
     s = Sizing(seq, source, n, round(mean, 1), packing, per_row, per_step, steps, round(epochs, 2),
                int(round(per_step * mean * seqs)), memory, seqs)
     if epochs > EPOCHS_WARN:
@@ -146,9 +154,10 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
 
 def lines(s: Sizing) -> list[str]:
     """The human summary, one line each."""
-    paired = s.sequences_per_example == 2
+    n = s.sequences_per_example
     how = (f"{s.examples_per_row} example(s)/row packed into {s.max_seq_len}-token rows" if s.packing
-           else "padded, two rows (chosen, rejected) per pair" if paired else "padded, one example per row")
+           else "padded, two rows (chosen, rejected) per pair" if n == 2
+           else f"padded, {n} sampled completions per prompt" if n > 2 else "padded, one example per row")
     m = s.memory
     return [
         f"max_seq_len {s.max_seq_len} ({s.max_seq_len_source})",

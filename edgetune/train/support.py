@@ -28,18 +28,32 @@ class Refuse:
 
 
 LOOP = "the shared loop (loop.py)"
-PAIRED = ("dpo", "orpo")  # objectives whose examples are (chosen, rejected) pairs: padded, never packed
+
+
+def _objective_rows() -> dict[str, dict[str, object]]:
+    """A row per objective setting, from the objective modules that declare it (train/objectives/)."""
+    from .objectives import OBJECTIVES
+
+    rows: dict[str, dict[str, object]] = {}
+    for o in OBJECTIVES.values():
+        for p in o.params:
+            users = [x.name for x in OBJECTIVES.values() if p.name in x.uses or p in x.params]
+            where = f"objectives/{'+'.join(users)}.py ({p.help.split(':')[0]}); unused by the other objectives"
+            rows.setdefault(p.name, {b: where for b in BACKENDS})
+    return rows
+
+
+def _unpackable() -> tuple[str, ...]:
+    from .objectives import OBJECTIVES
+
+    return tuple(n for n, o in OBJECTIVES.items() if not o.packable)
 
 # field -> {backend: where it is honoured | Refuse(...)}
 SUPPORT: dict[str, dict[str, object]] = {
     "backend": {"torch": "select.choose_backend", "mlx": "select.choose_backend"},
-    "objective": {"torch": "objectives.OBJECTIVES (sft, dpo, orpo)", "mlx": "objectives.OBJECTIVES (sft, dpo, orpo)"},
-    "beta": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
-             "mlx": "objectives dpo loss (mlx_backend.dpo_loss); unused by sft/orpo"},
-    "rpo_alpha": {"torch": "objectives dpo loss (torch_backend.dpo_loss); unused by sft/orpo",
-                  "mlx": "objectives dpo loss (mlx_backend.dpo_loss); unused by sft/orpo"},
-    "orpo_lambda": {"torch": "objectives orpo loss (torch_backend.orpo_loss); unused by sft/dpo",
-                    "mlx": "objectives orpo loss (mlx_backend.orpo_loss); unused by sft/dpo"},
+    "objective": {"torch": "train/objectives/ (one module each; the loss through torch_backend.TorchKit)",
+                  "mlx": "train/objectives/ (one module each; the loss through mlx_backend.MLXKit)"},
+    **_objective_rows(),
     "method": {
         b: Refuse(lambda v, c: v == "full", "full fine-tuning is not implemented yet",
                   "use --method lora or dora (fuse merges the adapter into a full model afterwards)",
@@ -63,9 +77,9 @@ SUPPORT: dict[str, dict[str, object]] = {
     "max_grad_norm": {"torch": "clip_grad_norm_", "mlx": "optim.clip_grad_norm"},
     "weight_decay": {"torch": "AdamW weight_decay", "mlx": "AdamW weight_decay"},
     "packing": {
-        "torch": Refuse(lambda v, c: v is True and c.objective in PAIRED, "preference pairs are padded batches "
-                        "(chosen and rejected rows side by side); packing them is not implemented",
-                        "drop --packing (or set train.packing: false) with --objective dpo/orpo",
+        "torch": Refuse(lambda v, c: v is True and c.objective in _unpackable(), "this objective's batches are "
+                        "padded (preference pairs side by side, GRPO's sampled groups); packing them is not implemented",
+                        "drop --packing (or set train.packing: false) with --objective " + "/".join(_unpackable()),
                         honoured="batching.plan_epoch (position ids restart per example); default on for sft"),
         "mlx": Refuse(lambda v, c: v is True, "mlx-lm models take no position ids, so examples packed into "
                       "one row would attend to each other", "leave train.packing unset or use --no-packing",
@@ -99,9 +113,12 @@ DEFAULTS: dict[str, dict[str, object]] = {
 
 
 def _fill(cfg, backend: str):
-    defaults = dict(DEFAULTS[backend])
-    if cfg.objective in PAIRED:
-        defaults["packing"] = False  # pairs are padded batches
+    from .objectives import get
+
+    objective = get(cfg.objective)
+    defaults = {**DEFAULTS[backend], **objective.defaults}
+    if not objective.packable:
+        defaults["packing"] = False  # pairs and sampled groups are padded batches
     given = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **given) if given else cfg
 
@@ -110,6 +127,10 @@ def resolve(cfg, backend: str):
     """``cfg`` with its backend-default (None) settings filled in; raises :class:`UnsupportedError`
     for the first setting ``backend`` cannot honour (checked on the filled-in values)."""
     cfg = _fill(cfg, backend)
+    from .objectives import get
+
+    if backend not in get(cfg.objective).backends:
+        get(cfg.objective).loss_for(backend)  # raises, naming the backends that have it
     for name, row in SUPPORT.items():
         rule = row[backend]
         if isinstance(rule, Refuse) and rule.when(getattr(cfg, name), cfg):

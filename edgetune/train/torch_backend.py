@@ -73,68 +73,71 @@ def sequence_logps(lm, input_ids, position_ids, labels):
     return sums, counts
 
 
-def _pair_logps(lm, arrays: dict, reference: bool = False):
-    """(chosen sums, rejected sums, chosen counts, rejected counts) for a pair batch; ``reference``:
-    the same model with its adapter disabled, without gradient (DPO's reference, no second copy)."""
-    args = (arrays["input_ids"], arrays["position_ids"], arrays["labels"])
-    if reference:
-        if not hasattr(lm, "disable_adapter"):
-            raise EdgetuneError("DPO's reference model is the base with the adapter disabled; this model has no adapter.",
-                                fix="train DPO with --method lora, dora or qlora")
-        with torch.no_grad(), lm.disable_adapter():
-            sums, counts = sequence_logps(lm, *args)
-    else:
-        sums, counts = sequence_logps(lm, *args)
-    b = sums.shape[0] // 2
-    return sums[:b], sums[b:], counts[:b], counts[b:]
-
-
-def dpo_pair_losses(pc, pr, rc, rr, beta: float):
-    """DPO sigmoid loss per pair from summed log-probs (policy/reference, chosen/rejected), and the
-    implicit rewards ``beta * (policy - reference)`` (as TRL's DPOTrainer logs them)."""
-    loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
-    return loss, beta * (pc - rc).detach(), beta * (pr - rr).detach()
-
-
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo_pair_losses(avg_c, avg_r, nll_c, lam: float):
-    """ORPO per pair: ``nll_c - lam * logsigmoid(log odds ratio)``, the log odds taken on per-token
-    AVERAGE log-probs (TRL's ORPOTrainer.odds_ratio_loss); returns (loss, log_odds, rewards c/r)."""
-    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
-    loss = nll_c - lam * F.logsigmoid(log_odds)
-    return loss, log_odds.detach(), lam * avg_c.detach(), lam * avg_r.detach()
+@contextlib.contextmanager
+def _reference(lm, reference: bool):
+    """The adapter-disabled model without gradient (the reference: no second copy), or ``lm`` as is."""
+    if not reference:
+        yield
+        return
+    if not hasattr(lm, "disable_adapter"):
+        raise EdgetuneError("The reference model is the base with the adapter disabled; this model has no adapter.",
+                            fix="train with --method lora, dora or qlora")
+    with torch.no_grad(), lm.disable_adapter():
+        yield
 
 
-def _pair_metrics(pc, pr, rew_c, rew_r, **extra) -> dict:
-    return {"reward_margin": (rew_c - rew_r).sum(), "reward_accuracy": (rew_c > rew_r).float().sum(),
-            "logps_chosen": pc.detach().sum(), "logps_rejected": pr.detach().sum(),
-            **{k: v.detach().sum() for k, v in extra.items()}}
+def token_logps(lm, input_ids, position_ids, labels):
+    """(log-prob of each scored token in place, 0 elsewhere; the float mask), both ``[rows, L]``."""
+    logits, sel = _scored_logits(lm, input_ids, position_ids, labels)
+    tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(labels.shape, dtype=tok_logp.dtype, device=tok_logp.device).masked_scatter(sel, tok_logp)
+    return out, sel.to(tok_logp.dtype)
 
 
-def dpo_loss(lm, arrays: dict, *, beta: float = 0.1, rpo_alpha: float = 0.0):
-    """The ``dpo`` objective on torch: sigmoid DPO loss summed over the batch's pairs, + pair metrics.
-    ``rpo_alpha``: plus that times the NLL of the batch's chosen answers (the mean over all their
-    tokens, as TRL computes it) for each pair, so the loop's per-pair mean is TRL's loss."""
-    pc, pr, nc, _ = _pair_logps(lm, arrays)
-    rc, rr, _, _ = _pair_logps(lm, arrays, reference=True)
-    loss, rew_c, rew_r = dpo_pair_losses(pc, pr, rc, rr, beta)
-    if not rpo_alpha:
-        return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r)
-    nll = -pc.sum() / nc.sum().clamp(min=1)
-    return loss.sum() + rpo_alpha * len(pc) * nll, _pair_metrics(pc, pr, rew_c, rew_r, nll=-pc / nc.clamp(min=1))
+class TorchKit:
+    """The array operations and model calls the objectives' maths uses (``train/objectives``), in torch."""
 
+    name = "torch"
+    logsigmoid = staticmethod(F.logsigmoid)
+    log1mexp = staticmethod(log1mexp)
+    exp = staticmethod(torch.exp)
+    minimum = staticmethod(torch.minimum)
+    ones_like = staticmethod(torch.ones_like)
 
-def orpo_loss(lm, arrays: dict, *, orpo_lambda: float = 0.1):
-    """The ``orpo`` objective on torch: per pair, the mean NLL of the chosen completion tokens plus
-    ``orpo_lambda`` times the odds-ratio term; summed over the batch's pairs, + pair metrics."""
-    pc, pr, nc, nr = _pair_logps(lm, arrays)
-    avg_c, avg_r = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
-    loss, log_odds, rew_c, rew_r = orpo_pair_losses(avg_c, avg_r, -avg_c, orpo_lambda)
-    return loss.sum(), _pair_metrics(pc, pr, rew_c, rew_r, nll=-avg_c, log_odds_ratio=log_odds)
+    @staticmethod
+    def maximum(x, v: float):
+        return x.clamp(min=v)
+
+    @staticmethod
+    def clip(x, lo: float, hi: float):
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
+    @staticmethod
+    def to_float(x):
+        return x.float()
+
+    @staticmethod
+    def completion_ce_sum(lm, arrays: dict):
+        return completion_ce_sum(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"])
+
+    @staticmethod
+    def seq_logps(lm, arrays: dict, reference: bool = False):
+        with _reference(lm, reference):
+            return sequence_logps(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"])
+
+    @staticmethod
+    def token_logps(lm, arrays: dict, reference: bool = False):
+        with _reference(lm, reference):
+            return token_logps(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"])
 
 
 class CompletionLoss(torch.nn.Module):
@@ -496,6 +499,44 @@ class TorchBackend:
         n = max(n, 1)
         return {"loss": tot / n, **{k: v / n for k, v in sums.items()}}
 
+    @torch.no_grad()
+    def token_logps(self, batch, reference: bool = False) -> np.ndarray:
+        """Per-token log-probs of ``batch``'s scored tokens (no dropout, no gradient), numpy ``[rows, L]``."""
+        self.model.eval()
+        try:
+            with self._autocast():
+                lp, _ = TorchKit.token_logps(self.model, self._arrays(batch), reference=reference)
+        finally:
+            self.model.train()
+        return lp.float().cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 stop_ids: list[int], pad_id: int, seed: int) -> list[list[int]]:
+        """``n`` completions per prompt from the current policy (adapter on, no dropout), grouped by
+        prompt; transformers' generate on left-padded prompts with the KV cache. Temperature 0: greedy."""
+        sample = temperature > 0
+        if not sample:  # greedy: n equal completions; transformers refuses num_return_sequences > 1 there
+            prompts, n = [p for p in prompts for _ in range(n)], 1
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            att[i, width - len(p):] = 1
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(seed)
+        self.model.eval()
+        try:
+            with self._autocast():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
+                                          max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                          eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True, **kw)
+        finally:
+            self.model.train()
+        return [row.tolist() for row in out[:, width:].cpu()]
+
     def save_adapter(self, dirpath: Path) -> None:
         self.model.save_pretrained(str(dirpath))
         _fix_adapter_config(dirpath, self.model_dir)
@@ -530,11 +571,6 @@ class TorchBackend:
     def close(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-def sft_loss(lm, arrays: dict):
-    """The ``sft`` objective on torch: completion-token cross entropy summed over the batch (no metrics)."""
-    return completion_ce_sum(lm, arrays["input_ids"], arrays["position_ids"], arrays["labels"]), {}
 
 
 def run(model_dir, data_dir, out_dir, cfg, choice, *, resume: bool = False, on_step=None, chat_template=None):
