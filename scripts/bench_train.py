@@ -24,6 +24,17 @@ the steps, and the held-out DPO loss of each adapter measured by the same functi
 
     python scripts/bench_train.py --objective dpo --steps 6 --batch 4 --threads 1
 
+``--objective grpo``: TRL's ``GRPOTrainer`` with PEFT vs ``edgetune train --objective grpo`` on the
+demo tickets' prompts, ``--batch`` prompts x ``--generations`` sampled completions a step for both
+(temperature 1, ``--completion-len`` new tokens, beta 0, loss_type dapo, lr 2e-4 cosine), rewarded by
+the same plain function defined here (:func:`bench_reward`: the share of the reference JSON's fields
+the answer gets right + 0.25 if it is JSON; edgetune loads it as ``--reward scripts/bench_train.py:bench_reward``).
+Reported: tokens/s counting sampled plus trained tokens for both (TRL: its ``num_tokens``, prompt +
+completion, plus the completions' lengths), and the mean reward over the steps (equal work means
+nothing if one run learns less).
+
+    python scripts/bench_train.py --objective grpo --steps 6 --batch 2 --generations 4 --threads 1
+
 (On a shared 2-core machine use --threads 1: OpenMP threads competing with other processes ran
 ~10x slower than one thread in our measurements.)
 
@@ -148,6 +159,66 @@ def run_trl_dpo(a) -> dict:
             "dtype": a.plain_dtype, "peak_rss_gb": peak_rss_gb()}
 
 
+def bench_reward(prompts=None, completions=(), references=(), **_):
+    """The GRPO benchmark's reward, plain Python: share of the reference JSON's fields matched + 0.25 if JSON."""
+
+    def parse(text):
+        text = (text or "").strip()
+        if text.startswith("```"):
+            text = text.strip("`").split("\n", 1)[-1]
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
+    out = []
+    for c, r in zip(completions, references, strict=True):
+        got, want = parse(c), parse(r) or {}
+        if not isinstance(got, dict):
+            out.append(0.0)
+            continue
+        out.append(0.25 + sum(got.get(k) == v for k, v in want.items()) / max(1, len(want)))
+    return out
+
+
+def run_trl_grpo(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    rows = [json.loads(x) for x in Path(a.data, "train.jsonl").read_text().splitlines()]
+    ds = Dataset.from_list([{"prompt": r["messages"][:-1], "reference": r["messages"][-1]["content"]} for r in rows])
+
+    def reward(completions, reference, **kw):
+        return bench_reward(None, [c[-1]["content"] if isinstance(c, list) else c for c in completions], reference)
+
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.plain_dtype))
+    args = GRPOConfig(
+        output_dir=str(Path(a.out) / "trainer"), per_device_train_batch_size=a.batch * a.generations,
+        num_generations=a.generations, max_completion_length=a.completion_len, temperature=1.0, beta=0.0,
+        loss_type="dapo", max_steps=a.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
+        warmup_steps=int(round(0.05 * a.steps)), logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        seed=42, dataloader_num_workers=0, disable_tqdm=True, bf16=a.plain_dtype == "bfloat16",
+    )
+    tr = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                     peft_config=LoraConfig(task_type="CAUSAL_LM", **dict(LORA, lora_dropout=a.dropout)))
+    t0 = time.perf_counter()
+    out = tr.train()
+    dt = time.perf_counter() - t0
+    tr.model.save_pretrained(str(Path(a.out) / "adapter"))
+    logs = [h for h in tr.state.log_history if "reward" in h]
+    trained = int(max(h.get("num_tokens", 0) for h in tr.state.log_history))
+    sampled = int(round(sum(h["completions/mean_length"] for h in logs) * a.batch * a.generations))
+    tokens = trained + sampled
+    return {"run": "TRL GRPOTrainer+PEFT", "steps": out.global_step, "train_s": dt, "tokens": tokens, "tok_s": tokens / dt,
+            "sampled_tokens": sampled, "mean_reward": sum(h["reward"] for h in logs) / max(1, len(logs)),
+            "dtype": a.plain_dtype, "peak_rss_gb": peak_rss_gb()}
+
+
 def run_edgetune(a) -> dict:
     import torch
 
@@ -155,14 +226,22 @@ def run_edgetune(a) -> dict:
     from edgetune.train import train
 
     torch.set_num_threads(a.threads)
-    dpo = a.objective == "dpo"
+    dpo = a.objective in ("dpo", "grpo")
+    grpo = dict(num_generations=a.generations, max_completion_length=a.completion_len, temperature=1.0,
+                loss_type="dapo", rewards=[f"{Path(__file__).resolve()}:bench_reward"]) if a.objective == "grpo" else {}
     cfg = TrainConfig(backend="torch", method="lora", batch_size=a.batch if dpo else a.packed_rows or a.batch, max_seq_len=a.seq,
-                      objective=a.objective, beta=a.beta, packing=False if dpo else None,
+                      objective=a.objective, beta=a.beta if a.objective == "dpo" else None,
+                      packing=False if dpo else None, **grpo,
                       iters=a.steps, eval_every=0, save_every=0, learning_rate=2e-4, warmup_ratio=0.05, seed=42,
                       rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=a.dropout,
                       precision={"float32": "fp32", "bfloat16": "bf16"}.get(a.plain_dtype, "auto"))
     r = train(a.model, a.data, a.out, cfg)
     rows = [json.loads(x) for x in Path(a.out, "metrics.jsonl").read_text().splitlines()]
+    if a.objective == "grpo":
+        return {"run": "edgetune", "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
+                "tok_s": r.tokens_seen / r.extra["train_time_s"], "precision": r.precision,
+                "sampled_tokens": int(round(sum(x["completion_length"] for x in rows) * a.batch * a.generations)),
+                "mean_reward": sum(x["reward"] for x in rows) / max(1, len(rows)), "peak_rss_gb": peak_rss_gb()}
     return {"run": "edgetune", "mean_train_loss": sum(x["loss"] for x in rows) / max(1, len(rows)), "steps": r.steps, "train_s": r.extra["train_time_s"], "tokens": r.tokens_seen,
             "tok_s": r.tokens_seen / r.extra["train_time_s"], "last_train_loss": r.final_train_loss,
             "precision": r.precision, "padding_fraction": r.padding_fraction, "peak_rss_gb": peak_rss_gb()}
@@ -230,8 +309,11 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--objective", choices=["sft", "dpo"], default="sft",
-                    help="dpo: TRL's DPOTrainer + PEFT vs edgetune --objective dpo on the demo preference pairs")
+    ap.add_argument("--objective", choices=["sft", "dpo", "grpo"], default="sft",
+                    help="dpo: TRL's DPOTrainer + PEFT vs edgetune --objective dpo on the demo preference pairs; "
+                         "grpo: TRL's GRPOTrainer + PEFT vs edgetune --objective grpo on the demo tickets")
+    ap.add_argument("--generations", type=int, default=4, help="GRPO completions per prompt")
+    ap.add_argument("--completion-len", type=int, default=48, help="GRPO max new tokens per completion")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta of both runs")
     ap.add_argument("--only", choices=["plain", "edgetune"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -243,14 +325,15 @@ def main():
 
         a.plain_dtype = {"fp32": "float32", "bf16": "bfloat16"}[decide("train", "cpu").dtype]
     if a.only:
-        res = run_edgetune(a) if a.only == "edgetune" else run_trl_dpo(a) if a.objective == "dpo" else run_plain(a)
+        trl = {"dpo": run_trl_dpo, "grpo": run_trl_grpo}.get(a.objective, run_plain)
+        res = run_edgetune(a) if a.only == "edgetune" else trl(a)
         print("BENCH " + json.dumps(res))
         return
 
-    dpo = a.objective == "dpo"
+    dpo, grpo = a.objective == "dpo", a.objective == "grpo"
     rows = [json.loads(x) for x in (DEMO_PAIRS if dpo else DEMO_DATA).read_text().splitlines()]
     # enough for one epoch of either run (SFT: edgetune packs ~2 per row; DPO: batch pairs a step, no packing)
-    n_train = a.steps * a.batch * (1 if dpo else 3)
+    n_train = a.steps * a.batch * (1 if dpo or grpo else 3)
     train_rows, valid_rows = rows[:n_train], rows[n_train : n_train + a.valid]
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = work / "data"
@@ -261,7 +344,8 @@ def main():
         out = work / which
         cmd = [sys.executable, __file__, "--only", which, "--model", a.model, "--data", str(data), "--out", str(out),
                "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads), "--steps", str(a.steps),
-               "--plain-dtype", a.plain_dtype, "--dropout", str(a.dropout), "--objective", a.objective, "--beta", str(a.beta)]
+               "--plain-dtype", a.plain_dtype, "--dropout", str(a.dropout), "--objective", a.objective, "--beta", str(a.beta),
+               "--generations", str(a.generations), "--completion-len", str(a.completion_len)]
         if a.packed_rows:
             cmd += ["--packed-rows", str(a.packed_rows)]
         print(f"running {which} ...", file=sys.stderr, flush=True)
@@ -270,6 +354,9 @@ def main():
         if p.returncode or not line:
             sys.exit(f"{which} failed:\n{p.stderr[-4000:]}")
         res = json.loads(line[-1][6:])
+        if grpo:  # the comparison is the reward reached, not a loss
+            results.append(res)
+            continue
         res["val_loss"] = (val_dpo_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads, a.beta) if dpo
                            else val_loss(a.model, out / "adapter", valid_rows, a.seq, a.threads))
         results.append(res)
@@ -279,6 +366,18 @@ def main():
     from edgetune.hardware import cpu_model_and_flags
 
     cpu = cpu_model_and_flags()[0]
+    if grpo:
+        print(f"\nobjective grpo, steps {a.steps}, {a.batch} prompts x {a.generations} completions a step, "
+              f"<= {a.completion_len} new tokens, dtype {a.plain_dtype}, threads {a.threads}; CPU {cpu}; load: {load}")
+        print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'sampled':>8s} {'tok/s':>8s} {'mean reward':>11s} {'peak RSS GB':>11s}")
+        for r in results:
+            print(f"{r['run']:22s} {r['steps']:5d} {r['train_s']:8.1f} {r['tokens']:7d} {r['sampled_tokens']:8d} "
+                  f"{r['tok_s']:8.1f} {r['mean_reward']:11.3f} {r['peak_rss_gb']:11.2f}")
+        ratio = et["tok_s"] / plain["tok_s"]
+        print(f"\nspeed-up (sampled + trained tokens/s): {ratio:.2f}x   mean reward: TRL {plain['mean_reward']:.3f} "
+              f"edgetune {et['mean_reward']:.3f}")
+        print(json.dumps({"objective": "grpo", "plain": plain, "edgetune": et, "speedup": ratio}))
+        return
     print(f"\nobjective {a.objective}, steps {a.steps}, valid {len(valid_rows)}, batch {a.batch} (edgetune packed rows {a.packed_rows or a.batch}), "
           f"max seq {a.seq}, dtype {a.plain_dtype}, dropout {a.dropout}, threads {a.threads}; CPU {cpu}; load: {load}")
     print(f"{'run':22s} {'steps':>5s} {'train s':>8s} {'tokens':>7s} {'tok/s':>8s} {'val loss':>9s} {'peak RSS GB':>11s}")

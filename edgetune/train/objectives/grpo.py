@@ -151,13 +151,13 @@ def plan_prompts(examples, *, batch_size, max_seq_len, packing, group_by_length,
 # --- the loss ---------------------------------------------------------------------------------------
 
 
-def _unit_weights(kit, mask_sum, rows: int, loss_type: str, max_completion_length: int):
+def _unit_weights(kit, n_tokens, loss_type: str, max_completion_length: int):
     """Per completion, how many loss units it counts for (see the module docstring)."""
     if loss_type == "grpo":
-        return kit.ones_like(mask_sum)
+        return kit.ones_like(n_tokens)
     if loss_type == "dr_grpo":
-        return kit.ones_like(mask_sum) * float(max_completion_length)
-    return mask_sum  # bnpo / dapo: its tokens
+        return kit.ones_like(n_tokens) * float(max_completion_length)
+    return n_tokens  # bnpo / dapo: its tokens
 
 
 def loss(kit, model, arrays, *, beta: float = 0.0, epsilon: float = 0.2, loss_type: str = "dapo",
@@ -181,13 +181,9 @@ def loss(kit, model, arrays, *, beta: float = 0.0, epsilon: float = 0.2, loss_ty
         per_tok = per_tok + beta * kl * ratio
     n_tok = kit.maximum(mask.sum(axis=-1), 1.0)
     seq_sum = (per_tok * mask).sum(axis=-1)
-    if loss_type == "grpo":
-        total = (seq_sum / n_tok).sum()
-    elif loss_type == "dr_grpo":
-        total = seq_sum.sum()
-    else:
-        total = seq_sum.sum()
-    w = kit.stop_gradient(_unit_weights(kit, mask.sum(axis=-1), logp.shape[0], loss_type, max_completion_length))
+    # grpo: each completion's token mean; the others: token sums (the loop divides by the step's units)
+    total = (seq_sum / n_tok).sum() if loss_type == "grpo" else seq_sum.sum()
+    w = kit.stop_gradient(_unit_weights(kit, mask.sum(axis=-1), loss_type, max_completion_length))
     sg = kit.stop_gradient
     is_clipped = kit.to_float(((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + epsilon) & (adv > 0)))
     metrics = {"clip_fraction": (w * sg((is_clipped * mask).sum(axis=-1) / n_tok)).sum()}
