@@ -25,10 +25,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
     "train.objective": tuple(_OBJECTIVES),  # one module each under edgetune/train/objectives/
+    # the objectives' own choice settings (GRPO's loss_type, scale_rewards), declared in their modules
+    **{f"train.{p.name}": p.choices for p in _objective_params() if p.choices},
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
     "export.outtype": OUTTYPES,  # the GGUF types table (export/qtypes.py)
+    "export.route": ("merge", "adapter"),
     "eval.dtype": ("float32", "bfloat16", "float16", "auto"),
     "eval.runner": ("auto", "hf", "gguf"),
 }
@@ -137,8 +140,6 @@ class TrainConfig:
         for p in _objective_params():
             if p.lo is not None:
                 _check_range("train", p.name, getattr(self, p.name), p.lo, p.hi)
-            if p.choices:
-                _check_choice("train", p.name, getattr(self, p.name), p.choices)
         if self.objective == "dpo" and self.beta == 0:
             raise EdgetuneError("train.beta = 0 makes the DPO loss constant.", fix="use a beta > 0 (default 0.1)")
         if self.rank < 1:
@@ -191,6 +192,10 @@ class ExportConfig:
     min_top1: float = 0.90
     ladder: list[str] | None = None  # types --quant auto tries (None: the ladder column of export/qtypes.py)
     verify: bool = True  # compare GGUF with HF after writing
+    # merge: fuse the adapter, convert and quantize (every GGUF below); adapter: the base was imported from a
+    # GGUF/Ollama model (`edgetune models import`): ship the adapter GGUF on that unmodified source file
+    # (Modelfile FROM the same Ollama name or file + ADAPTER), checked against the imported HF model + adapter
+    route: str = "merge"
 
     def __post_init__(self):
         _check_choices("export", self)

@@ -32,6 +32,7 @@ trained tokens. A resumed run samples fresh completions for the cycle it resumes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class RolloutBatch:
     n_target: int  # loss units (see loss_type)
     old_logps: np.ndarray | None = None  # [rows, L] at sampling time (num_iterations > 1)
     ref_logps: np.ndarray | None = None  # [rows, L] adapter disabled (beta > 0)
+    n_sampled: int = 0  # of n_tokens, the sampled completion tokens (not sampled again when reused)
     stats: dict = field(default_factory=dict)
 
 
@@ -262,7 +264,8 @@ class Session:
         b = batching._collate(rows, self.pad)
         n_comp = sum(len(x) for x in comps)
         units = {"grpo": len(comps), "dr_grpo": len(comps) * c.max_completion_length}.get(c.loss_type, b.n_target)
-        rb = RolloutBatch(b.input_ids, b.labels, b.position_ids, adv, n_tokens=b.n_tokens + n_comp, n_target=units)
+        rb = RolloutBatch(b.input_ids, b.labels, b.position_ids, adv, n_tokens=b.n_tokens + n_comp, n_target=units,
+                          n_sampled=n_comp)
         if c.num_iterations > 1:
             rb.old_logps = self.backend.token_logps(rb, reference=False)
         if c.beta:
@@ -292,7 +295,9 @@ class Session:
             metrics["completion_length"] = sum(b.stats["sum"]["completion_length"] for b in mbs) / max(count, 1)
             metrics["groups_all_equal"] = sum(b.stats["groups_all_equal"] for b in mbs) / max(1, sum(b.stats["groups"] for b in mbs))
             self.cache = (mbs, metrics)
-        return self.cache
+            return self.cache
+        mbs, metrics = self.cache  # reused (num_iterations > 1): trained again, not sampled again
+        return [dataclasses.replace(b, n_tokens=b.n_tokens - b.n_sampled, n_sampled=0) for b in mbs], metrics
 
     def evaluate(self, batches: list[PromptBatch]) -> dict:
         """One greedy completion per valid prompt: mean total reward and each reward's mean."""
