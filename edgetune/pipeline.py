@@ -174,7 +174,38 @@ def _export_inputs(c: Ctx) -> dict:
             "calib": sha256_file(calib) if Path(calib).is_file() else None}
 
 
+def _export_adapter_route(c: Ctx) -> dict:
+    """export.route: adapter — the adapter as a GGUF on the unmodified source GGUF, checked against training."""
+    from .data.template import load_tokenizer
+    from .export.adapter import export_adapter
+    from .export.source_route import heldout_token_lists, require_source, verify_on_source
+
+    run = c.run
+    if run.aligned:
+        raise EdgetuneError(
+            "export.route = adapter ships one adapter on the source GGUF (Ollama takes one adapter per model), "
+            "but this run's align stage trains a second adapter on the SFT-merged model.",
+            fix="drop the align: section, or use export.route: merge (the GGUFs then hold both adapters merged)")
+    src = require_source(run.base_model_dir)
+    out = export_adapter(run.base_model_dir, run.adapter_dir, run.adapter_gguf)
+    size = out.stat().st_size
+    summary: dict[str, Any] = {
+        "route": "adapter", "adapter_gguf": str(out), "gguf": {"adapter": str(out)},
+        "source": {"kind": src.kind, "path": str(src.path), "name": src.name, "file_type": src.file_type},
+        "sizes_mb": {"adapter": round(size / 2**20, 2), "source": round(src.path.stat().st_size / 2**20, 1)},
+        "adapter_share": round(size / src.path.stat().st_size, 4),
+    }
+    if c.cfg.export.verify:
+        tok = load_tokenizer(run.base_model_dir, chat_template=c.cfg.data.chat_template)
+        held = run.split("test") if run.split("test").is_file() else run.split("valid")
+        summary["verify"] = verify_on_source(run.base_model_dir, run.adapter_dir, src.path, out,
+                                             heldout_token_lists(tok, held))
+    return summary
+
+
 def _export_run(c: Ctx, resume: bool) -> dict:
+    if c.cfg.export.route == "adapter":
+        return _export_adapter_route(c)
     export_model = _api("edgetune.export.quantize", "export_model", "export")
     kwargs = _api("edgetune.export.quantize", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
     res = export_model(c.run.fused_dir, c.run.gguf_dir, c.cfg.export.quants, name=c.run.model_name, **kwargs)
@@ -201,6 +232,13 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
     options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
+    extra: dict[str, Any] = {}
+    if run.adapter_route:  # FROM the model the user already runs (its Ollama name, or the source file) + ADAPTER
+        from .export.source_route import require_source
+
+        src = require_source(run.base_model_dir)
+        gguf = src.path
+        extra = {"adapter_gguf": run.adapter_gguf, "from_name": src.name if src.kind == "ollama" else None}
     if not gguf.is_file():
         raise EdgetuneError(
             f"ollama.quant = {run.modelfile_quant} but {gguf.name} was not exported.",
@@ -210,7 +248,7 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
     # the same options and the same writer as `edgetune ollama RUN`; SYSTEM None: the training data's
     # dominant system prompt. A family template that does not reproduce the chat template raises here;
     # a custom ollama.template is checked and reported, not refused (as the command does).
-    opts = options.from_config(o, model_dir=run.fused_dir, train_data=run.split("train"))
+    opts = options.from_config(o, model_dir=run.fused_dir, train_data=run.split("train"), **extra)
     text, check = build_modelfile(gguf, run.ollama_dir, run.model_name, opts)
     modelfile = write_text(run.modelfile, text)
     summary: dict[str, Any] = {"modelfile": str(modelfile), "gguf": str(gguf)}

@@ -238,12 +238,14 @@ def run_artifacts(run) -> dict[str, Path]:
     return arts
 
 
-def rebase_modelfile(text: str, gguf_name: str) -> str:
-    """The Modelfile with its FROM pointing at ``./gguf_name`` (the copy beside it in the entry)."""
+def rebase_modelfile(text: str, gguf_name: str, *, adapter: bool = False) -> str:
+    """The Modelfile with its FROM pointing at ``./gguf_name`` (the copy beside it in the entry); with
+    ``adapter`` (the adapter route) FROM stays (the source the user runs) and ADAPTER points at ``./gguf_name``."""
+    key = "ADAPTER " if adapter else "FROM "
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
-        if line.upper().startswith("FROM "):
-            lines[i] = f"FROM ./{gguf_name}\n"
+        if line.upper().startswith(key):
+            lines[i] = f"{key}./{gguf_name}\n"
             break
     return "".join(lines)
 
@@ -313,14 +315,16 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
         **({"align": to_dict(cfg.align)} if run.aligned else {}),
         "export": to_dict(cfg.export),
         "metrics": run.eval_metrics() if metrics is None else metrics,
-        "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None, "quant": run.modelfile_quant},
+        "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None,
+                   "quant": "source+adapter" if run.adapter_route else run.modelfile_quant},
         "artifacts": hashes,
         "versions": package_versions(),
         "git_commit": git_commit(),
     }
     texts = {}
     if "Modelfile" in arts:
-        text = rebase_modelfile(arts.pop("Modelfile").read_text(encoding="utf-8"), run.gguf(run.modelfile_quant).name)
+        shipped = run.adapter_gguf if run.adapter_route else run.gguf(run.modelfile_quant)
+        text = rebase_modelfile(arts.pop("Modelfile").read_text(encoding="utf-8"), shipped.name, adapter=run.adapter_route)
         texts["Modelfile"] = text
         hashes["Modelfile"] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "size": len(text.encode())}
     return register(run.model_name, body, arts, fingerprint, root=root, texts=texts)

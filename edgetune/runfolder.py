@@ -210,8 +210,20 @@ class RunFolder:
         return self.cfg.ollama.name or self.cfg.name
 
     @property
+    def adapter_route(self) -> bool:
+        """export.route: adapter — the adapter ships on the base's source GGUF; no merged GGUFs."""
+        return self.cfg.export.route == "adapter"
+
+    @property
+    def adapter_gguf(self) -> Path:
+        """``RUN/gguf/<model name>-adapter.gguf``: the LoRA adapter as a GGUF (the adapter route)."""
+        return self.gguf_dir / f"{self.model_name}-adapter.gguf"
+
+    @property
     def export_types(self) -> list[str]:
-        """The unquantized conversion first, then each quant type (no repeats)."""
+        """The unquantized conversion first, then each quant type (no repeats); none on the adapter route."""
+        if self.adapter_route:
+            return []
         e = self.cfg.export
         return [e.outtype] + [q for q in self.quant_types if q != e.outtype]
 
@@ -224,7 +236,7 @@ class RunFolder:
 
     @property
     def ggufs(self) -> list[Path]:
-        return [self.gguf(t) for t in self.export_types]
+        return [self.adapter_gguf] if self.adapter_route else [self.gguf(t) for t in self.export_types]
 
     @property
     def modelfile_quant(self) -> str:
@@ -253,6 +265,14 @@ class RunFolder:
         if self.aligned and self.sft_model_dir.is_dir():
             specs["sft"] = f"hf:{self.sft_model_dir}"  # SFT alone, so the report shows what align added
         specs["tuned"] = f"hf:{self.fused_dir}"
+        if self.adapter_route:  # what Ollama serves: the source quant with the adapter on it
+            from .export.source_route import read_source
+
+            src = read_source(self.base_model_dir)
+            if src is not None and src.path.is_file() and self.adapter_gguf.is_file():
+                label = f"{(src.file_type or 'source').lower()}+adapter"
+                specs[label] = f"gguf:{src.path}+adapter:{self.adapter_gguf}"
+            return specs
         q = self.modelfile_quant
         if self.gguf(q).is_file():
             specs[q] = f"gguf:{self.gguf(q)}"

@@ -99,11 +99,18 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
     from ..ollama_client import check_model_name, create_command, ollama_create
     from ..runfolder import RunFolder
 
-    base_cfg, run = OllamaConfig(), None
+    base_cfg, run, from_name = OllamaConfig(), None, None
     if model.is_dir():  # a run folder: its chosen GGUF, fused model, train split, ollama settings and RUN/ollama/
         run = RunFolder.open(model)
         base_cfg = run.cfg.ollama
-        model = run.require(run.gguf(run.modelfile_quant), "export")
+        if run.adapter_route:  # FROM the source the base was imported from (its Ollama name) + ADAPTER
+            from ..export.source_route import require_source
+
+            src = require_source(run.base_model_dir)
+            model, adapter = src.path, adapter or run.require(run.adapter_gguf, "export")
+            from_name = src.name if src.kind == "ollama" else None
+        else:
+            model = run.require(run.gguf(run.modelfile_quant), "export")
         name, output = name or run.model_name, output or run.ollama_dir
         model_dir = model_dir or run.require(run.fused_dir, "fuse")
         train_data = train_data or (run.split("train") if run.split("train").is_file() else None)
@@ -112,7 +119,8 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
                    create=create, check=False if no_check else None)
     name = check_model_name(cfg.name or _default_name(model))
     out_dir = output or model.parent
-    options = ModelfileOptions.from_config(cfg, model_dir=model_dir, adapter_gguf=adapter, train_data=train_data)
+    options = ModelfileOptions.from_config(cfg, model_dir=model_dir, adapter_gguf=adapter, train_data=train_data,
+                                           from_name=from_name)
     text, result = build_modelfile(model, out_dir, name, options)
     path = write_text(Path(out_dir) / "Modelfile", text)
 

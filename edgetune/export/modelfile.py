@@ -39,6 +39,7 @@ class ModelfileOptions:
 
     model_dir: str | Path | None = None  # HF folder the model came from
     adapter_gguf: str | Path | None = None  # LoRA GGUF: FROM is then the base GGUF, an ADAPTER line follows
+    from_name: str | None = None  # FROM this Ollama model name instead of the GGUF's path (the GGUF is still read)
     system: str | None = None  # SYSTEM prompt
     train_data: str | Path | None = None  # prepared JSONL whose dominant system prompt is the default SYSTEM
     template_file: str | Path | None = None  # a Go template to use instead of the family's (checked, not refused)
@@ -134,7 +135,7 @@ def build_modelfile(gguf_path, out_dir, name: str, options: ModelfileOptions | N
                 f"The '{family_name}' Go template does not reproduce this model's chat template:\n{result.diff}",
                 where=info.source, fix="pass --template FILE with a Go template that matches (it is then checked)",
             )
-    commands: list[tuple[str, str]] = [("FROM", _rel_or_abs(gguf, out))]
+    commands: list[tuple[str, str]] = [("FROM", o.from_name or _rel_or_abs(gguf, out))]
     if adapter_gguf:
         commands.append(("ADAPTER", _rel_or_abs(Path(adapter_gguf), out)))
     commands.append(("TEMPLATE", go))

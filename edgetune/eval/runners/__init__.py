@@ -32,7 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "openai": ("edgetune.eval.runners.http", "OpenAIRunner"),
 }
 
-_NAME = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")
+_NAME = re.compile(r"^([A-Za-z0-9_.+\-]+)=(.+)$")  # a name may hold "+" (q4_k_m+adapter)
 
 
 @dataclass
