@@ -444,6 +444,8 @@ def _cost_imatrix(i: Inputs) -> Cost | None:
 
     e = i.cfg.export
     types = list(LADDER) if AUTO in e.quants else e.quants
+    if e.route == "adapter":  # the adapter ships on the source GGUF: nothing is quantized
+        return None
     if e.imatrix != "auto" or not any(QTYPES[q].imatrix for q in types if q in QTYPES):
         return None
     try:

@@ -116,3 +116,13 @@ def test_a_run_on_an_imported_model_ships_the_adapter_on_the_source(tiny_llama_d
     r = CliRunner().invoke(cli, ["ollama", str(run.root)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert run.modelfile.read_text(encoding="utf-8") == before
+
+
+def test_the_plan_has_no_imatrix_on_the_adapter_route():
+    from edgetune import pipeline, stageplan
+
+    def stages(route):
+        cfg = pipeline.load_recipe("mac-lora-7b", [f"export.route={route}"])  # a known shape: no model needed
+        return {c.stage for c in stageplan.plan_stages(cfg, None, stageplan.TARGETS["mac-16gb"]).costs}
+
+    assert "imatrix" in stages("merge") and "imatrix" not in stages("adapter")
