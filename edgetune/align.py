@@ -39,7 +39,7 @@ def align(run: RunFolder, model_dir: Path, *, resume: bool = False, log=print) -
         from .train.objectives import get
 
         # pair objectives read preference rows; GRPO reads prompts (+ references) from any row kind
-        fmt = "preference" if get(a.objective).rows_per_example(a) == 2 else run.cfg.data.format
+        fmt = "preference" if get(a.objective).preference else run.cfg.data.format
         data_cfg = dataclasses.replace(run.cfg.data, path=str(source), format=fmt)
         prepare(source, run.align_data_dir, data_cfg, model_dir=model_dir)
     leaked = prompts_seen_in(run.align_data_dir / "test.jsonl", run.split("train"))

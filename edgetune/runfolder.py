@@ -171,7 +171,7 @@ class RunFolder:
             return Path(self.cfg.eval.preference_data)
         from .train.objectives import get
 
-        if not self.aligned or get(self.cfg.align.objective).rows_per_example(self.cfg.align) != 2:
+        if not self.aligned or not get(self.cfg.align.objective).preference:
             return None  # GRPO's align data are prompts, not pairs
         return self.align_data_dir / "test.jsonl"
 

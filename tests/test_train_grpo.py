@@ -222,3 +222,35 @@ def test_bad_input_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path):
         _run(tiny_llama_dir, write_split(tmp_path / "e", ROWS[2:6]), tmp_path / "run", backend="torch", num_threads=1,
              rewards=[f"{tmp_path / 'myreward.py'}:score"], iters=1)
     assert "plus" in str(ei.value)  # the prompt that failed
+
+
+def test_sft_then_grpo_recipe_runs_end_to_end(tiny_llama_dir, tmp_path, monkeypatch):
+    """The shipped cpu-sft-grpo-small recipe shrunk to the tiny model: GRPO runs as the align stage on
+    the SFT-merged model with the recipe's rewards, and eval compares base, sft and tuned without
+    asking the prompts for preference pairs."""
+    from click.testing import CliRunner
+
+    from edgetune import pipeline
+    from edgetune.cli import cli
+    from edgetune.io import read_json
+    from edgetune.runfolder import RunFolder
+
+    monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path / "home"))
+    lines = pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:40]
+    (tmp_path / "tickets.jsonl").write_text("".join(lines), encoding="utf-8")
+    tiny = {"backend": "torch", "iters": 2, "batch_size": 2, "max_seq_len": 256, "rank": 4, "alpha": 8,
+            "eval_every": 0, "save_every": 2, "num_threads": 1}
+    sets = [f"model={tiny_llama_dir}", f"output={tmp_path / 'runs'}", f"data.path={tmp_path / 'tickets.jsonl'}",
+            f"align.data={tmp_path / 'tickets.jsonl'}", "export.verify=false", "eval.limit=2", "eval.max_tokens=4",
+            "align.num_generations=2", "align.max_completion_length=6", "align.early_stopping_patience=null"]
+    sets += [f"{sec}.{k}={v}" for sec in ("train", "align") for k, v in tiny.items()]
+    r = CliRunner().invoke(cli, ["run", "cpu-sft-grpo-small", *[a for s in sets for a in ("--set", s)]],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    run = RunFolder(tmp_path / "runs" / "cpu-sft-grpo-small")
+    align = run.manifest()["stages"]["align"]["summary"]
+    assert align["objective"] == "grpo" and align["steps"] == 2
+    rows = _rows(run.align_train_dir)
+    assert {"reward", "reward_json_fields", "reward_json_valid", "clip_fraction"} <= rows[0].keys()
+    report = read_json(run.eval_report("json"))
+    assert [m["name"] for m in report["models"]][:3] == ["base", "sft", "tuned"] and "preference" not in report

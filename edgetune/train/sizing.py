@@ -41,7 +41,8 @@ class Sizing:
     epochs: float  # steps x examples_per_step / train_examples
     tokens_per_step: int  # real (non-pad) tokens
     memory: dict = field(default_factory=dict)
-    sequences_per_example: int = 1  # DPO/ORPO: 2 (prompt+chosen and prompt+rejected rows)
+    sequences_per_example: int = 1  # DPO/ORPO: 2 (prompt+chosen and prompt+rejected rows); GRPO: num_generations
+    row_kind: str = "example"  # example | pair | sampled (what a padded row holds, for the summary)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -138,7 +139,8 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
     seqs = objective.rows_per_example(cfg)
     mean = mean + objective.tokens_beyond(cfg)
     s = Sizing(seq, source, n, round(mean, 1), packing, per_row, per_step, steps, round(epochs, 2),
-               int(round(per_step * mean * seqs)), memory, seqs)
+               int(round(per_step * mean * seqs)), memory, seqs,
+               "pair" if objective.preference else "sampled" if objective.start else "example")
     if epochs > EPOCHS_WARN:
         how = "--iters" if cfg.iters else "--epochs"
         s.warnings.append(
@@ -154,10 +156,10 @@ def size(model_dir, data_dir, cfg, backend: str, *, chat_template=None, world_si
 
 def lines(s: Sizing) -> list[str]:
     """The human summary, one line each."""
-    n = s.sequences_per_example
     how = (f"{s.examples_per_row} example(s)/row packed into {s.max_seq_len}-token rows" if s.packing
-           else "padded, two rows (chosen, rejected) per pair" if n == 2
-           else f"padded, {n} sampled completions per prompt" if n > 2 else "padded, one example per row")
+           else "padded, two rows (chosen, rejected) per pair" if s.row_kind == "pair"
+           else f"padded, {s.sequences_per_example} sampled completions per prompt" if s.row_kind == "sampled"
+           else "padded, one example per row")
     m = s.memory
     return [
         f"max_seq_len {s.max_seq_len} ({s.max_seq_len_source})",

@@ -70,6 +70,7 @@ class Objective:
     extra_tokens: Any = 0  # tokens a row holds beyond max_seq_len: int or (cfg) -> int (GRPO: completions)
     reference_pass: Any = False  # bool or (cfg) -> bool: a pass with the adapter off beside the policy's
     packable: bool = True  # examples may be packed into rows (torch); pairs and rollouts are padded
+    preference: bool = False  # trains on prompt/chosen/rejected rows (data.format preference; eval preference accuracy)
     align: bool = True  # may be the align stage after SFT
     backends: tuple[str, ...] = ("torch", "mlx")
     start: Any = None  # (backend, tokenizer, cfg) -> session with .batches(data, n, step) and .evaluate(batches)

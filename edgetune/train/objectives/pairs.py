@@ -10,7 +10,8 @@ from __future__ import annotations
 from .. import batching
 
 ENCODE, PLAN = batching.encode_pairs, batching.plan_pairs
-SHAPE = dict(encode=ENCODE, plan=PLAN, sequences=2, packable=False, monitor="reward_accuracy", maximize=True)
+SHAPE = dict(encode=ENCODE, plan=PLAN, sequences=2, packable=False, preference=True, monitor="reward_accuracy",
+             maximize=True)
 
 
 def pair_logps(kit, model, arrays: dict, reference: bool = False):
