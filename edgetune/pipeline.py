@@ -238,7 +238,7 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
 
         src = require_source(run.base_model_dir)
         gguf = src.path
-        extra = {"adapter_gguf": run.adapter_gguf, "from_name": src.name if src.kind == "ollama" else None}
+        extra = {"adapter_gguf": run.adapter_gguf, "from_name": src.ollama_name}
     if not gguf.is_file():
         raise EdgetuneError(
             f"ollama.quant = {run.modelfile_quant} but {gguf.name} was not exported.",

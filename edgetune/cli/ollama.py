@@ -108,7 +108,7 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
 
             src = require_source(run.base_model_dir)
             model, adapter = src.path, adapter or run.require(run.adapter_gguf, "export")
-            from_name = src.name if src.kind == "ollama" else None
+            from_name = src.ollama_name
         else:
             model = run.require(run.gguf(run.modelfile_quant), "export")
         name, output = name or run.model_name, output or run.ollama_dir

@@ -101,6 +101,22 @@ def load_tokenizer(model_dir, chat_template: str | None = None):
     return tok
 
 
+def end_token_ids(model_dir, tokenizer) -> list[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation config's
+    (chat models end a turn with their own token), as transformers derives them."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id}
+    try:
+        gen_eos = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json: the model config's, as transformers derives it
+        from transformers import AutoConfig
+
+        gen_eos = getattr(AutoConfig.from_pretrained(str(model_dir), local_files_only=True), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(e for e in ids if e is not None)
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: Any = None) -> str:
     kwargs = {"tools": tools} if tools else {}
     try:

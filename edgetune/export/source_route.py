@@ -37,9 +37,14 @@ class Source:
     file_type: str | None  # the quant type, e.g. Q4_K_M
 
     @property
+    def ollama_name(self) -> str | None:
+        """The Ollama name the Modelfile's FROM says (the model the user already runs); None for a file."""
+        return self.name if self.kind == "ollama" and self.name else None
+
+    @property
     def from_line(self) -> str:
-        """What the Modelfile's FROM says: the Ollama name (the model the user already runs) or the file."""
-        return self.name if self.kind == "ollama" and self.name else str(self.path)
+        """What the Modelfile's FROM says: the Ollama name or the file."""
+        return self.ollama_name or str(self.path)
 
 
 def read_source(model_dir) -> Source | None:

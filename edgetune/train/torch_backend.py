@@ -59,18 +59,19 @@ def completion_ce_sum(lm, input_ids, position_ids, labels):
     return F.cross_entropy(logits, labels[sel], reduction="sum")
 
 
-def sequence_logps(lm, input_ids, position_ids, labels):
-    """(sum of log-probs of the scored tokens, number of scored tokens) per row, both ``[rows]`` fp32.
-
-    Same selection as :func:`completion_ce_sum`: the LM head runs only where ``labels != -100``.
-    """
+def token_logps(lm, input_ids, position_ids, labels):
+    """(log-prob of each scored token in place, 0 elsewhere; the float mask), both ``[rows, L]``."""
     logits, sel = _scored_logits(lm, input_ids, position_ids, labels)
     tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
-    rows = sel.nonzero()[:, 0]
-    n = labels.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=tok_logp.device).index_add(0, rows, tok_logp)
-    counts = sel.sum(dim=1).to(torch.float32)
-    return sums, counts
+    out = torch.zeros(labels.shape, dtype=tok_logp.dtype, device=tok_logp.device).masked_scatter(sel, tok_logp)
+    return out, sel.to(tok_logp.dtype)
+
+
+def sequence_logps(lm, input_ids, position_ids, labels):
+    """(sum of log-probs of the scored tokens, number of scored tokens) per row, both ``[rows]`` fp32
+    (:func:`token_logps` summed per row)."""
+    lp, mask = token_logps(lm, input_ids, position_ids, labels)
+    return lp.sum(dim=-1), mask.sum(dim=-1)
 
 
 def log1mexp(x):
@@ -89,14 +90,6 @@ def _reference(lm, reference: bool):
                             fix="train with --method lora, dora or qlora")
     with torch.no_grad(), lm.disable_adapter():
         yield
-
-
-def token_logps(lm, input_ids, position_ids, labels):
-    """(log-prob of each scored token in place, 0 elsewhere; the float mask), both ``[rows, L]``."""
-    logits, sel = _scored_logits(lm, input_ids, position_ids, labels)
-    tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(labels.shape, dtype=tok_logp.dtype, device=tok_logp.device).masked_scatter(sel, tok_logp)
-    return out, sel.to(tok_logp.dtype)
 
 
 class TorchKit:

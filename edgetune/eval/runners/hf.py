@@ -65,20 +65,11 @@ class HFRunner(Runner):
                                     where=str(self.adapter), fix="pass the adapter/ folder written by edgetune train")
         self._model = None  # loaded on first generation or single-sequence logits: drift streams instead
         self._streamed = None
-        from transformers import GenerationConfig
-
-        eos = {self.tokenizer.eos_token_id}
-        try:
-            gen_eos = GenerationConfig.from_pretrained(str(self.path), local_files_only=True).eos_token_id
-        except OSError:  # no generation_config.json: the model config's, as transformers derives it
-            from transformers import AutoConfig
-
-            gen_eos = getattr(AutoConfig.from_pretrained(str(self.path), local_files_only=True), "eos_token_id", None)
+        from ...data.template import end_token_ids
         from ...train.memory import _model_shapes
 
         self.vocab_size = _model_shapes(self.path)["vocab"]
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.eos_ids = sorted(e for e in eos if e is not None)
+        self.eos_ids = end_token_ids(self.path, self.tokenizer)
 
     @property
     def model(self):

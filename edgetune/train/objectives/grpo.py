@@ -153,12 +153,13 @@ def plan_prompts(examples, *, batch_size, max_seq_len, packing, group_by_length,
 # --- the loss ---------------------------------------------------------------------------------------
 
 
-def _unit_weights(kit, n_tokens, loss_type: str, max_completion_length: int):
-    """Per completion, how many loss units it counts for (see the module docstring)."""
+def unit_weights(ones_like, n_tokens, loss_type: str, max_completion_length: int):
+    """Per completion, how many loss units it counts for (see the module docstring), from its token
+    counts (any array kind: ``ones_like`` is that kind's)."""
     if loss_type == "grpo":
-        return kit.ones_like(n_tokens)
+        return ones_like(n_tokens)
     if loss_type == "dr_grpo":
-        return kit.ones_like(n_tokens) * float(max_completion_length)
+        return ones_like(n_tokens) * float(max_completion_length)
     return n_tokens  # bnpo / dapo: its tokens
 
 
@@ -185,7 +186,7 @@ def loss(kit, model, arrays, *, beta: float = 0.0, epsilon: float = 0.2, loss_ty
     seq_sum = (per_tok * mask).sum(axis=-1)
     # grpo: each completion's token mean; the others: token sums (the loop divides by the step's units)
     total = (seq_sum / n_tok).sum() if loss_type == "grpo" else seq_sum.sum()
-    w = kit.stop_gradient(_unit_weights(kit, mask.sum(axis=-1), loss_type, max_completion_length))
+    w = kit.stop_gradient(unit_weights(kit.ones_like, mask.sum(axis=-1), loss_type, max_completion_length))
     sg = kit.stop_gradient
     is_clipped = kit.to_float(((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + epsilon) & (adv > 0)))
     metrics = {"clip_fraction": (w * sg((is_clipped * mask).sum(axis=-1) / n_tok)).sum()}
@@ -210,18 +211,6 @@ def group_advantages(rewards: np.ndarray, group: int, scale: str) -> np.ndarray:
     return np.nan_to_num(adv).astype(np.float32)
 
 
-def stop_ids(tokenizer, model_dir=None) -> list[int]:
-    """End-of-turn ids: the tokenizer's EOS and the generation config's (chat models end turns with their own)."""
-    ids = {tokenizer.eos_token_id}
-    if model_dir is not None:
-        try:
-            gen = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
-            ids |= set(gen if isinstance(gen, list) else [gen])
-        except (OSError, ValueError):
-            pass
-    return sorted(i for i in ids if i is not None)
-
-
 class Session:
     """What GRPO adds to the loop: completions sampled before each step, validation by reward."""
 
@@ -230,7 +219,9 @@ class Session:
 
         self.backend, self.tok, self.cfg = backend, tokenizer, cfg
         self.rewards = R.parse_rewards(cfg.rewards)
-        self.stop = stop_ids(tokenizer, model_dir)
+        from ...data.template import end_token_ids
+
+        self.stop = end_token_ids(model_dir, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
         self.cache: tuple[list, dict] | None = None
 
@@ -262,8 +253,9 @@ class Session:
         rows = [[batching.TokenizedExample(e.ids + comp, [0] * len(e.ids) + [1] * len(comp))]
                 for e, comp in zip((e for e in batch.examples for _ in range(G)), comps, strict=True)]
         b = batching._collate(rows, self.pad)
-        n_comp = sum(len(x) for x in comps)
-        units = {"grpo": len(comps), "dr_grpo": len(comps) * c.max_completion_length}.get(c.loss_type, b.n_target)
+        lengths = np.array([len(x) for x in comps], dtype=np.int64)
+        units = int(unit_weights(np.ones_like, lengths, c.loss_type, c.max_completion_length).sum())
+        n_comp = int(lengths.sum())
         rb = RolloutBatch(b.input_ids, b.labels, b.position_ids, adv, n_tokens=b.n_tokens + n_comp, n_target=units,
                           n_sampled=n_comp)
         if c.num_iterations > 1:
