@@ -24,10 +24,12 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import EdgetuneError
+
+if TYPE_CHECKING:  # numpy is imported where batches are built: the objectives' table (read by edgetune.config
+    import numpy as np  # at every command's start) must not pull it in
 
 IGNORE = -100
 SPLITS = ("train", "valid", "test")
@@ -128,6 +130,8 @@ def _pack_rows(order: list[TokenizedExample], max_len: int, window: int = 64) ->
 
 
 def _collate(rows: list[list[TokenizedExample]], pad_id: int, multiple: int = 8) -> Batch:
+    import numpy as np
+
     width = max(sum(len(e.ids) for e in r) for r in rows)
     width = -(-width // multiple) * multiple  # round up: fewer distinct shapes, same real tokens
     B = len(rows)

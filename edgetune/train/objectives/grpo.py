@@ -37,12 +37,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ...errors import EdgetuneError
 from .. import batching
 from . import Objective, Param
+
+if TYPE_CHECKING:  # numpy is imported where rollouts are built, not when edgetune.config reads this table
+    import numpy as np
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -201,6 +203,8 @@ def loss(kit, model, arrays, *, beta: float = 0.0, epsilon: float = 0.2, loss_ty
 def group_advantages(rewards: np.ndarray, group: int, scale: str) -> np.ndarray:
     """Rewards minus their group's mean, divided by the group's std (``group``), the step's (``batch``)
     or nothing (``none``), + 1e-4 as TRL; std with Bessel's correction (TRL's nanstd)."""
+    import numpy as np
+
     g = rewards.reshape(-1, group)
     adv = (g - g.mean(axis=1, keepdims=True)).reshape(-1)
     if scale == "group":
@@ -246,6 +250,8 @@ class Session:
         return R.score(self.rewards, prompts, texts, refs)
 
     def rollout(self, batch: PromptBatch, step: int) -> RolloutBatch:
+        import numpy as np
+
         c, G = self.cfg, self.cfg.num_generations
         comps = self._sample(batch, G, greedy=False, seed=c.seed * 1_000_003 + step)
         total, per = self._score(batch, comps, G)
@@ -272,6 +278,8 @@ class Session:
 
     def batches(self, data, n: int, step: int) -> tuple[list, dict]:
         """This step's rollout batches (fresh every ``num_iterations`` steps) and the reward metrics."""
+        import numpy as np
+
         if self.cache is None or step % self.cfg.num_iterations == 0:
             mbs = [self.rollout(b, step * n + i) for i, b in enumerate(data.take(n))]
             values: dict[str, list] = {}
