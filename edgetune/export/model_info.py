@@ -75,17 +75,38 @@ def info_from_hf(model_dir: str | os.PathLike) -> ModelInfo:
     for i in eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []:
         if i in id_to_text:
             info.extra_eos.append(id_to_text[i])
-    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
-        if (d / name).exists():
-            info.license = (d / name).read_text(encoding="utf-8", errors="replace").strip()
-            break
-    else:
-        readme = d / "README.md"
-        if readme.exists():
-            m = re.search(r"^---\n.*?^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace"), re.M | re.S)
-            if m:
-                info.license = m.group(1).strip("'\"")
+    lic, named = license_file(d), readme_metadata(d).get("license")
+    if lic is not None:
+        info.license = lic.read_text(encoding="utf-8", errors="replace").strip()
+    elif isinstance(named, str):
+        info.license = named
     return info
+
+
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+
+
+def license_file(model_dir: str | os.PathLike) -> Path | None:
+    """The model folder's license file (LICENSE, LICENSE.txt or LICENSE.md), if it has one."""
+    return next((Path(model_dir) / n for n in LICENSE_FILES if (Path(model_dir) / n).is_file()), None)
+
+
+def readme_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The YAML front matter of the folder's README.md (a Hugging Face model card's metadata:
+    ``license``, ``base_model``, ``tags`` ...); {} when there is none or it is not valid YAML."""
+    readme = Path(model_dir) / "README.md"
+    if not readme.is_file():
+        return {}
+    m = re.match(r"---[ \t]*\r?\n(.*?)^---[ \t]*$", readme.read_text(encoding="utf-8", errors="replace"), re.M | re.S)
+    if not m:
+        return {}
+    import yaml
+
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 _GGUF_CACHE: dict[tuple, dict] = {}
