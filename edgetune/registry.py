@@ -5,9 +5,11 @@ Layout (``home`` is :func:`edgetune.paths.home`, i.e. ``$EDGETUNE_HOME`` or ``./
     <home>/<name>/v1/manifest.yaml   base model, data card hash, method + hyper-parameters,
                                      metrics, artifacts (sha256, size), versions, git commit, time
     <home>/<name>/v1/<artifacts>     GGUFs (hard-linked when possible), Modelfile, adapter/, eval report
+    <home>/<name>/v1/published.yaml  where the model was published (``edgetune publish``), appended to
 
-Versions only ever increase and a version folder is never rewritten: a new entry is built in a
-hidden temp folder and renamed into place, and the rename refuses an existing version. A run is
+Versions only ever increase and a version's model is never rewritten: a new entry is built in a
+hidden temp folder and renamed into place, and the rename refuses an existing version. Only
+``published.yaml``, the log of where those very files went, is added to later. A run is
 identified by a fingerprint of its artifacts, so registering the same finished run twice returns
 the existing entry instead of adding a second one.
 """
@@ -29,6 +31,7 @@ from .errors import EdgetuneError
 from .paths import home
 
 MANIFEST = "manifest.yaml"
+PUBLISHED = "published.yaml"
 LAST_VERSION = ".last_version"
 BASE_DIR = "base"  # <home>/base holds base models (the demo model), never registry entries
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -134,7 +137,7 @@ def _last_version(model_dir: Path) -> int:
         return 0
 
 
-def _place(src: Path, dst: Path) -> None:
+def place_file(src: Path, dst: Path) -> None:
     """Put a file into the registry without doubling disk use: hard link, else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -170,9 +173,9 @@ def register(
             src = Path(src)
             if src.is_dir():
                 for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                    _place(f, tmp / rel / f.relative_to(src))
+                    place_file(f, tmp / rel / f.relative_to(src))
             else:
-                _place(src, tmp / rel)
+                place_file(src, tmp / rel)
         for rel, text in (texts or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text, encoding="utf-8")
@@ -200,6 +203,35 @@ def register(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publications(entry: Entry) -> list[dict]:
+    """Where ``entry`` was published, oldest first (``edgetune publish``: kind, target, time, files)."""
+    p = entry.path / PUBLISHED
+    if not p.is_file():
+        return []
+    try:
+        return list(yaml.safe_load(p.read_text(encoding="utf-8")) or [])
+    except yaml.YAMLError as exc:
+        raise EdgetuneError(f"Registry publication log is not valid YAML: {exc}", where=str(p)) from None
+
+
+def record_publication(entry: Entry, item: dict) -> None:
+    """Append ``item`` to the entry's publication log (``published.yaml``, rewritten atomically)."""
+    from .io import write_text
+
+    write_text(entry.path / PUBLISHED, yaml.safe_dump(publications(entry) + [item], sort_keys=False, allow_unicode=True))
+
+
+def entry_for_run(run, gguf_sha256: dict[str, str], root: Path | None = None) -> Entry | None:
+    """The registry entry holding this run's GGUFs (``run``: a RunFolder; ``gguf_sha256``: GGUF file
+    name -> sha256 as they are now), newest first; None when the run, as it is, is not registered."""
+    where = str(Path(run.root).resolve())
+    for e in reversed(list_entries(run.model_name, root)):
+        arts = e.manifest.get("artifacts") or {}
+        if e.manifest.get("run_dir") == where and all((arts.get(n) or {}).get("sha256") == h for n, h in gguf_sha256.items()):
+            return e
+    return None
 
 
 def remove(ref: str, root: Path | None = None) -> list[Entry]:

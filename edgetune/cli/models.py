@@ -104,13 +104,19 @@ def list_cmd(as_json):
 @models.command("show")
 @click.argument("ref", metavar="NAME[:VERSION]")
 def show_cmd(ref):
-    """Print the manifest of NAME (latest version) or NAME:VERSION."""
+    """Print the manifest of NAME (latest version) or NAME:VERSION, and where it was published."""
     from .. import registry
     from ..console import out
 
     e = registry.get(ref)
     out.print(f"[bold]{e.ref}[/]  {e.path}")
     out.print((e.path / registry.MANIFEST).read_text(encoding="utf-8"), highlight=False, markup=False)
+    pubs = registry.publications(e)
+    if pubs:  # edgetune publish: where these files went
+        out.print("published:", highlight=False)
+        for p in pubs:
+            out.print(f"  {p.get('time', '')}  {p.get('kind', ''):<6} {p.get('target', '')}  ({len(p.get('files') or {})} files)",
+                      highlight=False, markup=False, soft_wrap=True)
 
 
 @models.command("rm")
