@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("edgetune.cli.run", "run", "Run every stage of a recipe YAML, skipping what is done."),
     "plan": ("edgetune.cli.run", "plan", "Show what a recipe would do on this machine, without doing it."),
     "quickstart": ("edgetune.cli.run", "quickstart", "Run the shipped demo recipe end to end."),
+    "publish": ("edgetune.cli.publish", "publish", "Make a folder ready to share from a finished run (GGUFs, Modelfile, model card)."),
     "models": ("edgetune.cli.models", "models", "Fetch the demo model; import a GGUF or Ollama model; register a run; list, show and remove registered models."),
 }
 
