@@ -223,8 +223,10 @@ _GO_QWEN = with_tool_json(
     + _GEN + "<|im_start|>assistant\n{{ end }}{{ $prev = .Role }}{{ end }}"
 )
 
-# Qwen3: the same Hermes tools, no default system prompt, and an empty <think> block on the final
-# assistant turn after the last user query (Ollama's .Thinking fills it when a request carries thinking).
+# Qwen3: the same Hermes tools, no default system prompt, a <think> block on the assistant turns
+# after the last user query (the last one always, earlier ones when they carry reasoning: Ollama's
+# .Thinking, the Jinja template's reasoning_content), and thinking off (Ollama's think:false, i.e.
+# .IsThinkSet and not .Think; the Jinja template's enable_thinking=false) prefills an empty block.
 _GO_QWEN3 = with_tool_json(
     "{{ if .Tools }}<|im_start|>system\n{{ if " + _FIRST_IS_SYS + " }}{{ (index .Messages 0).Content }}\n\n{{ end }}"
     + _QWEN_TOOLS_HEAD.removeprefix("\n\n") + '{{ range .Tools }}\n{{ template "tool" . }}{{ end }}' + _QWEN_TOOLS_TAIL
@@ -238,7 +240,8 @@ _GO_QWEN3 = with_tool_json(
     '"arguments": {{ template "args" $c.Function.Arguments }}}\n</tool_call>{{ end }}<|im_end|>\n'
     '{{ else if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}\n<tool_response>\n{{ .Content }}'
     '\n</tool_response>{{ if ne $next "tool" }}<|im_end|>\n{{ end }}{{ end }}'
-    + _GEN + "<|im_start|>assistant\n{{ end }}{{ $prev = .Role }}{{ end }}"
+    + _GEN + "<|im_start|>assistant\n{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}{{ end }}"
+    "{{ $prev = .Role }}{{ end }}"
 )
 
 # Llama 3.1/3.2/3.3 (tools in the first user message with tojson(indent=4), one call per turn as
@@ -287,6 +290,9 @@ _GO_MISTRAL_TOOLS = with_tool_json(
 # The training template offered as --chat-template qwen2.5 (a tool-capable template for base models
 # without one): Qwen/Qwen2.5-0.5B-Instruct's tokenizer_config.json chat_template, verbatim.
 _JINJA_QWEN25 = (Path(__file__).parent / "resources" / "templates" / "qwen2.5.jinja").read_text(encoding="utf-8")
+# --chat-template qwen3 (a thinking-capable template: reasoning_content, enable_thinking, Hermes tools):
+# Qwen/Qwen3's tokenizer_config.json chat_template, verbatim.
+_JINJA_QWEN3 = (Path(__file__).parent / "resources" / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -326,6 +332,7 @@ FAMILIES: tuple[Family, ...] = (
         lambda j: "<|im_start|>" in j and "<tool_call>" in j and "last_query_index" in j,
         _GO_QWEN3,
         ("<|im_end|>", "<|im_start|>"),
+        jinja=_JINJA_QWEN3,
         note="assistant content holding '</think>' is split by the Jinja template (reasoning), not by Ollama: "
              "send reasoning as the message's thinking field; a user turn that is only <tool_response> text "
              "counts as a query in Ollama",

@@ -303,7 +303,7 @@ def template_tool_calls(calls: list[dict] | None) -> GoSlice | None:
 def template_message(m: dict) -> GoStruct:
     """``template.templateMessage``: the fields a TEMPLATE can read from one (collated) message."""
     return GoStruct("*template.templateMessage", {
-        "Role": m.get("role", ""), "Content": m.get("content") or "", "Thinking": m.get("thinking") or "",
+        "Role": m.get("role", ""), "Content": m.get("content") or "", "Thinking": m.get("thinking") or m.get("reasoning_content") or "",
         "Images": None, "ToolCalls": template_tool_calls(m.get("tool_calls")),
         "ToolName": m.get("tool_name") or m.get("name") or "", "ToolCallID": m.get("tool_call_id") or "",
     })

@@ -109,6 +109,37 @@ def _tool_conversations(parallel: bool) -> list[tuple[str, list[dict], list[dict
     return out
 
 
+# Thinking conversations (checked when the chat template renders reasoning or has a thinking switch):
+# the request's think setting on and off (Ollama's think field, the template's enable_thinking),
+# reasoning on the final answer, earlier turns' reasoning (dropped or kept as the template does) and
+# reasoning before a tool call. The fourth element is the request's think setting (None = not sent).
+_R1, _R2 = "The user asks for a capital. France's capital is Paris.", "Italy's capital is Rome; one word."
+
+
+def _thinking_conversations(with_tools: bool) -> list[tuple[str, list[dict], list[dict] | None, bool | None]]:
+    u1, u2 = {"role": "user", "content": _U1}, {"role": "user", "content": _U2}
+    a1 = {"role": "assistant", "content": _A1, "reasoning_content": _R1}
+    a2 = {"role": "assistant", "content": _A2, "reasoning_content": _R2}
+    convs: list[tuple] = [
+        ("thinking on: request", [u1], None, True),
+        ("thinking off: request", [u1], None, False),
+        ("thinking off: request + system", [{"role": "system", "content": _SYS}, u1], None, False),
+        ("thinking: training example with reasoning", [u1, a1], None, None),
+        ("thinking on: two turns, earlier reasoning", [u1, a1, u2], None, True),
+        ("thinking off: two turns, earlier reasoning", [u1, a1, u2], None, False),
+        ("thinking: multi-turn training example with reasoning", [u1, a1, u2, a2], None, None),
+    ]
+    if with_tools:
+        for name, msgs, tools in _tool_conversations(False):
+            if name in ("tools: result, generation prompt", "tools: call, result, answer"):
+                msgs = [dict(m) for m in msgs]
+                for m in msgs:
+                    if m["role"] == "assistant":
+                        m["reasoning_content"] = "I need the weather tool." if m.get("tool_calls") else "The tool says 18 and clear."
+                convs.append((f"thinking on: {name} with reasoning", msgs, tools, True))
+    return convs
+
+
 @dataclass
 class ConversationCheck:
     name: str
@@ -167,9 +198,10 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
 
     The Ollama side is ``[BOS if the GGUF adds one] + tokens(TEMPLATE rendering)``, exactly what
     llama.cpp feeds the model; the reference is the chat template's rendering tokenized as
-    ``apply_chat_template(tokenize=True)`` does. ``conversations``: (name, messages[, tools]) tuples;
-    by default the built-in ones plus, ``with_tools``, tool conversations for a family with tool syntax
-    (a family without it gets a note saying tools are not rendered).
+    ``apply_chat_template(tokenize=True)`` does. ``conversations``: (name, messages[, tools[, think]])
+    tuples; by default the built-in ones plus thinking conversations (think on/off, reasoning kept or
+    dropped, with tool calls) for a template that renders reasoning, and, ``with_tools``, tool
+    conversations for a family with tool syntax (a family without it gets a note saying tools are not rendered).
     """
     if not info.chat_template:
         raise EdgetuneError("The model has no chat template to compare the TEMPLATE with.", where=info.source,
@@ -179,23 +211,33 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
     results: list[ConversationCheck] = []
     notes: list[str] = []
     fam = FAMILY_BY_NAME.get(family or "")
-    convs = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in (conversations or CONVERSATIONS)]
+    convs = [(c[0], c[1], c[2] if len(c) > 2 else None, c[3] if len(c) > 3 else None) for c in (conversations or CONVERSATIONS)]
+    if conversations is None:
+        from ..reasoning import probe_jinja
+
+        thinking = probe_jinja(info.chat_template, info.bos_token or "", info.eos_token or "")
+        if thinking.any:
+            convs += _thinking_conversations(with_tools and (fam is not None and bool(fam.tools)))
+            if not gotemplate.uses_field(go_template, "Thinking"):
+                notes.append("the chat template renders reasoning but this TEMPLATE has no .Thinking: "
+                             "Ollama will say the model does not support thinking")
     if conversations is None and with_tools:
         if fam is not None and fam.tools:
-            convs += _tool_conversations(fam.parallel_calls)
+            convs += [(*c, None) for c in _tool_conversations(fam.parallel_calls)]
             if not fam.parallel_calls:
                 notes.append(f"family {fam.name} allows one tool call per turn: parallel calls are not checked")
         elif gotemplate.uses_field(go_template, "Tools"):
-            convs += _tool_conversations(True)
+            convs += [(*c, None) for c in _tool_conversations(True)]
         else:
             renders_tools = "tools" in info.chat_template
             notes.append(f"tools are not rendered: {'the ' + fam.name + ' family' if fam else 'this TEMPLATE'} has no tool-call "
                          "syntax, so Ollama will say this model does not support tools"
                          + (" (the chat template does render tools: they are lost in Ollama)" if renders_tools else ""))
     if system:  # also what Ollama sends when the Modelfile's SYSTEM is injected
-        convs += [(f"{n} (Modelfile SYSTEM)", c, t) for n, c, t in convs if c[0]["role"] != "system"]
+        convs += [(f"{n} (Modelfile SYSTEM)", c, t, k) for n, c, t, k in convs if c[0]["role"] != "system"]
     legacy = not gotemplate.uses_field(go_template, "Messages")
-    for name, conv, tools in convs:
+    for name, conv, tools, think in convs:
+        think_kw = {} if think is None else {"enable_thinking": think}
         injected = system if name.endswith("(Modelfile SYSTEM)") else None
         if legacy and conv[-1]["role"] == "assistant":
             results.append(ConversationCheck(name, "skipped", reason="a legacy .Prompt/.Response template leaves "
@@ -206,16 +248,16 @@ def compare(go_template: str, info: ModelInfo, system: str | None = None, *, fam
         try:
             if tok is not None and tok.chat_template:
                 want_text = tok.apply_chat_template(ref_msgs, tokenize=False, add_generation_prompt=agp,
-                                                    **({"tools": tools} if tools else {}))
+                                                    **({"tools": tools} if tools else {}), **think_kw)
             else:
                 want_text = render_jinja(info.chat_template, ref_msgs, add_generation_prompt=agp,
-                                         bos_token=info.bos_token, eos_token=info.eos_token, tools=tools)
+                                         bos_token=info.bos_token, eos_token=info.eos_token, tools=tools, **think_kw)
         except Exception as exc:  # noqa: BLE001 - jinja raise_exception surfaces as various types
             if isinstance(exc, EdgetuneError):
                 raise
             results.append(ConversationCheck(name, "skipped", reason=f"the chat template rejects it: {exc}"))
             continue
-        got_text = render_ollama(go_template, conv, injected, tools)
+        got_text = render_ollama(go_template, conv, injected, tools, think=think)
         if info.add_bos and bos and not want_text.startswith(bos):
             want_text = bos + want_text
             note = "the chat template renders no BOS but the tokenizer adds one (add_bos_token); compared with it"

@@ -27,8 +27,9 @@ class TemplateRejected(Exception):
 
 
 def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str | None,
-                 eos_token: str | None, tools: list[dict] | None = None) -> str:
-    """Render a chat template the way transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+                 eos_token: str | None, tools: list[dict] | None = None, **extra) -> str:
+    """Render a chat template the way transformers does (sandboxed, trim_blocks, lstrip_blocks);
+    ``extra``: template kwargs such as ``enable_thinking``."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -46,7 +47,7 @@ def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: 
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None,
-            bos_token=bos_token or "", eos_token=eos_token or "",
+            bos_token=bos_token or "", eos_token=eos_token or "", **extra,
         )
     except TemplateError as exc:
         raise EdgetuneError(f"The chat template does not render: {exc}", fix="fix the chat template") from None
@@ -69,13 +70,17 @@ def ollama_messages(messages: list[dict], system: str | None) -> tuple[str, list
     return "\n\n".join(sys_parts), collated
 
 
-def render_ollama(template: str, messages: list[dict], system: str | None = None, tools: list[dict] | None = None) -> str:
-    """Render a Modelfile TEMPLATE for a chat (and its tools) the way Ollama's /api/chat does."""
+def render_ollama(template: str, messages: list[dict], system: str | None = None, tools: list[dict] | None = None,
+                  think: bool | None = None) -> str:
+    """Render a Modelfile TEMPLATE for a chat (and its tools) the way Ollama's /api/chat does.
+
+    ``think``: the request's ``think`` field (None = not sent: ``.IsThinkSet`` false)."""
     sys_text, msgs = ollama_messages(messages, system)
     try:
         if gotemplate.uses_field(template, "Messages"):
             return gotemplate.render(template, {"System": sys_text, "Messages": msgs, "Tools": template_tools(tools),
-                                                "Response": "", "Prompt": ""})
+                                                "Response": "", "Prompt": "", "Think": bool(think),
+                                                "ThinkLevel": "", "IsThinkSet": think is not None})
         return _render_legacy(template, sys_text, msgs)
     except gotemplate.GoTemplateError as exc:
         raise EdgetuneError(f"The TEMPLATE cannot be rendered: {exc}", fix="fix the Go template") from None
