@@ -22,6 +22,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "chat", "instruction", "sharegpt", "completion", "preference"),
     "data.dedup": ("exact", "near", "off"),
     "data.overlength": ("drop", "truncate", "keep"),
+    # reasoning (assistant reasoning_content) and the template's thinking switch (edgetune/reasoning.py)
+    "data.thinking": ("auto", "on", "off", "text"),
     "train.backend": ("auto", "mlx", "torch"),
     "train.method": ("lora", "dora", "qlora", "full"),
     "train.objective": tuple(_OBJECTIVES),  # one module each under edgetune/train/objectives/
@@ -34,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.route": ("merge", "adapter"),
     "eval.dtype": ("float32", "bfloat16", "float16", "auto"),
     "eval.runner": ("auto", "hf", "gguf"),
+    "eval.thinking": ("auto", "on", "off", "both"),
 }
 
 
@@ -72,10 +75,17 @@ class DataConfig:
     max_seq_len: int = 2048
     overlength: str = "drop"  # drop|truncate|keep examples longer than max_seq_len tokens
     chat_template: str | None = None  # file or known family name, for models without one
+    # Thinking models: auto = a record with reasoning is rendered with thinking on, one without with
+    # thinking off (the template's enable_thinking; a record's own enable_thinking wins); on / off =
+    # every record so (off drops reasoning); text = reasoning kept as <think>…</think> text in the
+    # answer, for a template without a thinking block (otherwise such records are rejected)
+    thinking: str = "auto"
 
     def __post_init__(self):
         if self.dedup in (False, "False", "false"):  # YAML 1.1 reads a bare `dedup: off` as false
             self.dedup = "off"
+        if isinstance(self.thinking, bool):  # YAML 1.1: a bare on/off is a boolean
+            self.thinking = "on" if self.thinking else "off"
         _check_choices("data", self)
         _check_range("data", "valid_ratio", self.valid_ratio, 0.0, 0.9)
         _check_range("data", "test_ratio", self.test_ratio, 0.0, 0.9)
@@ -268,8 +278,14 @@ class EvalConfig:
     # preference pairs (prompt/chosen/rejected): each logit runner's accuracy at ranking chosen above
     # rejected (summed completion log-probs). None = the run's align test split (runs with align:)
     preference_data: str | None = None
+    # thinking templates (edgetune/reasoning.py): auto = the task set with thinking on and again off
+    # (``think_off.*`` metrics) when the template has a switch; on / off / both. Metrics score the final
+    # answer; reasoning_rate / reasoning_chars say how much the model reasoned
+    thinking: str = "auto"
 
     def __post_init__(self):
+        if isinstance(self.thinking, bool):  # YAML 1.1: a bare on/off is a boolean
+            self.thinking = "on" if self.thinking else "off"
         _check_range("eval", "temperature", self.temperature, 0.0, 5.0)
         _check_range("eval", "top_p", self.top_p, 0.0, 1.0)
         _check_choices("eval", self)

@@ -14,7 +14,10 @@ MAX_SHOWN = 50  # problem lines printed before "... and N more" (all of them are
 
 
 def _common(f):
-    f = click.option("--chat-template", default=None, help="Template file or family name (chatml, llama3, …) for models without one.")(f)
+    f = click.option("--thinking", type=click.Choice(CHOICES["data.thinking"]), default=None,
+                     help="Reasoning in the data: auto (thinking on for records with reasoning, off without), on, off "
+                          "(drop reasoning), text (keep it as <think> text, for templates without a thinking block).")(f)
+    f = click.option("--chat-template", default=None, help="Template file or family name (chatml, llama3, qwen3, …) for models without one.")(f)
     f = click.option("--max-seq-len", type=int, default=None, help="Token budget per example.")(f)
     f = click.option("--near-threshold", type=float, default=None, help="MinHash Jaccard threshold for near-duplicates (default 0.8).")(f)
     f = click.option("--dedup", type=click.Choice(CHOICES["data.dedup"]), default=None, help="Duplicate removal (default exact).")(f)
@@ -53,7 +56,7 @@ def data():
 @click.argument("path", type=click.Path())
 @_common
 @json_option
-def validate(path, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template, as_json):
+def validate(path, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template, thinking, as_json):
     """Read-only report on PATH (file, folder or save_to_disk dataset).
 
     Exit code 0: clean; 1: problems found (each named by file:line and field); 2: unreadable input.
@@ -62,7 +65,7 @@ def validate(path, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_
     from ..data import validate as run_validate
 
     cfg, model = _resolve(recipe, model, format=fmt, dedup=dedup, near_threshold=near_threshold,
-                          max_seq_len=max_seq_len, chat_template=chat_template)
+                          max_seq_len=max_seq_len, chat_template=chat_template, thinking=thinking)
     rep = run_validate(path, cfg, model_dir=model)
     if as_json:
         out.print_json(json.dumps(rep.to_dict(), ensure_ascii=False))
@@ -115,7 +118,7 @@ def _print_report(rep, model, console, out):
 @click.option("--redact-pii/--no-redact-pii", default=None, help="Replace emails, phones, cards, SSNs, IPs with placeholders.")
 @click.option("--overlength", type=click.Choice(CHOICES["data.overlength"]), default=None, help="Examples longer than --max-seq-len.")
 @json_option
-def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template,
+def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template, thinking,
             valid_ratio, test_ratio, seed, group_by, redact_pii, overlength, as_json):
     """Clean, deduplicate and split PATH into OUTPUT/{train,valid,test}.jsonl (mlx-lm layout).
 
@@ -128,7 +131,7 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
     cfg, model = _resolve(recipe, model, format=fmt, dedup=dedup, near_threshold=near_threshold,
                           max_seq_len=max_seq_len, chat_template=chat_template, valid_ratio=valid_ratio,
                           test_ratio=test_ratio, seed=seed, group_by=group_by, redact_pii=redact_pii,
-                          overlength=overlength)
+                          overlength=overlength, thinking=thinking)
     card = run_prepare(path, output, cfg, model_dir=model)
     if as_json:
         out.print_json(json.dumps(card, ensure_ascii=False))
@@ -152,4 +155,11 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
                   "(canonical form, see data_card.json 'tools')", highlight=False, soft_wrap=True)
         for w in card_warnings(tl):
             out.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if card.get("thinking"):
+        th = card["thinking"]
+        out.print(f"reasoning: {th['records_with_reasoning']} records with, {th['records_without_reasoning']} without; "
+                  f"thinking on {th['thinking_on']}, off {th['thinking_off']}"
+                  + (f"; reasoning dropped from {th['reasoning_dropped']}" if th["reasoning_dropped"] else "")
+                  + (f"; kept as text in {th['reasoning_as_text']}" if th["reasoning_as_text"] else ""),
+                  highlight=False, soft_wrap=True)
     out.print(f"wrote {output}/data_card.json", highlight=False, soft_wrap=True)

@@ -55,6 +55,9 @@ class Record:
     tools: Any = None  # chat: the declared tools in canonical form (edgetune.data.tools)
     tool_notes: Any = None  # what tool canonicalisation did (edgetune.data.tools.Notes), for the data card
     group: str | None = None  # value of the group-by field
+    # chat: the template's thinking switch for this record (enable_thinking), None = not set; the data
+    # stage decides it from data.thinking and whether the record carries reasoning (reasoning_content)
+    thinking: bool | None = None
     raw: Any = field(default=None, repr=False)
 
     @property
@@ -92,16 +95,31 @@ class Record:
             prompt: Any = self.messages
             if len(self.messages) == 1 and self.messages[0]["role"] == "user":
                 prompt = self.messages[0]["content"]
-            return {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
+            row = {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
+            if self.thinking is not None:
+                row["enable_thinking"] = self.thinking
+            return row
         row: dict = {"messages": self.messages}
         if self.tools is not None:
             row["tools"] = self.tools
+        if self.thinking is not None:
+            row["enable_thinking"] = self.thinking
         return row
+
+    @property
+    def has_reasoning(self) -> bool:
+        turns = list(self.messages)
+        for answer in (self.chosen, self.rejected):
+            if isinstance(answer, list):
+                turns += answer
+        return any(m.get("reasoning_content") for m in turns)
 
 
 def _turn_text(m: dict) -> str:
     calls = m.get("tool_calls")
-    return f"{m['role']}: {m['content']}" + (" " + json.dumps(calls, ensure_ascii=False) if calls else "")
+    why = m.get("reasoning_content")
+    return (f"{m['role']}: " + (f"<reasoning>{why}</reasoning> " if why else "") + m["content"]
+            + (" " + json.dumps(calls, ensure_ascii=False) if calls else ""))
 
 
 def _flat(x: Any) -> str:
@@ -182,11 +200,49 @@ def _messages(turns: Any, key: str, role_key: str = "role", content_key: str = "
         if not content.strip() and not t.get("tool_calls"):
             raise Problem("empty_field", f"{f}.{content_key} is empty", f"{f}.{content_key}")
         msg["content"] = content
+        if norm == "assistant":
+            _reasoning(t, msg, f, content_key)
         for extra in ("tool_calls", "name", "tool_call_id"):
             if t.get(extra) is not None:
                 msg[extra] = t[extra]
         out.append(msg)
     return out
+
+
+def _reasoning(t: dict, msg: dict, f: str, content_key: str) -> None:
+    """An assistant turn's reasoning as ``reasoning_content`` (from ``reasoning_content`` / ``thinking`` /
+    ``reasoning``, or a ``<think>…</think>`` block leading the content), stripped as the chat templates
+    that render it strip it."""
+    from ..reasoning import MARKERS, REASONING_FIELDS, Thinking, split
+
+    for key in REASONING_FIELDS:
+        v = t.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise Problem("wrong_type", f"{f}.{key} must be a string, got {type(v).__name__}", f"{f}.{key}")
+        if v.strip():
+            msg["reasoning_content"] = v.strip()
+        return
+    for o, c in MARKERS:
+        if msg["content"].lstrip().startswith(o) and c in msg["content"]:
+            r, answer = split(msg["content"], Thinking(renders=True, open=o, close=c))
+            if not answer.strip() and not t.get("tool_calls"):
+                raise Problem("empty_field", f"{f}.{content_key} has reasoning ({o}…{c}) but no answer after it",
+                              f"{f}.{content_key}")
+            msg["content"] = answer
+            if r:
+                msg["reasoning_content"] = r
+            return
+
+
+def _thinking_flag(obj: dict) -> bool | None:
+    v = obj.get("enable_thinking")
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise Problem("wrong_type", f"'enable_thinking' must be true or false, got {v!r}", "enable_thinking")
+    return v
 
 
 def check_order(messages: list[dict], key: str, need_assistant: bool = True) -> None:
@@ -236,7 +292,7 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
             raise Problem("missing_field", "missing field 'messages'", "messages")
         msgs = _messages(obj["messages"], "messages")
         check_order(msgs, "messages")
-        return _with_tools(Record(msgs, "chat", fmt), obj.get("tools"), "messages")
+        return _with_tools(Record(msgs, "chat", fmt, thinking=_thinking_flag(obj)), obj.get("tools"), "messages")
     if fmt == "sharegpt":
         if "conversations" not in obj:
             raise Problem("missing_field", "missing field 'conversations'", "conversations")
@@ -246,7 +302,7 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
         if isinstance(obj.get("system"), str) and obj["system"].strip() and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": obj["system"]})
         check_order(msgs, "conversations")
-        return _with_tools(Record(msgs, "chat", fmt), obj.get("tools"), "conversations")
+        return _with_tools(Record(msgs, "chat", fmt, thinking=_thinking_flag(obj)), obj.get("tools"), "conversations")
     if fmt == "instruction":
         instruction = _string(obj, "instruction")
         out_key = "output" if obj.get("output") is not None or "response" not in obj else "response"
@@ -256,6 +312,7 @@ def normalise(obj: Any, fmt: str = "auto") -> Record:
             raise Problem("wrong_type", f"'input' must be a string, got {type(inp).__name__}", "input")
         user = instruction + ("\n\n" + inp if inp and inp.strip() else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        _reasoning({}, msgs[1], out_key, out_key)  # a leading <think>…</think> block is reasoning
         system = obj.get("system")
         if isinstance(system, str) and system.strip():
             msgs.insert(0, {"role": "system", "content": system})

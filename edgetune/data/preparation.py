@@ -34,7 +34,7 @@ RECORD_PROBLEMS = {
     "bad_json", "bad_encoding", "line_too_long", "not_object", "unknown_format", "missing_field",
     "wrong_type", "empty_field", "unknown_role", "role_order", "no_assistant", "last_not_assistant",
     "chosen_equals_rejected", "empty_after_cleaning", "mixed_layout", "missing_group_field", "template_error",
-    "bad_tools", "bad_tool_call", "tool_order",
+    "bad_tools", "bad_tool_call", "tool_order", "reasoning_unsupported",
 }
 READ_PROBLEMS = {"bad_json", "bad_encoding", "line_too_long"}
 PROGRESS_MIN = 5000  # show progress bars only for work that takes noticeable time
@@ -84,6 +84,9 @@ class Result:
     tokenizer_info: dict | None = None
     chat_template: str | None = None  # the template text (the tool summary names its family)
     kept: list[Record] = field(default_factory=list)
+    thinking: Any = None  # what the template does with reasoning (edgetune.reasoning.Thinking), with a tokenizer
+    reasoning_dropped: int = 0  # records whose reasoning data.thinking: off removed
+    reasoning_as_text: int = 0  # records whose reasoning data.thinking: text folded into the answer
 
 
 @contextmanager
@@ -254,6 +257,76 @@ def _tokens(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> t
     return keep, lengths
 
 
+def _thinking(records: list[Record], cfg: DataConfig, res: Result, tokenizer) -> list[Record]:
+    """Apply ``data.thinking`` to every chat record: set its thinking switch, drop or fold its
+    reasoning; with a template that cannot render reasoning, reject records that carry it (unless
+    ``thinking: text``) rather than train on answers whose reasoning silently vanished."""
+    from ..reasoning import NONE, probe_tokenizer
+
+    res.thinking = probe_tokenizer(tokenizer) if tokenizer is not None else None
+    t = res.thinking or NONE
+    kept = []
+    for rec in records:
+        has = rec.has_reasoning
+        if has and cfg.thinking == "off":
+            _strip_reasoning(rec, fold=False)
+            res.reasoning_dropped += 1
+            has = False
+        elif has and cfg.thinking == "text":
+            _strip_reasoning(rec, fold=True)
+            res.reasoning_as_text += 1
+            has = False
+        elif has and res.thinking is not None and not t.renders:
+            _reject(res, rec, "reasoning_unsupported",
+                    "the record has reasoning (reasoning_content / thinking / <think>) but the chat template has no "
+                    "thinking block, so training would lose it: set data.thinking: text to keep it as text in the "
+                    "answer, off to drop it, or use a thinking template (--chat-template qwen3)", "messages")
+            continue
+        if rec.kind == "chat" and t.switch and cfg.thinking != "text":
+            if rec.thinking is None:
+                rec.thinking = {"on": True, "off": False}.get(cfg.thinking, has)
+            if rec.thinking is False and has:
+                _strip_reasoning(rec, fold=False)  # thinking off: the template would not show it at inference
+                res.reasoning_dropped += 1
+        elif not t.switch:
+            rec.thinking = None  # nothing to switch: the template ignores enable_thinking
+        kept.append(rec)
+    return kept
+
+
+def _strip_reasoning(rec: Record, *, fold: bool) -> None:
+    from ..reasoning import MARKERS
+
+    o, c = MARKERS[0]
+    turns = list(rec.messages) + [m for a in (rec.chosen, rec.rejected) if isinstance(a, list) for m in a]
+    for m in turns:
+        why = m.pop("reasoning_content", None)
+        if why and fold:
+            m["content"] = f"{o}\n{why}\n{c}\n\n{m['content']}"
+
+
+def reasoning_summary(records: list[Record], res: Result) -> dict | None:
+    """The data card's ``thinking`` block: rows with and without reasoning, the switch per record."""
+    if not records:
+        return None
+    with_r = [r for r in records if r.has_reasoning]
+    if not with_r and not res.reasoning_dropped and not res.reasoning_as_text and not any(r.thinking is not None for r in records):
+        return None
+    lengths = [len(m["reasoning_content"]) for r in with_r for m in r.messages if m.get("reasoning_content")]
+    t = res.thinking
+    return {
+        "template_renders_reasoning": t.renders if t is not None else None,
+        "template_switch": t.switch if t is not None else None,
+        "records_with_reasoning": len(with_r),
+        "records_without_reasoning": len(records) - len(with_r),
+        "thinking_on": sum(r.thinking is True for r in records),
+        "thinking_off": sum(r.thinking is False for r in records),
+        "reasoning_dropped": res.reasoning_dropped,
+        "reasoning_as_text": res.reasoning_as_text,
+        "reasoning_chars_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+    }
+
+
 def _template_reason(tokenizer, rec: Record) -> str:
     """The template's own message (e.g. Llama's "only supports single tool-calls", Mistral's 9-character ids)."""
     from .stats import _conversation
@@ -315,6 +388,7 @@ def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
         res.chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     records = _read(path, cfg, res)
     records = _clean(records, cfg, res)
+    records = _thinking(records, cfg, res, tokenizer)
     records = _one_layout(records, res)
     keys = [dd.exact_key(r.dedup_text()) for r in records]
     records, keys, sigs = _dedup(records, cfg, res, keys)
@@ -511,6 +585,7 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
         },
         "tokens": None,
         "tools": _tool_summary(res, cfg),
+        "thinking": reasoning_summary(res.kept, res),
         "files": files,
     }
     if res.tokenizer_info is not None:

@@ -117,8 +117,10 @@ def end_token_ids(model_dir, tokenizer) -> list[int]:
     return sorted(e for e in ids if e is not None)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: Any = None) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: Any = None, thinking: bool | None = None) -> str:
     kwargs = {"tools": tools} if tools else {}
+    if thinking is not None:  # the template's switch (Qwen3's enable_thinking); templates without one ignore it
+        kwargs["enable_thinking"] = thinking
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
@@ -133,12 +135,15 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools:
     return text
 
 
-def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None) -> str:
-    """The exact prompt string the model sees (used by eval and the Ollama/GGUF fidelity checks)."""
-    return _render(tokenizer, messages, add_generation_prompt, tools)
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None,
+                  thinking: bool | None = None) -> str:
+    """The exact prompt string the model sees (used by eval and the Ollama/GGUF fidelity checks);
+    ``thinking``: the template's thinking switch (None = the template's default)."""
+    return _render(tokenizer, messages, add_generation_prompt, tools, thinking)
 
 
-def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, score_from: int = 0) -> list[tuple[int, int]]:
+def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, score_from: int = 0,
+                     thinking: bool | None = None) -> list[tuple[int, int]]:
     """Character spans in ``full`` of each assistant turn: content + end-of-turn token.
 
     Turns before message index ``score_from`` are located (to keep the cursor right) but not returned.
@@ -150,12 +155,12 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, sco
             continue
         if i == 0:
             try:
-                before = _render(tokenizer, [], True, tools)
+                before = _render(tokenizer, [], True, tools, thinking)
             except EdgetuneError:
                 before = ""
         else:
-            before = _render(tokenizer, messages[:i], True, tools)
-        upto = _render(tokenizer, messages[: i + 1], False, tools)
+            before = _render(tokenizer, messages[:i], True, tools, thinking)
+        upto = _render(tokenizer, messages[: i + 1], False, tools, thinking)
         if upto.startswith(before) and full.startswith(upto) and len(before) >= cursor:
             start, end = len(before), len(upto)
             # the template's separator after the end-of-turn token (ChatML's "\n") is not a target
@@ -164,9 +169,9 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, sco
             # Prefix-inconsistent template (e.g. one that drops reasoning from earlier turns):
             # render the conversation with this turn's content replaced by a sentinel; what the
             # real rendering has between the sentinel's prefix and suffix is this turn's text.
-            span = _sentinel_span(tokenizer, messages, i, full, tools, cursor)
+            span = _sentinel_span(tokenizer, messages, i, full, tools, cursor, thinking)
             if span is None:
-                span = _search_span(tokenizer, messages, i, full, tools, cursor)
+                span = _search_span(tokenizer, messages, i, full, tools, cursor, thinking)
             if span is None:
                 raise EdgetuneError(
                     f"Cannot locate assistant turn {i} in the rendered chat template.",
@@ -182,10 +187,10 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, tools: Any, sco
 SENTINEL = "\u2063EDGETUNE_SPAN\u2063"
 
 
-def _sentinel_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, int] | None:
+def _sentinel_span(tokenizer, messages, i, full, tools, cursor, thinking=None) -> tuple[int, int] | None:
     probe = [dict(m) for m in messages]
     probe[i]["content"] = SENTINEL
-    rendered = _render(tokenizer, probe, False, tools)
+    rendered = _render(tokenizer, probe, False, tools, thinking)
     if rendered.count(SENTINEL) != 1:
         return None
     pre, post = rendered.split(SENTINEL)
@@ -200,15 +205,15 @@ def _sentinel_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, in
     return start, end
 
 
-def _search_span(tokenizer, messages, i, full, tools, cursor) -> tuple[int, int] | None:
+def _search_span(tokenizer, messages, i, full, tools, cursor, thinking=None) -> tuple[int, int] | None:
     """Third way, for turns the sentinel cannot mark (tool-call turns print no content) in templates
     that place text by position (Mistral v0.3 puts tools and the system prompt by the *last* user
     turn, Qwen3 adds a <think> block to the *last* assistant turn): render the conversation up to
     this turn, and once more with the turn replaced by a plain sentinel answer; where the two part
     is where the turn's own text starts. That text is then found in the full rendering."""
     try:
-        upto = _render(tokenizer, messages[: i + 1], False, tools)
-        alt = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": SENTINEL}], False, tools)
+        upto = _render(tokenizer, messages[: i + 1], False, tools, thinking)
+        alt = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": SENTINEL}], False, tools, thinking)
     except EdgetuneError:
         return None
     n = 0
@@ -276,9 +281,9 @@ def encode_preference(tokenizer, row: dict, *, max_seq_len: int | None = None) -
     out = []
     for which in ("chosen", "rejected"):
         messages = prompt + _as_messages(row[which], "assistant", which)
-        tools = row.get("tools")
-        full = _render(tokenizer, messages, False, tools)
-        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools, len(prompt)))
+        tools, thinking = row.get("tools"), row.get("enable_thinking")
+        full = _render(tokenizer, messages, False, tools, thinking)
+        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools, len(prompt), thinking))
         if max_seq_len is not None and len(enc.input_ids) > max_seq_len:
             enc = Encoded(enc.input_ids[:max_seq_len], enc.loss_mask[:max_seq_len])
         out.append(enc)
@@ -300,9 +305,9 @@ def encode_example(tokenizer, row: dict, *, max_seq_len: int | None = None, trun
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if "messages" in row:
         messages = _check_messages(row["messages"])
-        tools = row.get("tools")
-        full = _render(tokenizer, messages, False, tools)
-        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools))
+        tools, thinking = row.get("tools"), row.get("enable_thinking")
+        full = _render(tokenizer, messages, False, tools, thinking)
+        enc = _tokenize_with_spans(tokenizer, full, _assistant_spans(tokenizer, messages, full, tools, thinking=thinking))
     elif "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
