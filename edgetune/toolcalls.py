@@ -338,6 +338,9 @@ def _formatter(llama):
                                   stop_token_ids=[eos])
         llama._edgetune_formatter = fmt
         llama._edgetune_syntax = syntax_for(fmt.template)
+        from .reasoning import probe_jinja
+
+        llama._edgetune_thinking = probe_jinja(fmt.template, fmt.bos_token, fmt.eos_token)
     return fmt
 
 
@@ -366,16 +369,21 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
         tools = [{"type": "function", "function": f} for f in functions]
     if function_call is not None and tool_choice is None:
         tool_choice = function_call if isinstance(function_call, str) else {"type": "function", "function": function_call}
+    from .reasoning import REQUEST_THINK, render_kwargs
+
     fmt = _formatter(llama)
     syntax = llama._edgetune_syntax
+    thinking = llama._edgetune_thinking
     messages, shown = canonical_request(messages, tools) if tools else (prepare_messages(messages), None)
-    if not tools or tool_choice == "none" or syntax is None:
+    if (not tools or tool_choice == "none" or syntax is None) and not thinking.any:
         stock = llama._chat_handlers.get("chat_template.default")
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
         stock = stock or chat_formatter_to_chat_completion_handler(fmt)
         return stock(llama=llama, messages=messages, tools=None if tool_choice == "none" else shown,
                      stream=stream, **kwargs)
+    if not tools or tool_choice == "none" or syntax is None:  # a thinking template without tools in play
+        syntax, shown, tool_choice = None, None if tool_choice == "none" else shown, None
     forced = None
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
@@ -383,7 +391,8 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
         if forced is None:
             raise ValueError(f"tool_choice names {name!r}, which is not one of the request's tools")
     prefix = syntax.prefix(forced["function"]["name"]) if forced else syntax.prefix(None) if tool_choice == "required" else ""
-    rendered = fmt(messages=messages, tools=shown, tool_choice=tool_choice)
+    rendered = fmt(messages=messages, tools=shown, tool_choice=tool_choice, **render_kwargs(REQUEST_THINK.get(), thinking))
+    started = thinking.any and not prefix and rendered.prompt.rstrip().endswith(thinking.open)
     prompt = llama.tokenize((rendered.prompt + prefix).encode("utf-8"), add_bos=not rendered.added_special, special=True)
     args = {k: kwargs[k] for k in _COMPLETION_ARGS if k in kwargs}
     stops = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or [])
@@ -394,15 +403,19 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
     if kwargs.get("logprobs"):
         args["logprobs"] = kwargs.get("top_logprobs") or 1
     completion = llama.create_completion(prompt=prompt, stream=stream, stopping_criteria=rendered.stopping_criteria, **args)
-    close = _closer(syntax, forced)
+    close = _closer(syntax, forced) if syntax is not None else ""
     if stream:
-        return _stream_chunks(completion, syntax, tools, prefix, close)
-    text = completion["choices"][0]["text"]
-    parsed = parse_calls(prefix + text + close, syntax, tools)
+        return _stream_chunks(completion, syntax, tools, prefix, close, thinking, started)
+    from .reasoning import split as split_reasoning
+
+    reasoning, text = split_reasoning(prefix + completion["choices"][0]["text"], thinking, started=started)
+    parsed = parse_calls(text + close, syntax, tools)
     finish = finish_for(parsed, completion["choices"][0]["finish_reason"])
     if parsed.error:
         log.warning("malformed tool call (%s): %s", finish, parsed.error)
     message: dict = {"role": "assistant", "content": (parsed.content or None) if parsed.calls else parsed.content}
+    if thinking.any:  # as vLLM and llama.cpp's server return it
+        message["reasoning_content"] = reasoning
     if parsed.calls:
         message["tool_calls"] = openai_calls(parsed.calls)
     return {"id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
@@ -418,11 +431,16 @@ def _closer(syntax: Syntax, forced: dict | None) -> str:
     return {"hermes": "}\n</tool_call>", "mistral": "}]", "llama3-json": "}"}[syntax.name]
 
 
-def _stream_chunks(chunks, syntax: Syntax, tools: list[dict], prefix: str, close: str) -> Iterator[dict]:
-    """Completion chunks -> chat.completion.chunk dicts: content streams until a call starts; the
-    calls (or, for a malformed call, the held-back raw text) come at the end."""
+def _stream_chunks(chunks, syntax: Syntax | None, tools: list[dict], prefix: str, close: str,
+                   thinking=None, started: bool = False) -> Iterator[dict]:
+    """Completion chunks -> chat.completion.chunk dicts: reasoning streams as ``reasoning_content``
+    deltas, then content streams until a call starts; the calls (or, for a malformed call, the
+    held-back raw text) come at the end."""
+    from .reasoning import NONE, StreamSplit
+
+    why = StreamSplit(thinking or NONE, started=started)
     split = StreamSplitter(syntax)
-    split.feed(prefix)
+    split.feed(why.feed(prefix)[1])
     base: dict = {}
     finish = None
 
@@ -435,13 +453,22 @@ def _stream_chunks(chunks, syntax: Syntax, tools: list[dict], prefix: str, close
             base = {"id": "chat" + c["id"], "created": c.get("created", int(time.time())), "model": c["model"]}
             yield chunk({"role": "assistant"})
         choice = c["choices"][0]
-        piece = split.feed(choice.get("text") or "")
+        r, a = why.feed(choice.get("text") or "")
+        if r:
+            yield chunk({"reasoning_content": r})
+        piece = split.feed(a)
         if piece:
             yield chunk({"content": piece})
         finish = choice.get("finish_reason") or finish
     if not base:
         base = {"id": "chatcmpl-" + secrets.token_hex(8), "created": int(time.time()), "model": ""}
         yield chunk({"role": "assistant"})
+    r, a = why.flush()
+    if r:
+        yield chunk({"reasoning_content": r})
+    piece = split.feed(a)
+    if piece:
+        yield chunk({"content": piece})
     split.feed(close)
     parsed = parse_calls(split.text, syntax, tools)
     if parsed.error:
@@ -457,7 +484,9 @@ def _stream_chunks(chunks, syntax: Syntax, tools: list[dict], prefix: str, close
 class NullContentFix:
     """ASGI middleware: OpenAI clients send an assistant turn that made tool calls back with
     ``content: null`` (as the API returned it); llama-cpp-python's request model requires a
-    string and would answer 422, so null contents become "" before it validates the body."""
+    string and would answer 422, so null contents become "" before it validates the body.
+    It also reads the request's thinking choice (``think`` / ``chat_template_kwargs.enable_thinking``),
+    which llama-cpp-python's request model drops, into :data:`edgetune.reasoning.REQUEST_THINK`."""
 
     def __init__(self, app):
         self.app = app
@@ -472,8 +501,12 @@ class NullContentFix:
                 return await self.app(scope, receive, send)
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
+        from .reasoning import REQUEST_THINK, request_think
+
+        think = None
         try:
             req = json.loads(body)
+            think = request_think(req)
             fixed = False
             for m in req.get("messages") or []:
                 if isinstance(m, dict) and "content" in m and m["content"] is None:
@@ -494,7 +527,11 @@ class NullContentFix:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        token = REQUEST_THINK.set(think)
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            REQUEST_THINK.reset(token)
 
 
 def register_handler() -> str:

@@ -46,6 +46,7 @@ class Completion:
     completion_tokens: int
     seconds: float  # generation time (after the request's turn came)
     cancelled: bool = False
+    reasoning: str | None = None  # a thinking template's reasoning, apart from the answer (``text``)
 
 
 class _TokenProbe:
@@ -71,33 +72,46 @@ class _TokenProbe:
 GEN_KEYS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 
 
-def run_chat(llm, body: dict, cancel: threading.Event, on_piece: Callable[[str], None] | None = None) -> Completion:
+def run_chat(llm, body: dict, cancel: threading.Event, on_piece: Callable[..., None] | None = None) -> Completion:
     """The request → prompt → completion path: ``body`` (an OpenAI chat request) rendered with the
     GGUF's own chat template, generated on the adapter already set on ``llm``.
 
-    Pieces go to ``on_piece`` as they come (streaming). ``cancel`` stops generation at the next token.
+    Pieces go to ``on_piece(piece, field)`` as they come (streaming; ``field`` is ``content`` or, for a
+    thinking template, ``reasoning_content``). ``cancel`` stops generation at the next token.
     """
+    from ..reasoning import REQUEST_THINK, request_think
+
+    token = REQUEST_THINK.set(request_think(body))
+    try:
+        return _run_chat(llm, body, cancel, on_piece)
+    finally:
+        REQUEST_THINK.reset(token)
+
+
+def _run_chat(llm, body, cancel, on_piece) -> Completion:
     params = {k: body[k] for k in GEN_KEYS if body.get(k) is not None}
     params.setdefault("temperature", 1.0)  # the OpenAI default (llama-cpp-python's own is 0.2)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
     probe = _TokenProbe(llm.token_eos(), cancel)
-    pieces, finish = [], "stop"
+    pieces, why, finish = [], [], "stop"
     t0 = time.perf_counter()
     from llama_cpp import LogitsProcessorList
 
     for chunk in llm.create_chat_completion(messages=body["messages"], max_tokens=int(max_tokens), stream=True,
                                             logits_processor=LogitsProcessorList([probe]), **params):
         choice = chunk["choices"][0]
-        piece = choice["delta"].get("content") or ""
-        if piece:
-            pieces.append(piece)
-            if on_piece is not None:
-                on_piece(piece)
+        for key, into in (("reasoning_content", why), ("content", pieces)):
+            piece = choice["delta"].get(key) or ""
+            if piece:
+                into.append(piece)
+                if on_piece is not None:
+                    on_piece(piece, key)
         if choice.get("finish_reason"):
             finish = choice["finish_reason"]
         if cancel.is_set():
             break
-    return Completion("".join(pieces), finish, probe.prompt_tokens, probe.calls, time.perf_counter() - t0, cancel.is_set())
+    return Completion("".join(pieces), finish, probe.prompt_tokens, probe.calls, time.perf_counter() - t0, cancel.is_set(),
+                      "".join(why) or None)
 
 
 @dataclass
@@ -125,8 +139,11 @@ class LoadedBase:
         from llama_cpp import Llama
 
         from ..export.model_info import info_from_gguf
+        from ..toolcalls import register_handler
 
-        chat_format = "chat_template.default" if info_from_gguf(self.spec.path).chat_template else None
+        # the GGUF's own template through edgetune's handler: the stock one for plain templates, reasoning
+        # split into reasoning_content for thinking templates (edgetune/reasoning.py)
+        chat_format = register_handler() if info_from_gguf(self.spec.path).chat_template else None
         llm = Llama(model_path=str(self.spec.path), n_ctx=self.spec.n_ctx, n_threads=self.n_threads,
                     n_threads_batch=self.n_threads, chat_format=chat_format, verbose=False)
         adapters = {}

@@ -93,7 +93,9 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None):
 
 def _completion_json(rid: str, model: str, c: Completion) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text,
+                                                 **({"reasoning_content": c.reasoning} if c.reasoning else {})},
+                         "finish_reason": c.finish_reason}],
             "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                       "total_tokens": c.prompt_tokens + c.completion_tokens}}
 
@@ -241,7 +243,7 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
         pieces: asyncio.Queue = asyncio.Queue()
         turn = asyncio.Event()
         task = asyncio.create_task(pool.submit(model, body, on_turn=turn.set,
-                                               on_piece=lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p)))
+                                               on_piece=lambda p, f="content": loop.call_soon_threadsafe(pieces.put_nowait, (f, p))))
         task.add_done_callback(lambda _t: pieces.put_nowait(None))
         # wait for a turn (or a refusal) before answering: a refusal must be a real 503, not a broken stream
         waiter = asyncio.create_task(turn.wait())
@@ -256,7 +258,7 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
             try:
                 yield _chunk(rid, model, {"role": "assistant", "content": ""})
                 while (p := await pieces.get()) is not None:
-                    yield _chunk(rid, model, {"content": p})
+                    yield _chunk(rid, model, {p[0]: p[1]})
                 exc = task.exception()
                 if exc is not None:
                     status = 503 if isinstance(exc, Overloaded) else 500
