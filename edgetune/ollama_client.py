@@ -141,11 +141,12 @@ class OllamaClient:
         return self.request("/api/chat", body, model=model)
 
     def chat_stream(self, model: str, messages: list[dict], *, options: dict | None = None,
-                    tools: list[dict] | None = None) -> Iterator[dict]:
+                    tools: list[dict] | None = None, think: bool | None = None) -> Iterator[dict]:
         """A streamed ``/api/chat``: one dict per chunk, the last with ``done`` and the counts;
-        with ``tools``, a chunk's ``message.tool_calls`` holds the calls Ollama parsed."""
+        with ``tools``, a chunk's ``message.tool_calls`` holds the calls Ollama parsed; ``think``
+        (not sent when None) turns a thinking model's reasoning on or off (``message.thinking``)."""
         body = {"model": model, "messages": messages, "stream": True, **({"options": options} if options else {}),
-                **({"tools": tools} if tools else {})}
+                **({"tools": tools} if tools else {}), **({"think": think} if think is not None else {})}
         return self.stream("/api/chat", body, model=model)
 
 

@@ -55,6 +55,9 @@ class _RunArgument(click.Group):
 @click.option("--batch-size", type=int, default=None, help="Generate N conversations at once where the runtime batches (hf).")
 @click.option("--dtype", type=click.Choice(CHOICES["eval.dtype"]), default=None, help="hf runner dtype (default auto: what edgetune doctor shows for this device).")
 @click.option("--chat-template", default=None, help="Template file or family for models without one.")
+@click.option("--thinking", type=click.Choice(CHOICES["eval.thinking"]), default=None,
+              help="Thinking templates: auto (default: the task set with thinking on, and again off as think_off.*, "
+                   "when the template can switch), on, off, both. Metrics score the final answer.")
 @click.option("--preference-data", type=click.Path(), default=None,
               help="Preference pairs (prompt/chosen/rejected): report each model's preference accuracy (chosen log-prob > "
                    "rejected); runners with logits only (hf, mlx, gguf). Default with a run folder: its align test split.")
@@ -63,7 +66,7 @@ class _RunArgument(click.Group):
 @click.pass_context
 def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
                regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
-               preference_data, recipe, as_json):
+               thinking, preference_data, recipe, as_json):
     """Evaluate models side by side on the same examples; measure quantization drift.
 
     \b
@@ -112,7 +115,8 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
                    regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,
-                   chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression)
+                   chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression,
+                   thinking=thinking)
     report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline, runner_choice=runner_choice)
     if as_json:
         out.print_json(json.dumps({"models": report["models"], "deltas": report["deltas"], "gates": report["gates"],

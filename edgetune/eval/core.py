@@ -77,7 +77,43 @@ def run_set(runner: Runner, name: str, set_name: str, examples: list[Example], m
                 toks += gen.completion_tokens
                 secs += gen.total_s / len(chunk)
                 bar.update(task, advance=1, tok_s=toks / secs if secs else 0.0)
-    return {"rows": rows, "aggregate": aggregate(rows, metric_names, examples, labels, nll_pairs if want_nll else None)}
+    agg = aggregate(rows, metric_names, examples, labels, nll_pairs if want_nll else None)
+    if params.think is not None or any(r["gen"].get("reasoning") for r in rows):
+        agg.update(reasoning_summary(rows))
+    return {"rows": rows, "aggregate": agg}
+
+
+def reasoning_summary(rows: list[dict]) -> dict[str, float]:
+    """How much a thinking model reasoned: the share of answers with reasoning and its mean length
+    (characters, over the answers that have it). The task metrics score the final answer only."""
+    whys = [r["gen"].get("reasoning") or "" for r in rows]
+    with_r = [len(w) for w in whys if w]
+    return {"reasoning_rate": M.mean(float(bool(w)) for w in whys) or 0.0,
+            "reasoning_chars": sum(with_r) / len(with_r) if with_r else 0.0}
+
+
+def thinking_sets(cfg: EvalConfig, runner: Runner, sets_def: list[tuple]) -> list[tuple]:
+    """The sets one runner runs, with each set's thinking setting (``eval.thinking``): ``both`` runs
+    the task set with thinking on and again as ``think_off``; ``auto`` is ``both`` for a template
+    with a thinking switch and the template's default otherwise. The regression set's short answers
+    run with thinking off where the template can turn it off."""
+    from dataclasses import replace
+
+    t = runner.thinking
+    switch = t is not None and t.switch
+    mode = cfg.thinking if cfg.thinking != "auto" else ("both" if switch else "default")
+    out = []
+    for name, exs, mets, params, labs in sets_def:
+        if name == "task":
+            think = {"on": True, "both": True, "off": False}.get(mode)
+            out.append((name, exs, mets, replace(params, think=think), labs))
+            if mode == "both":
+                out.append(("think_off", exs, mets, replace(params, think=False), labs))
+        elif switch:
+            out.append((name, exs, mets, replace(params, think=False), labs))
+        else:
+            out.append((name, exs, mets, params, labs))
+    return out
 
 
 def _score_one(runner, ex, gen, metric_names, schema, regex, labels, want_nll, nll_pairs) -> dict:
@@ -212,12 +248,16 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     t0 = time.time()
     models: list[dict] = []
     per_example: dict[str, dict[str, list[dict]]] = {s[0]: {} for s in sets_def}
+    ran: dict[str, tuple] = {}  # every set some model ran (think_off only for thinking templates), in order
     for spec in specs:
         console.print(f"[bold]eval[/] loading {spec.name} ({spec.raw})")
         runner = make_runner(spec, **runner_options(cfg))
         try:
             results = {}
-            for set_name, exs, mets, params, labs in sets_def:
+            for set_def in thinking_sets(cfg, runner, sets_def):
+                set_name, exs, mets, params, labs = set_def
+                ran.setdefault(set_name, set_def)
+                per_example.setdefault(set_name, {})
                 res = run_set(runner, spec.name, set_name, exs, mets, params, schema=schema, regex=cfg.regex, labels=labs,
                               batch_size=cfg.batch_size or runner.batch_size)
                 results[set_name] = res
@@ -238,14 +278,15 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": str(data_path),
-        "n_examples": {s[0]: len(s[1]) for s in sets_def},
-        "metrics": {s[0]: s[2] for s in sets_def},
+        "n_examples": {s[0]: len(s[1]) for s in ran.values()},
+        "metrics": {s[0]: s[2] for s in ran.values()},
+        "thinking": {s[0]: s[3].think for s in ran.values()},
         "headline": M.headline(task_metrics),
         "baseline": base_name,
         "config": {k: v for k, v in cfg.__dict__.items()},
         "models": models,
         "deltas": deltas(models, base_name),
-        "examples": examples_table(sets_def, per_example),
+        "examples": examples_table(list(ran.values()), per_example),
         "seconds": round(time.time() - t0, 1),
     }
     if runner_choice:
@@ -291,7 +332,7 @@ def examples_table(sets_def, per_example) -> dict[str, list[dict]]:
             prompt = next((m["content"] for m in reversed(ex.messages) if m["role"] == "user"), "")
             rows.append({
                 "id": ex.id, "category": ex.category, "prompt": prompt, "reference": ex.reference,
-                "outputs": {name: {k: v for k, v in r[i].items() if k != "id"} for name, r in per_example[set_name].items()},
+                "outputs": {name: {k: v for k, v in r[i].items() if k != "id"} for name, r in per_example.get(set_name, {}).items()},
             })
         table[set_name] = rows
     return table

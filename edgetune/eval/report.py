@@ -18,11 +18,11 @@ from .metrics import DIRECTION
 
 # Metrics that are fractions in [0, 1] and read best as percentages.
 PERCENT = {"exact_match", "contains", "regex", "json_valid", "json_schema", "json_fields", "accuracy", "macro_f1",
-           "pass_rate", "top1_agreement", "judge_win_rate", "extra_fields_rate"}
+           "pass_rate", "top1_agreement", "judge_win_rate", "extra_fields_rate", "reasoning_rate"}
 
 
 def _base(metric: str) -> str:
-    return metric.split(".")[-1] if metric.split(".")[0] in ("regression", "per_field", "per_category") else metric
+    return metric.split(".")[-1] if metric.split(".")[0] in ("regression", "per_field", "per_category", "think_off") else metric
 
 
 def fmt(metric: str, v: Any) -> str:
@@ -75,6 +75,7 @@ def metric_order(report: dict) -> list[str]:
         return (
             k != head,
             k.startswith("regression."),
+            k.startswith("think_off."),
             k.startswith("per_field.") or k.startswith("per_category."),
             leaf in ("ttft_s", "latency_s", "latency_p95_s", "tokens_per_s"),
             leaf in ("nll", "perplexity"),
@@ -98,7 +99,7 @@ def _clip(s: str, n: int = 160) -> str:
 def worst_examples(report: dict, set_name: str = "task", n: int = 5) -> list[dict]:
     """Examples where the non-baseline models do worst on the headline metric (ties: lowest mean)."""
     rows = report["examples"].get(set_name, [])
-    metric = report["headline"] if set_name == "task" else "pass_rate"
+    metric = report["headline"] if set_name in ("task", "think_off") else "pass_rate"
     base = report["baseline"]
     others = [m["name"] for m in report["models"] if m["name"] != base] or [base]
 
@@ -158,7 +159,7 @@ def to_markdown(report: dict, worst: int = 5) -> str:
         ws = worst_examples(report, set_name, worst)
         if not ws:
             continue
-        metric = report["headline"] if set_name == "task" else "pass_rate"
+        metric = report["headline"] if set_name in ("task", "think_off") else "pass_rate"
         out += ["", f"## Worst {set_name} examples ({metric})", ""]
         for r in ws:
             out.append(f"### {r['id']}" + (f" ({r['category']})" if r.get("category") else ""))

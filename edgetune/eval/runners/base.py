@@ -25,6 +25,7 @@ class GenParams:
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    think: bool | None = None  # a thinking template's switch (enable_thinking / Ollama's think); None = its default
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Generation:
     batch: int = 1  # conversations generated together; ttft_s and total_s are the batch's
     tool_calls: list[dict] | None = None  # [{"name", "arguments"}] the model called (tools offered only)
     tool_error: str | None = None  # why a call the model started is malformed
+    reasoning: str | None = None  # a thinking model's reasoning, apart from the answer (``text``)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -61,6 +63,12 @@ class Runner:
 
     def __init__(self, spec: str):
         self.spec = spec
+
+    @property
+    def thinking(self):
+        """What the runner's chat template does with reasoning (:class:`edgetune.reasoning.Thinking`);
+        None when the runner cannot tell (an HTTP server renders the template itself)."""
+        return None
 
     # -- generation
     def generate(self, messages: list[dict], params: GenParams, tools: list[dict] | None = None) -> Generation:  # pragma: no cover
@@ -107,6 +115,17 @@ class Runner:
 
     def close(self) -> None:
         pass
+
+
+def with_reasoning(gen: Generation, thinking, prompt: str) -> Generation:
+    """``gen`` with a thinking template's reasoning split from its answer (the prompt tells whether
+    the block was already opened for the model)."""
+    if thinking is None or not thinking.any:
+        return gen
+    from ...reasoning import split
+
+    gen.reasoning, gen.text = split(gen.text, thinking, started=prompt.rstrip().endswith(thinking.open))
+    return gen
 
 
 def with_tool_calls(gen: Generation, template: str | None, tools: list[dict] | None) -> Generation:

@@ -22,6 +22,7 @@ from .base import (
     cut_at_stop,
     join_ids,
     prefix_and_full,
+    with_reasoning,
     with_tool_calls,
 )
 
@@ -97,13 +98,22 @@ class GGUFRunner(Runner):
             for gen in (True, False)
         }
         self.template = template
+        from ...reasoning import probe_jinja
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        self._thinking = probe_jinja(template, bos_text, self.eos_text)
+
+    @property
+    def thinking(self):
+        return self._thinking
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               think: bool | None = None) -> str:
+        kw = {} if think is None else {"enable_thinking": think}
         if tools:
             from ...toolcalls import prepare_messages
 
-            return self._fmt[add_generation_prompt](messages=prepare_messages(messages), tools=tools).prompt
-        return self._fmt[add_generation_prompt](messages=messages).prompt
+            return self._fmt[add_generation_prompt](messages=prepare_messages(messages), tools=tools, **kw).prompt
+        return self._fmt[add_generation_prompt](messages=messages, **kw).prompt
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # add_special follows the GGUF's tokenizer.ggml.add_bos_token, as llama-server does
@@ -113,7 +123,8 @@ class GGUFRunner(Runner):
         from llama_cpp import llama_cpp as C
 
         timer = Timer()
-        ids = self.tokenize(self.render(messages, True, tools))
+        prompt = self.render(messages, True, tools, params.think)
+        ids = self.tokenize(prompt)
         if len(ids) + 1 >= self.n_ctx:
             raise EdgetuneError(f"Prompt of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.",
                                 fix="raise eval n_ctx or shorten the example")
@@ -141,7 +152,8 @@ class GGUFRunner(Runner):
                 break
         if not (params.stop and finish == "stop"):
             text = self.llm.detokenize(out).decode("utf-8", errors="replace")
-        return with_tool_calls(Generation(text, len(ids), len(out), timer.ttft, timer.elapsed(), finish), self.template, tools)
+        gen = with_reasoning(Generation(text, len(ids), len(out), timer.ttft, timer.elapsed(), finish), self._thinking, prompt)
+        return with_tool_calls(gen, self.template, tools)
 
     # -- teacher forcing
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:

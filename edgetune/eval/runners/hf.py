@@ -20,6 +20,7 @@ from .base import (
     cut_at_stop,
     join_ids,
     prefix_and_full,
+    with_reasoning,
     with_tool_calls,
 )
 
@@ -87,13 +88,21 @@ class HFRunner(Runner):
             self._model = model.to(self.device).eval()
         return self._model
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               think: bool | None = None) -> str:
         from ...data.template import render_prompt
         from ...toolcalls import prepare_messages
 
         if tools:
             messages = prepare_messages(messages)
-        return render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                             thinking=think)
+
+    @property
+    def thinking(self):
+        from ...reasoning import probe_tokenizer
+
+        return probe_tokenizer(self.tokenizer)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         # the rendered template already holds every special token the model expects
@@ -130,7 +139,8 @@ class HFRunner(Runner):
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         tools = tools or [None] * len(batch)
-        prompts = [self.tokenize(self.render(m, True, t)) for m, t in zip(batch, tools, strict=True)]
+        texts = [self.render(m, True, t, params.think) for m, t in zip(batch, tools, strict=True)]
+        prompts = [self.tokenize(t) for t in texts]
         inp, mask, pad = self.left_pad(prompts)
         width = inp.shape[1]
         kw = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=pad,
@@ -146,7 +156,7 @@ class HFRunner(Runner):
             out = self.model.generate(input_ids=inp, attention_mask=mask, **kw)
         elapsed = timer.elapsed()
         gens = []
-        for row, p, row_tools in zip(out.tolist(), prompts, tools, strict=True):
+        for row, p, row_tools, ptext in zip(out.tolist(), prompts, tools, texts, strict=True):
             new = row[width:]
             finish = "length"
             for i, t in enumerate(new):  # rows that finished early are padded after their end-of-turn
@@ -160,8 +170,8 @@ class HFRunner(Runner):
             if params.stop:
                 text, hit = cut_at_stop(text, params.stop)
                 finish = "stop" if hit else finish
-            gens.append(with_tool_calls(Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch)),
-                                        self.tokenizer.chat_template, row_tools))
+            gen = Generation(text, len(p), n_gen, timer.ttft, elapsed, finish, batch=len(batch))
+            gens.append(with_tool_calls(with_reasoning(gen, self.thinking, ptext), self.tokenizer.chat_template, row_tools))
         return gens
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:

@@ -35,13 +35,13 @@ class OllamaRunner(Runner):
         if params.stop:
             options["stop"] = list(params.stop)
         timer = Timer()
-        text, final, calls = "", {}, []
+        text, final, calls, why = "", {}, [], ""
         if tools:  # Ollama wants a call's arguments as an object, as the template prints them
             from ...toolcalls import prepare_messages
 
             messages = prepare_messages(messages)
         stream = self.client.chat_stream(self.model, messages, options={k: v for k, v in options.items() if v is not None},
-                                         tools=tools)
+                                         tools=tools, think=params.think)
         with closing(stream):  # closes the connection when the loop ends early
             for msg in stream:
                 if "error" in msg:
@@ -50,6 +50,10 @@ class OllamaRunner(Runner):
                 if piece:
                     timer.first()
                     text += piece
+                thought = (msg.get("message") or {}).get("thinking") or ""
+                if thought:
+                    timer.first()
+                    why += thought
                 if (msg.get("message") or {}).get("tool_calls"):
                     timer.first()
                     calls += msg["message"]["tool_calls"]
@@ -64,7 +68,8 @@ class OllamaRunner(Runner):
         if final.get("eval_duration") and n > 1 and ttft is not None:
             total = ttft + final["eval_duration"] / 1e9 * (n - 1) / n
         reason = final.get("done_reason") or ("stop" if hit else "length")
-        gen = Generation(text, int(final.get("prompt_eval_count") or 0), n, ttft, total, "stop" if reason == "stop" else "length")
+        gen = Generation(text, int(final.get("prompt_eval_count") or 0), n, ttft, total, "stop" if reason == "stop" else "length",
+                         reasoning=why.strip() or None)
         if tools:  # Ollama parsed the calls with the Modelfile's template; text it could not parse stays content
             from ..tools import normalise_calls
 
@@ -120,6 +125,8 @@ class OpenAIRunner(Runner):
             kw["top_p"] = params.top_p
         if params.stop:
             kw["stop"] = list(params.stop)
+        if params.think is not None:  # vLLM's / llama.cpp's / edgetune serve's switch for thinking templates
+            kw["extra_body"] = {"chat_template_kwargs": {"enable_thinking": params.think}}
         timer = Timer()
         try:
             stream = self.client.chat.completions.create(
@@ -133,7 +140,7 @@ class OpenAIRunner(Runner):
             raise EdgetuneError(f"Cannot reach {self.base_url} ({exc}).", fix="start the server (edgetune serve) or fix the URL") from None
         except openai.APIStatusError as exc:
             raise EdgetuneError(f"{self.base_url} answered {exc.status_code}: {exc.message}") from None
-        text, chunks, usage, finish = "", 0, None, "length"
+        text, chunks, usage, finish, why = "", 0, None, "length", ""
         calls: dict[int, dict] = {}  # streamed tool calls by index: name, then arguments in pieces
         for chunk in stream:
             if getattr(chunk, "usage", None):
@@ -143,6 +150,11 @@ class OpenAIRunner(Runner):
                 if piece:
                     timer.first()
                     text += piece
+                    chunks += 1
+                thought = getattr(choice.delta, "reasoning_content", None) if choice.delta else None
+                if thought:
+                    timer.first()
+                    why += thought
                     chunks += 1
                 for tc in (choice.delta.tool_calls if choice.delta else None) or []:
                     timer.first()
@@ -155,7 +167,8 @@ class OpenAIRunner(Runner):
         # Without usage, count streamed chunks: servers send one per token (a close lower bound).
         n = usage.completion_tokens if usage else chunks
         p = usage.prompt_tokens if usage else 0
-        gen = Generation(text, p, n, timer.ttft, total, "stop" if finish in ("stop", "tool_calls") else "length")
+        gen = Generation(text, p, n, timer.ttft, total, "stop" if finish in ("stop", "tool_calls") else "length",
+                         reasoning=why.strip() or None)
         if tools:
             gen.tool_calls, gen.tool_error = _server_calls(calls, finish)
         return gen

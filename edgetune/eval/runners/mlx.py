@@ -20,6 +20,7 @@ from .base import (
     cut_at_stop,
     join_ids,
     prefix_and_full,
+    with_reasoning,
     with_tool_calls,
 )
 
@@ -50,13 +51,20 @@ class MLXRunner(Runner):
             self.hf_tok.chat_template = resolve_chat_template(chat_template)
         self.eos_ids = set(getattr(self.tok, "eos_token_ids", None) or [self.hf_tok.eos_token_id])
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               think: bool | None = None) -> str:
         from ...data.template import render_prompt
         from ...toolcalls import prepare_messages
 
         if tools:
             messages = prepare_messages(messages)
-        return render_prompt(self.hf_tok, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return render_prompt(self.hf_tok, messages, add_generation_prompt=add_generation_prompt, tools=tools, thinking=think)
+
+    @property
+    def thinking(self):
+        from ...reasoning import probe_tokenizer
+
+        return probe_tokenizer(self.hf_tok)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         return self.hf_tok(text, add_special_tokens=False)["input_ids"]
@@ -67,7 +75,8 @@ class MLXRunner(Runner):
         from mlx_lm.sample_utils import make_sampler
 
         timer = Timer()
-        ids = self.tokenize(self.render(messages, True, tools))
+        prompt = self.render(messages, True, tools, params.think)
+        ids = self.tokenize(prompt)
         if params.temperature > 0:
             mx.random.seed(params.seed)
         sampler = make_sampler(temp=params.temperature, top_p=params.top_p if params.temperature > 0 else 0.0,
@@ -87,8 +96,8 @@ class MLXRunner(Runner):
                     break
             if resp.finish_reason:
                 finish = resp.finish_reason
-        return with_tool_calls(Generation(text, len(ids), n, timer.ttft, timer.elapsed(), "stop" if finish == "stop" else "length"),
-                               self.hf_tok.chat_template, tools)
+        gen = Generation(text, len(ids), n, timer.ttft, timer.elapsed(), "stop" if finish == "stop" else "length")
+        return with_tool_calls(with_reasoning(gen, self.thinking, prompt), self.hf_tok.chat_template, tools)
 
     def encode(self, messages: list[dict], reference: str) -> tuple[list[int], int]:
         prompt, full = prefix_and_full(self.render, messages, reference)
