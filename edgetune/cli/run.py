@@ -134,6 +134,8 @@ def _metric_columns(metrics: dict, headline: str | None) -> list[tuple[str, str]
     for m in metrics.values():
         present += [k for k in m if k not in present]
     want = [headline] if headline else []
+    if headline:  # a thinking template: the same metric with thinking off, and how much the model reasoned
+        want += [f"think_off.{headline}", "reasoning_chars"]
     want += [k for k in present if k.startswith("per_field.")]
     want += ["json_valid", "exact_match", "accuracy", "rouge_l", "regression.pass_rate", "tokens_per_s"]
     cols: list[tuple[str, str]] = []

@@ -41,10 +41,12 @@ def fmt(metric: str, v: Any) -> str:
 # Column headers for terminal tables (80 columns): the report files keep the full metric names.
 SHORT = {"json_fields": "fields", "json_valid": "json", "exact_match": "exact", "tokens_per_s": "tok/s",
          "regression.pass_rate": "regression", "preference.accuracy": "pref acc", "ttft_s": "ttft", "macro_f1": "F1", "rouge_l": "ROUGE-L",
-         "accuracy": "acc"}
+         "accuracy": "acc", "reasoning_chars": "reasoning"}
 
 
 def short_name(metric: str) -> str:
+    if metric.startswith("think_off."):  # the task set again with thinking off
+        return short_name(metric.removeprefix("think_off.")) + " (off)"
     if metric in SHORT:
         return SHORT[metric]
     return metric.split(".", 1)[1] if metric.startswith("per_field.") else metric

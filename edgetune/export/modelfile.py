@@ -165,8 +165,19 @@ def build_modelfile(gguf_path, out_dir, name: str, options: ModelfileOptions | N
               + (f"; checked against the chat template: {result.n_identical} conversations identical"
                  f" ({result.conversations[0].compared if result.conversations else 'text'})" if result else "")
               + f"\nTools: {_tools_line(fam if not template_file else None, go)}"
+              + (f"\nThinking: {_thinking_line(result)}" if result and _thinking_line(result) else "")
               + f"\nCreate it with: ollama create {name} -f Modelfile")
     return format_modelfile(commands, header), result
+
+
+def _thinking_line(result) -> str:
+    """What the header says about reasoning (Ollama offers thinking when the TEMPLATE uses .Thinking)."""
+    think = [c for c in result.conversations if c.name.startswith("thinking")]
+    if not think:
+        return ""
+    same = sum(c.status == "identical" for c in think)
+    return (f"the template's <think> block; think on/off, earlier turns' reasoning and reasoning before tool calls "
+            f"checked ({same}/{len(think)} conversations identical); Ollama returns it as message.thinking")
 
 
 def _tools_line(fam: Family | None, go: str) -> str:
