@@ -358,6 +358,22 @@ def tiny_tools_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     return hf, convert(hf, d / "tiny-tools-f32.gguf", "f32", verify=False, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_thinking_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny llama with Qwen3's thinking chat template (``--chat-template qwen3``): (HF folder, f32 GGUF)."""
+    from edgetune.chat_families import FAMILY_BY_NAME
+    from edgetune.export.gguf import convert
+
+    d = tmp_path_factory.mktemp("tiny-thinking")
+    hf = d / "hf"
+    shutil.copytree(tiny_llama_dir, hf)
+    (hf / "chat_template.jinja").write_text(FAMILY_BY_NAME["qwen3"].jinja, encoding="utf-8")
+    cfg = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return hf, convert(hf, d / "tiny-thinking-f32.gguf", "f32", verify=False, show_progress=False)
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -19,7 +19,7 @@ WITH_JINJA = [f for f in FAMILIES if f.jinja is not None]
 
 def test_training_templates_come_from_the_table():
     assert KNOWN_TEMPLATES == training_templates()
-    assert set(KNOWN_TEMPLATES) == {"qwen2.5", "chatml", "llama3", "gemma", "mistral", "phi3", "zephyr"}
+    assert set(KNOWN_TEMPLATES) == {"qwen2.5", "qwen3", "chatml", "llama3", "gemma", "mistral", "phi3", "zephyr"}
     for fam in WITH_JINJA:
         assert resolve_chat_template(fam.name) == fam.jinja
         assert resolve_chat_template(fam.name.upper()) == fam.jinja
