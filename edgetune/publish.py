@@ -463,6 +463,11 @@ def model_card(pub: Publication, ollama_name: str | None = None) -> str:
                  for s in dc.get("sources") or [] if isinstance(s, dict) and s.get("path")]
         body += [f"- data card sha256: `{sha256_file(card_path)}`",
                  f"- rejected rows: {_num(counts.get('rejected', 0))}" + (f" ({reasons})" if reasons else "")]
+        th = dc.get("thinking") or {}
+        if th:  # a thinking template: how the rows were rendered
+            body += [f"- reasoning: {th.get('records_with_reasoning', 0)} rows with, {th.get('records_without_reasoning', 0)} "
+                     f"without; trained with thinking on {th.get('thinking_on', 0)}, off {th.get('thinking_off', 0)} "
+                     "(metrics prefixed `think_off.` below are the same test rows asked with thinking off)"]
     else:
         body += ["No data card (the run's data stage did not run)."]
 

@@ -127,6 +127,7 @@ class StreamSplit:
         self.t = thinking
         self.state = "answer" if not thinking.any else ("reasoning" if (thinking.opened if started is None else started) else "start")
         self.buf = ""
+        self.sent_reasoning = False
 
     def feed(self, piece: str) -> tuple[str, str]:
         self.buf += piece
@@ -144,14 +145,18 @@ class StreamSplit:
                 self.state = "answer"
                 continue
             if self.state == "reasoning":
+                if not self.sent_reasoning:  # reasoning is sent stripped, as split() returns it
+                    self.buf = self.buf.lstrip()
                 k = self.buf.find(self.t.close)
                 if k >= 0:
-                    reasoning += self.buf[:k]
+                    reasoning += self.buf[:k].rstrip()
                     self.buf, self.state = self.buf[k + len(self.t.close):], "after"
                     continue
-                keep = _partial_suffix(self.buf, self.t.close)
-                reasoning += self.buf[:len(self.buf) - keep]
-                self.buf = self.buf[len(self.buf) - keep:]
+                # hold back what may be the start of the closing marker, and trailing whitespace before it
+                end = len(self.buf[:len(self.buf) - _partial_suffix(self.buf, self.t.close)].rstrip())
+                reasoning += self.buf[:end]
+                self.sent_reasoning = self.sent_reasoning or end > 0
+                self.buf = self.buf[end:]
                 return reasoning, answer
             if self.state == "after":
                 s = self.buf.lstrip()
@@ -168,7 +173,7 @@ class StreamSplit:
         """What is still held at the end of the reply."""
         rest, self.buf = self.buf, ""
         if self.state == "reasoning":
-            return rest, ""
+            return rest.rstrip() if self.sent_reasoning else rest.strip(), ""
         return "", rest if self.state in ("answer", "start") else rest.lstrip()
 
 

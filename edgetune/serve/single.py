@@ -170,7 +170,8 @@ def load_llm(model, *, adapter=None, n_ctx: int = DEFAULT_N_CTX, n_threads: int 
                  chat_format=_chat_format(m), verbose=verbose)
 
 
-CHAT_HELP = "commands: /system TEXT (set the system prompt), /system (clear it), /reset (forget the chat), /exit"
+CHAT_HELP = ("commands: /system TEXT (set the system prompt), /system (clear it), /think on|off|default "
+             "(thinking models), /reset (forget the chat), /exit")
 
 
 def chat_loop(llm, *, system: str | None = None, read: Callable[[str], str] = input,
@@ -180,7 +181,10 @@ def chat_loop(llm, *, system: str | None = None, read: Callable[[str], str] = in
         def write(s: str) -> None:
             sys.stdout.write(s)
             sys.stdout.flush()
+    from ..reasoning import REQUEST_THINK
+
     history: list[dict] = []
+    think: bool | None = None
     write(CHAT_HELP + "\n")
     while True:
         try:
@@ -201,17 +205,34 @@ def chat_loop(llm, *, system: str | None = None, read: Callable[[str], str] = in
             system = text[len("/system"):].strip() or None
             write(f"(system prompt {'set' if system else 'cleared'})\n")
             continue
+        if text.startswith("/think"):
+            arg = text[len("/think"):].strip().lower()
+            think = {"on": True, "off": False}.get(arg)
+            write(f"(thinking {'on' if think else 'off' if think is False else 'as the template defaults'})\n")
+            continue
         if text in ("/help", "/?"):
             write(CHAT_HELP + "\n")
             continue
         messages = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": line}]
         answer: list[str] = []
+        thought = False
+        token = REQUEST_THINK.set(think)
         try:
             for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_tokens, temperature=temperature):
-                piece = chunk["choices"][0]["delta"].get("content") or ""
-                answer.append(piece)
-                write(piece)
+                delta = chunk["choices"][0]["delta"]
+                why = delta.get("reasoning_content") or ""
+                if why:  # a thinking model's reasoning, shown apart from the answer (not kept in the history)
+                    write(("[thinking] " if not thought else "") + why)
+                    thought = True
+                piece = delta.get("content") or ""
+                if piece and thought and not answer:
+                    write("\n[answer] ")
+                if piece:
+                    answer.append(piece)
+                    write(piece)
         except KeyboardInterrupt:
             write(" [interrupted]")
+        finally:
+            REQUEST_THINK.reset(token)
         write("\n")
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(answer)}]
