@@ -80,8 +80,15 @@ class DataConfig:
     # every record so (off drops reasoning); text = reasoning kept as <think>…</think> text in the
     # answer, for a template without a thinking block (otherwise such records are rejected)
     thinking: str = "auto"
+    # replay against forgetting (edgetune/data/replay.py): this share of the train split is the base
+    # model's own answers to shipped general prompts (generated once, cached); 0 = off
+    replay: float = 0.0
+    # more sources mixed into the train split at fixed shares, chat and text rows alike:
+    # [{path: general.jsonl, share: 0.1}, ...]
+    mix: list[dict] | None = None
 
     def __post_init__(self):
+        _check_range("data", "replay", self.replay, 0.0, 0.8)
         if self.dedup in (False, "False", "false"):  # YAML 1.1 reads a bare `dedup: off` as false
             self.dedup = "off"
         if isinstance(self.thinking, bool):  # YAML 1.1: a bare on/off is a boolean

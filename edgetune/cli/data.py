@@ -47,6 +47,21 @@ def _resolve(recipe, model, **flags):
     return cfg, model
 
 
+def _mix_args(items) -> list[dict] | None:
+    from ..errors import EdgetuneError
+
+    out = []
+    for item in items or ():
+        path, sep, share = item.rpartition("=")
+        try:
+            out.append({"path": path, "share": float(share)})
+        except ValueError:
+            sep = ""
+        if not sep or not path:
+            raise EdgetuneError(f"--mix {item!r} is not PATH=SHARE.", fix="e.g. --mix general.jsonl=0.1")
+    return out or None
+
+
 @click.group()
 def data():
     """Validate, clean, deduplicate and split training data."""
@@ -117,9 +132,14 @@ def _print_report(rep, model, console, out):
 @click.option("--group-by", default=None, help="Field that keeps a group (e.g. user_id) inside one split.")
 @click.option("--redact-pii/--no-redact-pii", default=None, help="Replace emails, phones, cards, SSNs, IPs with placeholders.")
 @click.option("--overlength", type=click.Choice(CHOICES["data.overlength"]), default=None, help="Examples longer than --max-seq-len.")
+@click.option("--replay", type=float, default=None, metavar="SHARE",
+              help="Against forgetting: this share of the train split is the base model's own answers to shipped "
+                   "general prompts (generated once, cached), e.g. 0.15.")
+@click.option("--mix", "mix", multiple=True, metavar="PATH=SHARE",
+              help="Mix rows of PATH (chat or text) into the train split at SHARE, e.g. --mix general.jsonl=0.1 (repeatable).")
 @json_option
 def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len, chat_template, thinking,
-            valid_ratio, test_ratio, seed, group_by, redact_pii, overlength, as_json):
+            valid_ratio, test_ratio, seed, group_by, redact_pii, overlength, replay, mix, as_json):
     """Clean, deduplicate and split PATH into OUTPUT/{train,valid,test}.jsonl (mlx-lm layout).
 
     Every dropped record is in OUTPUT/rejects.jsonl with its file, line and reason;
@@ -131,7 +151,7 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
     cfg, model = _resolve(recipe, model, format=fmt, dedup=dedup, near_threshold=near_threshold,
                           max_seq_len=max_seq_len, chat_template=chat_template, valid_ratio=valid_ratio,
                           test_ratio=test_ratio, seed=seed, group_by=group_by, redact_pii=redact_pii,
-                          overlength=overlength, thinking=thinking)
+                          overlength=overlength, thinking=thinking, replay=replay, mix=_mix_args(mix))
     card = run_prepare(path, output, cfg, model_dir=model)
     if as_json:
         out.print_json(json.dumps(card, ensure_ascii=False))
@@ -155,6 +175,11 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
                   "(canonical form, see data_card.json 'tools')", highlight=False, soft_wrap=True)
         for w in card_warnings(tl):
             out.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if card.get("mix"):
+        mx = card["mix"]
+        out.print(f"mixed into train: {mx['train_rows'] - mx['task_train_rows']} rows ({100 * mx['mixed_share']:.1f}%): "
+                  + ", ".join(f"{s['kind'] if s['kind'] == 'replay' else s['path']} {s['rows']}" for s in mx["sources"]),
+                  highlight=False, soft_wrap=True)
     if card.get("thinking"):
         th = card["thinking"]
         out.print(f"reasoning: {th['records_with_reasoning']} records with, {th['records_without_reasoning']} without; "

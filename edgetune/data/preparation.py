@@ -87,6 +87,7 @@ class Result:
     thinking: Any = None  # what the template does with reasoning (edgetune.reasoning.Thinking), with a tokenizer
     reasoning_dropped: int = 0  # records whose reasoning data.thinking: off removed
     reasoning_as_text: int = 0  # records whose reasoning data.thinking: text folded into the answer
+    mix: dict | None = None  # what data.replay / data.mix added to the train split (edgetune.data.replay)
 
 
 @contextmanager
@@ -370,7 +371,8 @@ def _split(records: list[Record], keys: list[str], cfg: DataConfig) -> tuple[lis
     return [where.get(g, "train") for g in gkeys], len(sizes)
 
 
-def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
+def run_pipeline(path, cfg: DataConfig, model_dir=None, *, mix: bool = False) -> Result:
+    """Read, clean, dedup, measure and split; ``mix``: also add data.replay / data.mix rows to train."""
     res = Result()
     tokenizer = None
     if model_dir is not None:
@@ -423,7 +425,54 @@ def run_pipeline(path, cfg: DataConfig, model_dir=None) -> Result:
             _reject(res, records[i], "leakage_near", f"near-duplicate of train record {records[j].where} (split '{assign[i]}')")
     res.splits = {name: [records[i] for i in ids if i not in leaked] for name, ids in idx.items()}
     random.Random(cfg.seed).shuffle(res.splits["train"])
+    if mix and (cfg.replay or cfg.mix):
+        _mix(res, cfg, tokenizer, model_dir, set(keys))
     return res
+
+
+def _mix(res: Result, cfg: DataConfig, tokenizer, model_dir, task_keys: set[str]) -> None:
+    """Add data.replay / data.mix rows to the train split at their shares (edgetune/data/replay.py):
+    after the split, so valid and test stay the task's; rows duplicating a task record are skipped."""
+    from .replay import mix_records, sources, wanted
+    from .stats import token_lengths
+
+    srcs = sources(cfg)
+    if res.layout == "preference":
+        raise EdgetuneError("data.replay / data.mix add chat and text rows to SFT data; this data is preference pairs.",
+                            fix="drop data.replay / data.mix here (the SFT stage of a run with align: takes them)")
+    n_task = len(res.splits["train"])
+    res.mix = {"task_train_rows": n_task, "sources": []}
+    added: list[Record] = []
+    for k, (src, n) in enumerate(zip(srcs, wanted(n_task, srcs), strict=True)):
+        recs, info = mix_records(src, n, model_dir=model_dir, cfg=cfg, seed=cfg.seed + k)
+        recs = _clean(recs, cfg, Result())
+        kept, dups, over = [], 0, 0
+        for r in recs:
+            key = dd.exact_key(r.dedup_text())
+            if key in task_keys:
+                dups += 1
+                continue
+            task_keys.add(key)
+            kept.append(r)
+        if tokenizer is not None and kept:
+            lengths = token_lengths(tokenizer, kept)
+            fits = []
+            for r, n_tok in zip(kept, lengths, strict=True):
+                if n_tok < 0 or (n_tok > cfg.max_seq_len and cfg.overlength == "drop"):
+                    over += 1
+                    continue
+                res.lengths[id(r)] = n_tok
+                fits.append(r)
+            kept = fits
+        added += kept
+        res.mix["sources"].append({"kind": src.kind, "share": src.share, "wanted": n, "rows": len(kept),
+                                   "duplicates_skipped": dups, "overlength_skipped": over,
+                                   "text_rows": sum(r.kind == "text" for r in kept), **info})
+    train = res.splits["train"] + added
+    random.Random(cfg.seed + 1).shuffle(train)
+    res.splits["train"] = train
+    res.mix["train_rows"] = len(train)
+    res.mix["mixed_share"] = round(len(added) / len(train), 4) if train else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,11 +560,21 @@ def validate(path, cfg: DataConfig | None = None, model_dir=None) -> ValidationR
 # prepare
 
 
+def _row_layout(rec: Record, layout: str) -> str:
+    """The layout one row is written in: the split's, unless data.mix put a row of another kind in it
+    (a text row among chats, a multi-turn chat among prompt/completion rows): then its own."""
+    if rec.kind == "text":
+        return "text"
+    if layout == "completion" and rec.kind != "completion":
+        return "chat"
+    return "chat" if layout == "text" else layout
+
+
 def _write_split(path: Path, records: list[Record], layout: str) -> str:
     h = hashlib.sha256()
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         for r in records:
-            line = json.dumps(r.to_row(layout), ensure_ascii=False, default=str) + "\n"
+            line = json.dumps(r.to_row(_row_layout(r, layout)), ensure_ascii=False, default=str) + "\n"
             fh.write(line)
             h.update(line.encode("utf-8"))
     return h.hexdigest()
@@ -531,7 +590,7 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
     from .stats import length_stats
 
     cfg = cfg or DataConfig()
-    res = run_pipeline(path, cfg, model_dir)
+    res = run_pipeline(path, cfg, model_dir, mix=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(v) for v in res.splits.values())
@@ -586,6 +645,7 @@ def prepare(path, out_dir, cfg: DataConfig | None = None, model_dir=None) -> dic
         "tokens": None,
         "tools": _tool_summary(res, cfg),
         "thinking": reasoning_summary(res.kept, res),
+        "mix": res.mix,
         "files": files,
     }
     if res.tokenizer_info is not None:
