@@ -307,6 +307,9 @@ class RunConfig:
     name: str = "run"
     model: str = ""  # base model folder (HF format)
     output: str = "runs"  # run folder = output/name
+    max: dict[str, float] = field(default_factory=dict)  # METRIC -> maximum value (lower-is-better metrics: nll, latency)
+    # a user's own eval data that duplicates (exactly or nearly) training rows is refused unless allowed
+    allow_overlap: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     align: AlignConfig = field(default_factory=AlignConfig)  # optional: DPO/ORPO after train (align.data set)

@@ -291,7 +291,8 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
     pref = c.run.preference_data
     cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
     report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
-                      baseline=c.cfg.eval.baseline or "base", runner_choice=rows.as_dict())
+                      baseline=c.cfg.eval.baseline or "base", runner_choice=rows.as_dict(),
+                      train_data=c.run.split("train") if c.cfg.eval.data else None)  # a golden set: held out?
     gates = report.get("gates") or {}
     summary = {
         "specs": specs,
@@ -308,7 +309,7 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
         from .eval.gates import describe
 
         failed = "; ".join(describe(f) for f in gates.get("failures", [])) or "see the report"
-        raise EdgetuneError(f"Eval gates failed: {failed}", where=summary["report"], fix="improve the model or relax eval.gates / eval.max_regression")
+        raise EdgetuneError(f"Eval gates failed: {failed}", where=summary["report"], fix="improve the model or relax eval.gates / eval.max / eval.max_regression")
     return summary
 
 

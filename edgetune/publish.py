@@ -329,7 +329,7 @@ def collect(run: RunFolder, *, force: bool = False) -> Publication:
     if failed:
         if not force:
             raise EdgetuneError(f"{run.root} failed its eval gates: " + "; ".join(failed), where=str(run.eval_report("md")),
-                                fix="improve the model or relax eval.gates / eval.max_regression and re-run the eval; "
+                                fix="improve the model or relax eval.gates / eval.max / eval.max_regression and re-run the eval; "
                                     "--force publishes it anyway, with a card that names the failed gates")
         warnings.append("the model failed its eval gates; the card says which")
     rows = [_gguf_row(p, types.get(p.name, "unknown")) for p in files]  # hashed once refusals are past
@@ -498,7 +498,7 @@ def model_card(pub: Publication, ollama_name: str | None = None) -> str:
 
             body += [f"Passed ({len(checks)} checks):", ""] + [f"- {describe(c)}" for c in checks]
         else:
-            body += ["No gates configured (eval.gates / eval.max_regression)."]
+            body += ["No gates configured (eval.gates / eval.max / eval.max_regression)."]
 
     # template check
     body += ["", "## Ollama template check", "",

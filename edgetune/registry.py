@@ -307,13 +307,14 @@ def git_commit() -> str | None:
     return None
 
 
-def register_run(run, *, metrics: dict | None = None, root: Path | None = None) -> tuple[Entry, bool]:
+def register_run(run, *, metrics: dict | None = None, root: Path | None = None, force: bool = False) -> tuple[Entry, bool]:
     """Register the finished run folder ``run`` (a :class:`~edgetune.runfolder.RunFolder`).
 
     ``edgetune run``'s register stage and ``edgetune models register RUN`` both call this. The
     entry's fingerprint covers the base model, the adapter and the GGUFs, so the same finished run
     registered twice returns the existing entry. Its Modelfile points at the entry's own GGUF.
-    ``metrics`` default to the run's eval report.
+    ``metrics`` default to the run's eval report. A run that failed its eval gates is refused unless
+    ``force``; a forced entry records that its gates failed (``eval_gates``).
     """
     import hashlib
 
@@ -324,9 +325,11 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
     cfg = run.cfg
     ran = run.manifest()
     verdict = ran.get("stages", {}).get("eval", {}).get("summary", {}).get("gates_passed")
-    if verdict is False:  # the register stage never runs after failed gates; neither does this
+    if verdict is False and not force:  # the register stage never runs after failed gates; neither does this
         raise EdgetuneError(f"{run.root} failed its eval gates; a model that fails them is not registered.",
-                            where=str(run.eval_report("md")), fix="improve the model or relax eval.gates / eval.max_regression, then re-run")
+                            where=str(run.eval_report("md")),
+                            fix="improve the model or relax eval.gates / eval.max / eval.max_regression, then re-run "
+                                "(`edgetune models register RUN --force` registers it anyway, marked as failing its gates)")
     base = run.base_model_dir
     base_fp = ran.get("model_fingerprint") or model_fingerprint(base)
     arts = run_artifacts(run)
@@ -347,6 +350,7 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None) 
         **({"align": to_dict(cfg.align)} if run.aligned else {}),
         "export": to_dict(cfg.export),
         "metrics": run.eval_metrics() if metrics is None else metrics,
+        "eval_gates": {"passed": verdict, **({"forced": True} if verdict is False else {})},
         "ollama": {"modelfile": "Modelfile" if "Modelfile" in arts else None,
                    "quant": "source+adapter" if run.adapter_route else run.modelfile_quant},
         "artifacts": hashes,

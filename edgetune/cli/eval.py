@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -48,6 +49,8 @@ class _RunArgument(click.Group):
 @click.option("--schema", type=click.Path(dir_okay=False), default=None, help="JSON schema for json_schema (default: inferred).")
 @click.option("--regex", default=None, help="Pattern for the regex metric.")
 @click.option("--min", "mins", multiple=True, metavar="METRIC=VALUE", help="Gate: every non-baseline model must reach VALUE.")
+@click.option("--max", "maxs", multiple=True, metavar="METRIC=VALUE",
+              help="Gate for lower-is-better metrics: every non-baseline model must stay at or below VALUE (e.g. nll=1.2).")
 @click.option("--max-regression", "max_reg", multiple=True, metavar="METRIC=DELTA", help="Gate: at most DELTA worse than the baseline.")
 @click.option("--judge", default=None, metavar="SPEC", help="Pairwise LLM-as-judge vs the baseline, both orders (off by default).")
 @click.option("--drift-reference", default=None, metavar="NAME", help="Also measure KL / top-1 drift of the other models vs NAME.")
@@ -61,12 +64,15 @@ class _RunArgument(click.Group):
 @click.option("--preference-data", type=click.Path(), default=None,
               help="Preference pairs (prompt/chosen/rejected): report each model's preference accuracy (chosen log-prob > "
                    "rejected); runners with logits only (hf, mlx, gguf). Default with a run folder: its align test split.")
+@click.option("--allow-overlap", is_flag=True, default=None,
+              help="With a run folder and your own --data: evaluate even when rows duplicate the run's training split "
+                   "(the overlap is reported); refused otherwise.")
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default=None, help="Recipe YAML: read its eval section.")
 @json_option
 @click.pass_context
 def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_tokens, temperature, top_p, seed, stop, limit,
-               regression, nll, schema, regex, mins, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
-               thinking, preference_data, recipe, as_json):
+               regression, nll, schema, regex, mins, maxs, max_reg, judge, drift_reference, n_ctx, batch_size, dtype, chat_template,
+               thinking, preference_data, allow_overlap, recipe, as_json):
     """Evaluate models side by side on the same examples; measure quantization drift.
 
     \b
@@ -85,7 +91,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     from ..eval.gates import describe, parse_gate_args
 
     cfg = _load_cfg(recipe)
-    runner_choice = None
+    runner_choice = train_data = None
     if run_dir:  # the run folder supplies what the flags do not
         from ..runfolder import RunFolder
 
@@ -93,6 +99,8 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
         cfg = cfg if recipe else run.cfg.eval
         # eval.data is the user's own file (evaluate names it if missing); else the run's test split
         data_path = data_path or cfg.data or str(run.require(run.split("test"), "data"))
+        if Path(data_path).resolve() != run.split("test").resolve():  # a golden set of the user's: held out?
+            train_data = run.split("train")
         if not models:
             run.require(run.fused_dir, "fuse")
             from ..eval.fit import run_specs
@@ -112,12 +120,14 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
         raise EdgetuneError("No models to evaluate.", fix="pass --model SPEC, e.g. -m hf:models/base/smollm2-135m-instruct")
     gates = {**cfg.gates, **parse_gate_args(mins, "--min")}
     max_regression = {**cfg.max_regression, **parse_gate_args(max_reg, "--max-regression")}
+    max_values = {**cfg.max, **parse_gate_args(maxs, "--max")}
     cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
                    regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,
-                   chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression,
-                   thinking=thinking)
-    report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline, runner_choice=runner_choice)
+                   chat_template=chat_template, preference_data=preference_data, baseline=baseline, gates=gates, max_regression=max_regression, max=max_values,
+                   thinking=thinking, allow_overlap=allow_overlap)
+    report = evaluate(data_path, list(models), out_dir, cfg, baseline=cfg.baseline, runner_choice=runner_choice,
+                      train_data=train_data)
     if as_json:
         out.print_json(json.dumps({"models": report["models"], "deltas": report["deltas"], "gates": report["gates"],
                                    "drift": report.get("drift")}, default=str))

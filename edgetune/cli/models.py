@@ -48,7 +48,8 @@ def import_cmd(source, output, name, force, no_verify):
 
 @models.command("register")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def register_cmd(run_dir):
+@click.option("--force", is_flag=True, help="Register a run that failed its eval gates (the entry says so).")
+def register_cmd(run_dir, force):
     """Add the finished run folder RUN_DIR to the registry (what `edgetune run`'s register stage does).
 
     Registering the same finished run again returns its existing entry.
@@ -57,7 +58,7 @@ def register_cmd(run_dir):
     from ..registry import register_run
     from ..runfolder import RunFolder
 
-    entry, created = register_run(RunFolder.open(run_dir))
+    entry, created = register_run(RunFolder.open(run_dir), force=force)
     out.print(f"{entry.ref}\t{entry.path}", highlight=False, soft_wrap=True)
     console.print(f"[green]registered[/] {entry.ref}" if created else f"already registered as {entry.ref}", highlight=False)
 

@@ -213,13 +213,14 @@ def resolve_baseline(baseline: str | None, models: list[dict]) -> str:
 
 
 def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None = None, baseline: str | None = None,
-             *, write: bool = True, runner_choice: dict | None = None) -> dict:
+             *, write: bool = True, runner_choice: dict | None = None, train_data=None) -> dict:
     """Evaluate every model on the task set (and the regression set), write report.{json,md,html}.
 
     ``baseline`` (a model name or spec; default ``cfg.baseline`` or the first model) is what
     deltas and ``max_regression`` gates compare against. ``runner_choice`` (eval/fit.py: which runner
-    a run's rows use and why) is recorded in the report. Returns the report dict; its
-    ``gates.passed`` says whether every gate held.
+    a run's rows use and why) is recorded in the report. ``train_data``: the training split the eval
+    data must be disjoint from (a user's own golden set; :mod:`edgetune.eval.overlap`). Returns the
+    report dict; its ``gates.passed`` says whether every gate held.
     """
     from .gates import check_gates
     from .report import write_report
@@ -232,6 +233,9 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise EdgetuneError(f"Two models are both named {dupes[0]!r}.", fix="label them: --model base=hf:... --model tuned=hf:...")
+    from .overlap import guard
+
+    overlap = guard(data_path, train_data, allow=cfg.allow_overlap) if train_data else None
     examples = load_examples(data_path, cfg.limit)
     task_metrics = resolve_metrics(cfg, examples)
     schema = load_schema(cfg, examples) if ("json_schema" in task_metrics) else None
@@ -291,6 +295,8 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     }
     if runner_choice:
         report["runner_choice"] = runner_choice
+    if overlap is not None:
+        report["overlap"] = overlap
     if pairs:
         report["n_examples"]["preference"] = len(pairs)
         report["preference"] = {"data": str(cfg.preference_data), "n_pairs": len(pairs),
@@ -307,7 +313,7 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
             wr = report["judge"].get(m["name"], {}).get("win_rate")
             if wr is not None:
                 m["metrics"]["judge_win_rate"] = wr
-    report["gates"] = check_gates(models, base_name, cfg.gates, cfg.max_regression)
+    report["gates"] = check_gates(models, base_name, cfg.gates, cfg.max_regression, cfg.max)
     if write:
         write_report(report, Path(out_dir), worst=cfg.worst)
     return report
