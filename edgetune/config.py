@@ -149,9 +149,42 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     report_to: str = "none"  # none|tensorboard|wandb
     num_threads: int | None = None  # torch CPU threads (None = all cores); MLX refuses it
+    # training health (train/health.py). A non-finite loss or gradient norm always stops the run (the
+    # step is not applied; checkpoints/last keeps the last save). A loss spike: a step's loss above
+    # spike_factor x the median of the previous 20 steps' losses (and at least 0.5 above it), after
+    # 5 steps; warned once per episode, `spike: true` in metrics.jsonl, counted in the result. 0 = off
+    spike_factor: float = 2.0
+    # greedy answers (train/samples.py) to the first sample_prompts prompts of the valid split (train
+    # without one) every sample_every steps and at the last step, into OUT/samples.jsonl; 0 = off
+    sample_every: int = 0
+    sample_prompts: int = 3
+    sample_max_tokens: int = 64  # new tokens per sample answer
+    # the best checkpoint and early stopping follow this task metric (edgetune.eval.metrics names:
+    # exact_match, json_fields, json_valid...) of greedy answers to the first select_by_limit valid
+    # rows instead of the validation loss; needs eval_every > 0 and early_stopping_patience
+    select_by: str | None = None
+    select_by_limit: int = 16
 
     def __post_init__(self):
         _check_choices("train", self)
+        from .train.samples import SELECT_METRICS
+
+        if self.spike_factor and not 1.0 < self.spike_factor <= 1000.0:
+            raise EdgetuneError(f"train.spike_factor = {self.spike_factor!r} must be 0 (off) or in (1, 1000].",
+                                fix="e.g. spike_factor: 2 (a step at twice the recent median loss), or 0 to turn it off")
+        for name, lo, hi in (("sample_every", 0, 10**9), ("sample_prompts", 1, 64), ("sample_max_tokens", 1, 8192),
+                             ("select_by_limit", 1, 10000)):
+            _check_range("train", name, getattr(self, name), lo, hi)
+        if self.select_by is not None:
+            _check_choice("train", "select_by", self.select_by, SELECT_METRICS)
+            if not self.eval_every:
+                raise EdgetuneError(f"train.select_by = {self.select_by!r} picks the best of several evaluations; "
+                                    "eval_every = 0 evaluates only at the end.",
+                                    fix="set eval_every (e.g. --eval-every 50), or drop select_by")
+            if not self.early_stopping_patience:
+                raise EdgetuneError(f"train.select_by = {self.select_by!r} chooses checkpoints/best, but the adapter "
+                                    "is exported from checkpoints/best only with early stopping.",
+                                    fix="add --early-stopping N (train.early_stopping_patience; e.g. 3), or drop select_by")
         _check_range("train", "dropout", self.dropout, 0.0, 0.9)
         _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         for p in _objective_params():

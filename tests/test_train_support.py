@@ -223,7 +223,12 @@ def test_non_default_settings_take_effect(backend, tiny_llama_dir, tmp_path, mon
                  **dict.fromkeys(("num_generations", "num_iterations", "rewards", "top_p"),
                                  "test_grpo_trains_logs_and_resumes"),
                  **dict.fromkeys(("temperature", "max_completion_length"), "test_settings_take_effect"),
-                 "scale_rewards": "test_group_advantages_as_trl_computes_them"}
+                 "scale_rewards": "test_group_advantages_as_trl_computes_them",
+                 # training health and greedy answers: test_train_health.py
+                 "spike_factor": "test_loss_spike_is_warned_once_per_episode",
+                 **dict.fromkeys(("sample_every", "sample_prompts", "sample_max_tokens"),
+                                 "test_samples_every_n_steps_from_the_valid_prompts_and_resume"),
+                 **dict.fromkeys(("select_by", "select_by_limit"), "test_select_by_follows_the_metric_not_the_val_loss")}
     honoured = {n for n, row in support.SUPPORT.items()
                 if isinstance(row[backend], str) or row[backend].honoured}
     assert honoured == set(checks) | set(elsewhere)

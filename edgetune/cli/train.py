@@ -10,6 +10,7 @@ import click
 from ..config import CHOICES
 from ..train.objectives import OBJECTIVES
 from ..train.objectives import params as objective_params
+from ..train.samples import SELECT_METRICS
 from .options import force_option, json_option, model_option, output_option, seed_option, target_options
 
 
@@ -65,6 +66,18 @@ def objective_options(fn):
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
               help="Stop after N evaluations without improvement (the best adapter is kept).")
+@click.option("--spike-factor", type=float, default=None,
+              help="Warn when a step's loss exceeds this many times the median of the last 20 steps' (and is "
+                   "0.5 above it); 0 = off (default 2). A NaN/inf loss or gradient always stops the run.")
+@click.option("--sample-every", type=int, default=None,
+              help="Every N steps (and at the last), greedy answers to a few valid prompts into OUTPUT/samples.jsonl "
+                   "(default 0 = off).")
+@click.option("--sample-prompts", type=int, default=None, help="Prompts --sample-every answers (default 3).")
+@click.option("--sample-max-tokens", type=int, default=None, help="New tokens per sample answer (default 64).")
+@click.option("--select-by", type=click.Choice(SELECT_METRICS), default=None,
+              help="Pick the best checkpoint (and early-stop) by this task metric of greedy answers to the valid "
+                   "split instead of the validation loss; needs --eval-every and --early-stopping.")
+@click.option("--select-by-limit", type=int, default=None, help="Valid rows --select-by answers per evaluation (default 16).")
 @click.option("--precision", type=click.Choice(CHOICES["train.precision"]), default=None,
               help="Compute dtype (default auto: edgetune.precision's choice for this device; see edgetune doctor).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
@@ -154,5 +167,8 @@ def train(model, data_dir, output, recipe, section, chat_template, resume, dry_r
         out.print(
             f"adapter: {result.adapter_dir}  steps {result.steps}  train loss {result.final_train_loss:.4f}"
             + (f"  best val {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
+            + (f"  best {result.extra['monitor']} {result.extra['best_monitor']:.4f} ({result.adapter_from})"
+               if "monitor" in result.extra else "")
             + f"  {result.tokens_seen} tokens in {result.wall_s:.1f}s"
+            + (f"  [yellow]{result.loss_spikes} loss spike(s)[/]" if result.loss_spikes else "")
         )

@@ -10,6 +10,7 @@ and leaves the run folder other stages read:
     OUT/checkpoints/      last/ and best/ (adapter + optimizer + scheduler + RNG + data position)
     OUT/train_config.yaml every effective setting;  OUT/run.json  versions, hashes, wall time, memory
     OUT/metrics.jsonl     one row per step (+ val_loss at evaluations);  OUT/loss.png
+    OUT/samples.jsonl     greedy answers to a few prompts every --sample-every steps (samples.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def preflight(model_dir, data_dir, cfg) -> Choice:
     objective = get(cfg.objective)
     if objective.check is not None:  # e.g. GRPO: the rewards parse and every row has the reference they need
         objective.check(cfg, data_dir)
+    from .samples import check
+
+    check(cfg, data_dir)  # --select-by: a valid split with prompts and references
     return choice
 
 

@@ -5,7 +5,9 @@ overwrite a run / resuming one (optimizer, scheduler, RNG, step and data positio
 ``checkpoints/last``), encoding the splits and planning epochs, the step count and warmup, the eval
 cadence, early stopping, ``checkpoints/best`` and ``checkpoints/last`` (atomic folders), the
 progress bar (loss, val, tok/s, ETA), metrics.jsonl, loss.png, TensorBoard/W&B, train_config.yaml,
-run.json and the :class:`report.TrainResult`.
+run.json and the :class:`report.TrainResult`; training health (``health.py``: a non-finite step
+stops the run, loss spikes are warned) and greedy answers while training (``samples.py``:
+``--sample-every``, ``--select-by``).
 
 A backend knows only its framework (see :class:`Backend`); the loss and the batches come from the
 objective (``objectives.py``), as mlx-lm's trainer takes ``loss`` and ``iterate_batches``. So a new
@@ -24,7 +26,7 @@ import numpy as np
 
 from ..console import console
 from ..errors import EdgetuneError
-from . import batching, report
+from . import batching, health, objectives, report, samples
 from .common import RESUME_KEYS, StopFlag, TrainingInterrupted
 
 
@@ -36,6 +38,9 @@ class StepStats:
     lr: float  # the learning rate this step used
     grad_norm: float | None = None  # before clipping
     metrics: dict[str, float] = field(default_factory=dict)  # the loss function's metrics, per unit
+    # False: the loss or the gradient norm was NaN/inf and the backend applied nothing (no optimizer or
+    # scheduler step, gradients dropped); the loop stops the run (health.py)
+    finite: bool = True
 
 
 class Backend(Protocol):
@@ -52,10 +57,16 @@ class Backend(Protocol):
         """Load the model, add the adapter, build optimizer + LR schedule; return settings for the record."""
 
     def step(self, batches: list, loss_fn) -> StepStats:
-        """One optimizer step over ``batches`` (this step's micro-batches, for all processes)."""
+        """One optimizer step over ``batches`` (this step's micro-batches, for all processes). The loss and
+        the gradient norm are checked first: when either is not finite, nothing is applied (``finite`` False)."""
 
     def eval_loss(self, batches: list, loss_fn) -> dict[str, float]:
         """``{"loss": per-unit loss, **metrics}`` over ``batches`` with no gradient and no dropout."""
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 stop_ids: list[int], pad_id: int, seed: int) -> list[list[int]]:
+        """``n`` completions per prompt (token ids) from the current weights with no dropout, grouped by
+        prompt; temperature 0 is greedy and leaves the training RNG alone (GRPO, samples, select_by)."""
 
     def save_state(self, dirpath: Path, loop_state: dict) -> None:
         """Write optimizer, scheduler and RNG state plus ``loop_state`` into a checkpoint folder."""
@@ -64,7 +75,9 @@ class Backend(Protocol):
         """``loop_state`` back from a checkpoint folder (before ``setup``: no model needed)."""
 
     def load_state(self, dirpath: Path, loop_state: dict) -> None:
-        """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint folder (after ``setup``)."""
+        """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint folder (after ``setup``);
+        the learning rate is this run's ``learning_rate`` on the restored schedule position (a resume may
+        lower it, e.g. after a non-finite step)."""
 
     def save_adapter(self, dirpath: Path) -> None:
         """The current adapter, in the framework's native format, into ``dirpath``."""
@@ -182,6 +195,12 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
     warmup = int(round(cfg.warmup_ratio * total))
     val_batches = objective.plan(val_ex, epoch=0, shuffle=False, **plan_kw) if val_ex else []
     pad_frac = batching.padding_fraction(data.plan(0))
+    # greedy answers while training (samples.py): --sample-every, --select-by
+    answers = samples.Answers(backend, tok, model_dir, cfg.max_seq_len) if cfg.sample_every or cfg.select_by else None
+    sampler = samples.Sampler(answers, splits, cfg, out_dir, state["step"] if state else None, main) \
+        if cfg.sample_every else None
+    selector = samples.Selector(answers, splits, cfg) if cfg.select_by else None
+    faults = health.test_faults()
 
     # --- model --------------------------------------------------------------------------------
     reporter = report.Reporter(cfg.report_to, out_dir, cfg, main)  # a missing package fails before loading
@@ -206,6 +225,16 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
         best_val, best_step, bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
         if main:
             console.print(f"resumed from step {step} (epoch {data.epoch}, batch {data.index})")
+        old_lr = state.get("learning_rate")
+        if main and old_lr is not None and old_lr != cfg.learning_rate:
+            console.print(f"learning_rate {old_lr:g} -> {cfg.learning_rate:g}: the schedule continues from step "
+                          f"{step} with the new peak")
+        if state.get("select_by") != cfg.select_by and best_step is not None:
+            # best_val is in another unit now: the selection starts again at the next evaluation
+            best_val, best_step, bad_evals = None, None, 0
+            if main:
+                console.print(f"select_by {state.get('select_by') or 'validation loss'} -> "
+                              f"{cfg.select_by or 'validation loss'}: the best checkpoint is chosen afresh")
 
     def save_checkpoint(which: str) -> None:
         if not main:
@@ -218,17 +247,31 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
                 "cfg": {k: getattr(cfg, k) for k in RESUME_KEYS}, "step": step, "epoch": data.epoch,
                 "index": data.index, "tokens_seen": tokens_seen, "elapsed": elapsed + (time.perf_counter() - t_loop),
                 "rows": rows, "losses": losses, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
+                "learning_rate": cfg.learning_rate, "select_by": cfg.select_by,
             })
 
     monitor, sign = objective.monitor, (-1.0 if objective.maximize else 1.0)
+    if selector is not None:  # a task metric of greedy answers picks the best checkpoint instead
+        monitor, sign = selector.metric, -float(selector.direction)
+
+    def note(what: str):
+        """A progress callback for answers being generated: shown in the bar's description."""
+        def show(done: int, n: int) -> None:
+            if main:
+                bar.update(task, description=f"train ({backend.name}) {what} {done}/{n}")
+        return show
 
     def evaluate(row: dict) -> float | None:
         """Validation numbers into ``row``; returns the monitored one (None: no valid split)."""
-        if not val_batches:
-            return None
-        vals = session.evaluate(val_batches) if session else backend.eval_loss(val_batches, loss_fn)
-        row.update({f"val_{k}": v for k, v in vals.items()})
-        return vals[monitor]
+        vals = {}
+        if val_batches:
+            vals = session.evaluate(val_batches) if session else backend.eval_loss(val_batches, loss_fn)
+            row.update({f"val_{k}": v for k, v in vals.items()})
+        if selector is not None:
+            vals[monitor] = row[f"val_{monitor}"] = selector.score(note(f"scoring {monitor}"))
+            if main:
+                bar.update(task, description=f"train ({backend.name})")
+        return vals.get(monitor)
 
     resolved = {
         "backend": backend.name, "objective": objective.name, "device": backend.device,
@@ -270,15 +313,36 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
             while step < total:
                 t0 = time.perf_counter()
                 mbs, sampled = session.batches(data, per_step, step) if session else (data.take(per_step), {})
-                st = backend.step(mbs, loss_fn)
+                step_loss_fn = loss_fn
+                if step + 1 in faults:  # the test hook (health.py)
+                    step_loss_fn = health.faulty(loss_fn, faults[step + 1], objectives.kit_for(backend.name).stop_gradient)
+                st = backend.step(mbs, step_loss_fn)
                 step += 1
                 step_tokens = sum(b.n_tokens for b in mbs)
-                tokens_seen += step_tokens
-                losses.append(st.loss)
                 dt = time.perf_counter() - t0
                 ep = data.progress
                 row = {"step": step, "epoch": round(ep, 4), "loss": st.loss, **sampled, **st.metrics, "lr": st.lr,
-                       "tokens": tokens_seen, "tok_s": step_tokens / dt, "grad_norm": st.grad_norm}
+                       "tokens": tokens_seen + step_tokens, "tok_s": step_tokens / dt, "grad_norm": st.grad_norm}
+                if not st.finite:  # nothing was applied: stop, leaving checkpoints/last as the last save wrote it
+                    if main:
+                        report.write_metrics(out_dir, rows + [{**row, "loss": None, "grad_norm": None, "nonfinite": {
+                            "loss": repr(st.loss), "grad_norm": repr(st.grad_norm)}}])
+                    saved = backend.read_state(ckpt_last) if (ckpt_last / backend.state_file).exists() else None
+                    widths = [b.input_ids.shape[-1] for b in mbs if hasattr(b, "input_ids")]
+                    raise health.nonfinite_error(step, st, cfg=cfg, precision=backend.precision,
+                                                 last_loss=losses[-1] if losses else None, checkpoint=saved,
+                                                 longest_row=max(widths) if widths else None,
+                                                 where=str(ckpt_last if saved else out_dir))
+                tokens_seen += step_tokens
+                spike, baseline = health.is_spike(losses, st.loss, cfg.spike_factor) if objective.loss_spikes \
+                    else (False, None)
+                losses.append(st.loss)
+                if spike:
+                    row.update(spike=True, spike_baseline=baseline)
+                    if main and not (rows and rows[-1].get("spike")):  # once per episode
+                        console.print(f"[yellow]loss spike at step {step}: {st.loss:.4g} vs a recent median of "
+                                      f"{baseline:.4g} (x{st.loss / baseline:.1f}); if it keeps rising, lower "
+                                      f"learning_rate or check this step's data[/]")
                 if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
                     v = evaluate(row)
                     if v is not None:
@@ -290,6 +354,10 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
                             bad_evals += 1
                             if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                                 stopped_early = True
+                if main and sampler is not None and sampler.due(step, last=step == total or stopped_early):  # rank 0 only: nothing depends on them
+                    new = sampler.run(step, note("sampling"))
+                    bar.update(task, description=f"train ({backend.name})")
+                    console.print(samples.Sampler.describe(new[0]))
                 rows.append(row)
                 reporter.log(row)
                 if main:
@@ -343,6 +411,7 @@ def run(backend, objective, model_dir, data_dir, out_dir, cfg, *, targets, resum
         adapter_from=f"best@{best_step}" if use_best else "last",
         padding_fraction=round(pad_frac, 4),
         peak_rss_gb=report.peak_rss_gb(),
+        loss_spikes=health.spike_episodes(rows),
         extra={"train_time_s": round(elapsed, 3), "world_size": backend.world_size, **extra},
     )
     if main:

@@ -15,6 +15,7 @@ conversion in ``convert.py``).
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class MLXBackend:
     def step(self, batches, loss_fn):
         import mlx.core as mx
         import mlx.optimizers as optim
-        from mlx.utils import tree_map
+        from mlx.utils import tree_flatten, tree_map
 
         from .loop import StepStats
 
@@ -170,16 +171,20 @@ class MLXBackend:
             step_loss += lv.item()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-        gnorm = None
         if self.cfg.max_grad_norm:
             grads, gnorm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+        else:
+            gnorm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         lr = self.cfg.learning_rate * self.factor(self.steps_done)
+        stats = StepStats(step_loss, lr, float(gnorm.item()), {k: v / units for k, v in sums.items()})
+        if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+            stats.finite = False  # nothing applied: weights, optimizer state and the step count as they were
+            return stats
         self.opt.learning_rate = lr
         self.opt.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.opt.state)
         self.steps_done += 1
-        return StepStats(step_loss, lr, float(gnorm.item()) if gnorm is not None else None,
-                         {k: v / units for k, v in sums.items()})
+        return stats
 
     def eval_loss(self, batches, loss_fn) -> dict:
         self.model.eval()

@@ -28,6 +28,7 @@ class TrainResult:
     adapter_from: str = "last"  # last|best@STEP
     padding_fraction: float | None = None
     peak_rss_gb: float | None = None
+    loss_spikes: int = 0  # spike episodes (train/health.py)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:

@@ -98,6 +98,9 @@ SUPPORT: dict[str, dict[str, object]] = {
                   "mlx": "base weights cast with set_dtype (auto: the saved dtype); LoRA weights stay fp32"},
     "gradient_checkpointing": {"torch": "model.gradient_checkpointing_enable", "mlx": "mx.checkpoint per layer"},
     "report_to": {"torch": LOOP, "mlx": LOOP},
+    "spike_factor": {"torch": LOOP + " and health.py", "mlx": LOOP + " and health.py"},
+    **{name: {b: LOOP + " and samples.py (greedy answers through the backend's generate)" for b in BACKENDS}
+       for name in ("sample_every", "sample_prompts", "sample_max_tokens", "select_by", "select_by_limit")},
     "num_threads": {
         "torch": "torch.set_num_threads",
         "mlx": Refuse(lambda v, c: v is not None, "MLX has no setting for its CPU thread count",

@@ -13,6 +13,7 @@ Everything model-related (loading, LoRA/DoRA layers, saving adapters, 4-bit) is 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from pathlib import Path
@@ -458,8 +459,21 @@ class TorchBackend:
                 sums[k] = sums.get(k, 0.0) + float(v)
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm else None
-        lr = self.sched.get_last_lr()[0]
+        gnorm = self._grad_norm()  # the same on every process: DDP has averaged the gradients
+        if self.world_size > 1:  # the step's loss over all processes, before deciding to apply the step
+            t = torch.tensor([loss_sum, float(units), *sums.values()])
+            torch.distributed.all_reduce(t)
+            loss_sum, units = t[0].item(), t[1].item()
+            sums = dict(zip(sums, t[2:].tolist(), strict=True))
+        n = max(units, 1)
+        stats = StepStats(loss_sum / n, self.sched.get_last_lr()[0], gnorm, {k: v / n for k, v in sums.items()})
+        # with fp16's GradScaler, inf/NaN gradients are the scaler's business: it skips that step, lowers its scale
+        if not math.isfinite(stats.loss) or (self.scaler is None and not math.isfinite(gnorm)):
+            self.opt.zero_grad(set_to_none=True)  # nothing applied: optimizer, scheduler and weights as they were
+            if self.scaler:
+                self.scaler.update()
+            stats.finite = False
+            return stats
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -467,13 +481,14 @@ class TorchBackend:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.world_size > 1:
-            t = torch.tensor([loss_sum, float(units), *sums.values()])
-            torch.distributed.all_reduce(t)
-            loss_sum, units = t[0].item(), t[1].item()
-            sums = dict(zip(sums, t[2:].tolist(), strict=True))
-        n = max(units, 1)
-        return StepStats(loss_sum / n, lr, float(gnorm) if gnorm is not None else None, {k: v / n for k, v in sums.items()})
+        return stats
+
+    def _grad_norm(self) -> float:
+        """The total gradient norm before clipping (clipped in place when max_grad_norm is set)."""
+        if self.cfg.max_grad_norm:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     @torch.no_grad()
     def eval_loss(self, batches, loss_fn) -> dict:
@@ -519,7 +534,8 @@ class TorchBackend:
             att[i, width - len(p):] = 1
         kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
-        torch.manual_seed(seed)
+        if sample:  # greedy draws nothing (eval mode: no dropout): the training RNG stays as it was
+            torch.manual_seed(seed)
         self.model.eval()
         try:
             with self._autocast():
@@ -548,6 +564,12 @@ class TorchBackend:
         set_peft_model_state_dict(self.model, load_file(str(dirpath / "adapter_model.safetensors")))
         self.opt.load_state_dict(loop_state["optimizer"])
         self.sched.load_state_dict(loop_state["scheduler"])
+        # the restored schedule position with this run's peak learning rate (a resume may change it)
+        peak = self.cfg.learning_rate
+        self.sched.base_lrs = [peak] * len(self.opt.param_groups)
+        for fn, group in zip(self.sched.lr_lambdas, self.opt.param_groups, strict=True):
+            group["initial_lr"], group["lr"] = peak, peak * fn(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         _set_rng_state(loop_state["rng"])
 
     def export_adapter(self, out_dir: Path, src: Path | None):

@@ -66,6 +66,9 @@ class Objective:
     uses: tuple[str, ...] = ()  # TrainConfig fields passed to ``loss`` as keywords (own or shared, e.g. beta)
     monitor: str = "loss"
     maximize: bool = False
+    # the step loss is a positive, NLL-like number, so a step far above the recent ones is a spike
+    # the loop warns about (train/health.py); GRPO's policy loss is centred on 0: no such baseline
+    loss_spikes: bool = True
     sequences: Any = 1  # rows per example: an int or (cfg) -> int (DPO: 2, GRPO: num_generations)
     extra_tokens: Any = 0  # tokens a row holds beyond max_seq_len: int or (cfg) -> int (GRPO: completions)
     reference_pass: Any = False  # bool or (cfg) -> bool: a pass with the adapter off beside the policy's

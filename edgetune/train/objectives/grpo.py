@@ -371,6 +371,7 @@ OBJECTIVE = Objective(
     packable=False,
     monitor="reward",
     maximize=True,
+    loss_spikes=False,  # advantages are centred per group: the policy loss hovers around 0
     start=start,
     check=check,
     defaults={"beta": 0.0},  # TRL GRPOConfig.beta: no KL term, no reference pass
