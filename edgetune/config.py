@@ -305,6 +305,9 @@ class EvalConfig:
     baseline: str | None = None  # model name deltas and --max-regression compare against (None = first)
     gates: dict[str, float] = field(default_factory=dict)  # METRIC -> minimum value
     max_regression: dict[str, float] = field(default_factory=dict)  # METRIC -> allowed drop vs baseline
+    max: dict[str, float] = field(default_factory=dict)  # METRIC -> maximum value (lower-is-better metrics: nll, latency)
+    # a user's own eval data that duplicates (exactly or nearly) training rows is refused unless allowed
+    allow_overlap: bool = False
     judge: str | None = None  # runner SPEC for pairwise LLM-as-judge (off by default: slow, noisy)
     drift_reference: str | None = None  # model name whose logits the others are compared to
     worst: int = 5  # worst examples shown side by side in report.md
@@ -340,9 +343,6 @@ class RunConfig:
     name: str = "run"
     model: str = ""  # base model folder (HF format)
     output: str = "runs"  # run folder = output/name
-    max: dict[str, float] = field(default_factory=dict)  # METRIC -> maximum value (lower-is-better metrics: nll, latency)
-    # a user's own eval data that duplicates (exactly or nearly) training rows is refused unless allowed
-    allow_overlap: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     align: AlignConfig = field(default_factory=AlignConfig)  # optional: DPO/ORPO after train (align.data set)
