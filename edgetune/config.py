@@ -297,7 +297,9 @@ class EvalConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # extra stop strings (end-of-turn always stops)
     limit: int | None = None  # evaluate at most N examples
-    regression: bool = True  # also run the shipped general-capability set
+    # the regression set run next to the task: true = the shipped general-capability set, false = none,
+    # or a list of "shipped" and the user's own files (eval/data.py load_regression)
+    regression: bool | list[str] = True
     regression_max_tokens: int = 96  # its answers are short; caps time spent on rambling models
     nll: bool = True  # mean NLL / perplexity of the references (runners with logits: hf, mlx, gguf)
     schema: str | None = None  # JSON-schema file for json_schema (None = inferred from references)
@@ -336,6 +338,16 @@ class EvalConfig:
             raise EdgetuneError(f"eval.max_tokens must be >= 1, got {self.max_tokens}.")
         if self.limit is not None and self.limit < 1:
             raise EdgetuneError(f"eval.limit must be >= 1, got {self.limit}.")
+        if self.regression is None or isinstance(self.regression, str):  # YAML "regression:" (null) is off
+            self.regression = [self.regression] if self.regression else False
+        if isinstance(self.regression, (list, tuple)):
+            if not all(isinstance(v, str) and v.strip() for v in self.regression):
+                raise EdgetuneError(f"eval.regression = {self.regression!r}: list entries are 'shipped' or file paths.",
+                                    fix="e.g. regression: [shipped, golden.jsonl] (or true / false)")
+            self.regression = [v.strip() for v in self.regression] or False
+        elif not isinstance(self.regression, bool):
+            raise EdgetuneError(f"eval.regression = {self.regression!r} is not true, false or a list of files.",
+                                fix="e.g. regression: [shipped, golden.jsonl]")
 
 
 @dataclass
@@ -370,6 +382,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return None
     origin = get_origin(typ)
     args = [a for a in get_args(typ) if a is not type(None)]
+    if bool in args and any(get_origin(a) is list for a in args):  # bool | list[str]: eval.regression
+        word = isinstance(value, str) and value.lower() in ("1", "0", "true", "false", "yes", "no", "on", "off")
+        if isinstance(value, (bool, int)) or word:
+            return _coerce(value, bool, where)
+        return _coerce(value, list[str], where) if isinstance(value, (str, list, tuple)) else value
     if origin in (list,) or (args and get_origin(args[0]) is list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -271,9 +271,12 @@ def _ollama_run(c: Ctx, resume: bool) -> dict:
 
 
 def _eval_inputs(c: Ctx) -> dict:
+    from .eval.data import regression_hashes
+
     data, pref = c.run.eval_data, c.run.preference_data
     return {
         "cfg": to_dict(c.cfg.eval),
+        "regression": regression_hashes(c.cfg.eval.regression),  # a user's regression file edited: eval again
         "data": sha256_path(data) if data.exists() else None,
         "preference_data": sha256_path(pref) if pref and pref.exists() else None,
         "align": c.output_hash("align"),
@@ -454,6 +457,10 @@ def prepare_run(cfg: RunConfig) -> Ctx:
     if not data_path.exists():
         raise EdgetuneError(f"Training data not found: {data_path}", where=str(data_path), fix="fix data.path in the recipe")
     check_export_plan(cfg)
+    if cfg.eval.regression:  # the user's regression files are read (and bad rows refused) before training
+        from .eval.data import load_regression
+
+        load_regression(cfg.eval.regression)
     run = RunFolder(cfg.run_dir, cfg)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(run.run_yaml, f"# effective settings of this run (edgetune run {run.root})\n" + dump_yaml(cfg))

@@ -507,7 +507,9 @@ def _cost_eval(i: Inputs) -> Cost:
     q = gguf(quant)
     if q > peak:
         peak, how = q, f"gguf runner on {quant}: weights + KV cache"
-    n = i.eval_examples + (60 if ev.regression else 0)
+    from .eval.data import regression_count
+
+    n = i.eval_examples + regression_count(ev.regression)
     new = min(ev.max_tokens, 128)  # most answers stop long before max_tokens
     per_token_hf = i.params * bytes_per / (i.target.mem_gbps * GB) / max(1, min(batch, 8)) * 2
     per_token_q = _gguf_bytes(i, quant) / (i.target.mem_gbps * GB)

@@ -134,6 +134,7 @@ def test_regression_set_runs_with_the_task(tiny_gguf, task3, tmp_path):
     assert 0.0 <= m["regression.pass_rate"] <= 1.0
     assert {"regression.per_category.arithmetic", "regression.per_category.refusal"} <= set(m)
     assert len(report["examples"]["regression"]) == len(load_regression())
+    assert "## Regression set by category" in (tmp_path / "report.md").read_text()
 
 
 class _AlwaysA(Runner):

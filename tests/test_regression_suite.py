@@ -1,12 +1,16 @@
-"""The regression set: its checks, the shipped rows' self-consistency, the user's own files."""
+"""The regression set: its checks, the shipped rows' self-consistency, the user's own files (recipe
+and CLI), and the per-category report. Only the last tests run a (tiny random) model."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from edgetune.config import EvalConfig, config_from_dict, load_config
 from edgetune.errors import EdgetuneError
 from edgetune.eval.data import (
     CHECKS,
@@ -20,8 +24,10 @@ from edgetune.eval.data import (
     run_check,
     validate_check,
 )
+from edgetune.eval.report import to_markdown
 
 CATEGORIES = {"instruction", "format", "arithmetic", "factual", "refusal", "benign", "multilingual"}
+DEMO = Path(__file__).resolve().parents[1] / "edgetune" / "resources" / "demo" / "support_tickets.jsonl"
 
 
 # ---------------------------------------------------------------- check types: pass and fail
@@ -224,6 +230,25 @@ def test_regression_sources_and_the_cli_switches():
     assert combine_regression(False, True) is True
 
 
+def test_eval_regression_in_recipes_and_overrides(tmp_path):
+    def reg(v):
+        return config_from_dict({"eval": {"regression": v}}).eval.regression
+
+    assert reg(True) is True and reg(False) is False and reg("off") is False and reg(None) is False
+    assert reg(["shipped", "golden.jsonl"]) == ["shipped", "golden.jsonl"]
+    assert reg("shipped,golden.jsonl") == ["shipped", "golden.jsonl"] and reg([]) is False
+    assert EvalConfig().regression is True and EvalConfig(regression="g.jsonl").regression == ["g.jsonl"]
+    with pytest.raises(EdgetuneError):
+        reg([1])
+    with pytest.raises(EdgetuneError):
+        reg({"a": 1})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\neval:\n  regression: [shipped, golden.jsonl]\n")
+    assert load_config(recipe).eval.regression == ["shipped", "golden.jsonl"]
+    assert load_config(recipe, ["eval.regression=false"]).eval.regression is False
+    assert load_config(recipe, ["eval.regression=[shipped, other.jsonl]"]).eval.regression == ["shipped", "other.jsonl"]
+
+
 def test_user_files_ids_categories_and_collisions(tmp_path, shipped):
     a = tmp_path / "golden.jsonl"
     a.write_text("\n".join([
@@ -266,3 +291,92 @@ def test_bad_user_rows_are_refused_with_file_and_line(tmp_path, lines, where, ms
 def test_missing_user_file_is_named(tmp_path):
     with pytest.raises(EdgetuneError, match="Regression file not found"):
         load_regression([str(tmp_path / "nope.jsonl")])
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _fake_report():
+    def metrics(base_rate, cats):
+        return {"exact_match": base_rate, "regression.pass_rate": sum(cats.values()) / len(cats),
+                **{f"regression.per_category.{k}": v for k, v in cats.items()}}
+
+    models = [{"name": "base", "spec": "hf:b", "metrics": metrics(0.2, {"refusal": 1.0, "arithmetic": 0.5})},
+              {"name": "tuned", "spec": "hf:t", "metrics": metrics(0.8, {"refusal": 0.75, "arithmetic": 0.5})}]
+    deltas = {"tuned": {k: v - models[0]["metrics"][k] for k, v in models[1]["metrics"].items()}}
+    return {"data": "t.jsonl", "n_examples": {"task": 3, "regression": 6}, "baseline": "base", "headline": "exact_match",
+            "seconds": 1.0, "models": models, "deltas": deltas, "examples": {},
+            "regression": {"sources": ["shipped", "golden.jsonl"], "n_per_category": {"arithmetic": 2, "refusal": 4}}}
+
+
+def test_markdown_has_a_per_category_table_with_deltas():
+    md = to_markdown(_fake_report())
+    assert "## Regression set by category" in md and "`golden.jsonl`" in md
+    assert "| category | n | base (baseline) | tuned |" in md
+    assert "| refusal | 4 | 100.0% | 75.0% (-25.0 pp ▼) |" in md
+    assert "| arithmetic | 2 | 50.0% | 50.0% (+0.0 pp) |" in md
+    assert "| **all** | 6 |" in md
+    metrics_table = md.split("## Metrics")[1].split("## Regression set by category")[0]
+    assert "per_category" not in metrics_table  # shown once, in their own table
+
+
+# ---------------------------------------------------------------- end to end on a tiny model
+
+
+@pytest.fixture()
+def golden(tmp_path) -> Path:
+    f = tmp_path / "golden.jsonl"
+    f.write_text("\n".join([
+        _row("Say ok", "ok", {"type": "contains", "value": "ok"}, id="ok"),
+        _row("2+2?", "4", {"type": "number", "value": 4}, category="arithmetic"),
+    ]) + "\n")
+    return f
+
+
+@pytest.fixture()
+def task1(tmp_path) -> Path:
+    p = tmp_path / "task.jsonl"
+    p.write_text(DEMO.read_text().splitlines(keepends=True)[0])
+    return p
+
+
+def test_evaluate_runs_the_users_rows_per_category(tiny_llama_dir, task1, golden, tmp_path):
+    from edgetune.eval import evaluate
+
+    cfg = EvalConfig(max_tokens=2, regression_max_tokens=2, nll=False, limit=1, dtype="float32", regression=[str(golden)])
+    report = evaluate(task1, [f"base=hf:{tiny_llama_dir}", f"again=hf:{tiny_llama_dir}"], tmp_path / "r", cfg)
+    assert [r["id"] for r in report["examples"]["regression"]] == ["ok", "golden:2"]
+    assert report["regression"] == {"sources": [str(golden)], "n_per_category": {"arithmetic": 1, "golden": 1}}
+    for m in report["models"]:
+        assert {"regression.pass_rate", "regression.per_category.golden", "regression.per_category.arithmetic"} <= set(m["metrics"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Regression set by category" in md and "| golden | 1 |" in md and "| base (baseline) | again |" in md
+    assert "<h2>Regression set by category</h2>" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_cli_regression_file(tiny_llama_dir, task1, golden, tmp_path):
+    from edgetune.cli.eval import eval_group
+
+    base = ["--data", str(task1), "-m", f"hf:{tiny_llama_dir}", "--max-tokens", "2", "--no-nll", "--limit", "1",
+            "--dtype", "float32", "-o", str(tmp_path / "r")]
+    res = CliRunner().invoke(eval_group, base + ["--no-regression", "--regression-file", str(golden)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["regression"]["sources"] == [str(golden)] and report["n_examples"]["regression"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_row("q", "a", {"type": "nope"}) + "\n")
+    res = CliRunner().invoke(eval_group, base + ["--regression-file", str(bad)])
+    assert res.exit_code != 0 and "bad.jsonl:1" in res.output + str(res.exception)
+
+
+def test_run_refuses_a_bad_regression_file_before_training(tmp_path, tiny_llama_dir, tiny_recipe):
+    from edgetune import pipeline
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_row("q", "a", {"type": "contains"}) + "\n")
+    cfg = pipeline.load_recipe(tiny_recipe(tmp_path, tiny_llama_dir), [f"eval.regression=[shipped, {bad}]"])
+    assert cfg.eval.regression == [SHIPPED, str(bad)]
+    with pytest.raises(EdgetuneError) as exc:
+        pipeline.run(cfg, to_stage="train")
+    assert exc.value.where == f"{bad}:1" and "Bad value" in str(exc.value)
+    assert not (tmp_path / "runs" / "tiny" / "train").exists()

@@ -18,6 +18,11 @@ def _load_cfg(recipe):
     return load_config(recipe).eval if recipe else EvalConfig()
 
 
+def _keep(ctx, param, value):
+    """Keep an option's value in ``ctx.meta`` (options added without widening the command's signature)."""
+    ctx.meta[param.name] = value
+
+
 class _RunArgument(click.Group):
     """`edgetune eval RUN_DIR …` means `edgetune eval --run RUN_DIR …`."""
 
@@ -45,6 +50,9 @@ class _RunArgument(click.Group):
 @click.option("--stop", multiple=True, help="Extra stop string (repeatable).")
 @click.option("--limit", type=int, default=None, help="Evaluate at most N examples.")
 @click.option("--regression/--no-regression", default=None, help="Also run the shipped general-capability set (default on).")
+@click.option("--regression-file", multiple=True, type=click.Path(exists=True), expose_value=False, callback=_keep,
+              help="Your own regression rows (messages + check, as the shipped set's): added to the regression set; "
+                   "repeatable. With --no-regression: these files only.")
 @click.option("--nll/--no-nll", default=None, help="Mean NLL / perplexity of references where the runner has logits (default on).")
 @click.option("--schema", type=click.Path(dir_okay=False), default=None, help="JSON schema for json_schema (default: inferred).")
 @click.option("--regex", default=None, help="Pattern for the regex metric.")
@@ -88,6 +96,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     from ..console import console, out
     from ..errors import EdgetuneError
     from ..eval import evaluate
+    from ..eval.data import combine_regression
     from ..eval.gates import describe, parse_gate_args
 
     cfg = _load_cfg(recipe)
@@ -121,6 +130,7 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
     gates = {**cfg.gates, **parse_gate_args(mins, "--min")}
     max_regression = {**cfg.max_regression, **parse_gate_args(max_reg, "--max-regression")}
     max_values = {**cfg.max, **parse_gate_args(maxs, "--max")}
+    regression = combine_regression(cfg.regression, regression, ctx.meta.get("regression_file", ()))
     cfg = override(cfg, metrics=list(metrics) or None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, stop=list(stop) or None, limit=limit, regression=regression, nll=nll, schema=schema,
                    regex=regex, judge=judge, drift_reference=drift_reference, n_ctx=n_ctx, batch_size=batch_size, dtype=dtype,

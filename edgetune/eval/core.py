@@ -241,8 +241,8 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     schema = load_schema(cfg, examples) if ("json_schema" in task_metrics) else None
     labels = sorted({e.reference.strip() for e in examples}) if {"accuracy", "macro_f1"} & set(task_metrics) else None
     sets_def = [("task", examples, task_metrics, gen_params(cfg), labels)]
-    if cfg.regression:
-        reg = load_regression()
+    reg = load_regression(cfg.regression)  # the shipped set and/or the user's files; [] when off
+    if reg:
         reg_metrics = ["pass_rate"] + (["nll"] if cfg.nll else []) + ["latency"]
         sets_def.append(("regression", reg, reg_metrics, gen_params(cfg, min(cfg.max_tokens, cfg.regression_max_tokens)), None))
 
@@ -295,6 +295,8 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     }
     if runner_choice:
         report["runner_choice"] = runner_choice
+    if reg:
+        report["regression"] = regression_summary(cfg.regression, reg)
     if overlap is not None:
         report["overlap"] = overlap
     if pairs:
@@ -317,6 +319,16 @@ def evaluate(data_path, model_specs: list[str], out_dir, cfg: EvalConfig | None 
     if write:
         write_report(report, Path(out_dir), worst=cfg.worst)
     return report
+
+
+def regression_summary(sources, reg: list[Example]) -> dict:
+    """What the regression set was made of: its sources and rows per category."""
+    from collections import Counter
+
+    from .data import regression_sources
+
+    return {"sources": regression_sources(sources),
+            "n_per_category": dict(sorted(Counter(e.category or "uncategorised" for e in reg).items()))}
 
 
 def deltas(models: list[dict], base_name: str) -> dict[str, dict[str, float]]:

@@ -98,6 +98,41 @@ def _clip(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+REG_CAT = "regression.per_category."
+
+
+def regression_by_category(report: dict) -> str:
+    """The regression set's pass rate per category: one row per category (and one for all), the
+    baseline's column, then each other model's with its change vs the baseline. '' without one."""
+    models, base = report["models"], report["baseline"]
+    cats: list[str] = []
+    for m in models:
+        cats += [k.removeprefix(REG_CAT) for k in m["metrics"] if k.startswith(REG_CAT) and k.removeprefix(REG_CAT) not in cats]
+    if not cats:
+        return ""
+    info = report.get("regression") or {}
+    counts = info.get("n_per_category") or {}
+    if not counts:
+        for r in report.get("examples", {}).get("regression", []):
+            counts[r.get("category")] = counts.get(r.get("category"), 0) + 1
+    order = [m for m in models if m["name"] == base] + [m for m in models if m["name"] != base]
+    header = ["category", "n"] + [m["name"] + (" (baseline)" if m["name"] == base else "") for m in order]
+    rows = []
+    for cat, key in [(c, REG_CAT + c) for c in sorted(cats)] + [("**all**", "regression.pass_rate")]:
+        n = sum(counts.values()) if key == "regression.pass_rate" else counts.get(cat)
+        row = [cat, str(n) if n else "–"]
+        for m in order:
+            cell = fmt(key, m["metrics"].get(key))
+            d = report.get("deltas", {}).get(m["name"], {}).get(key)
+            row.append(cell if m["name"] == base or d is None else f"{cell} ({fmt_delta(key, d)})")
+        rows.append(row)
+    srcs = info.get("sources")
+    note = ("Share of each category's answers that pass their checks"
+            + (f" (sets: {', '.join(f'`{s}`' for s in srcs)})" if srcs else "") + "."
+            + (f" In brackets: the change vs {base} (▲ better, ▼ worse)." if len(order) > 1 else ""))
+    return note + "\n\n" + _md_table(header, rows)
+
+
 def worst_examples(report: dict, set_name: str = "task", n: int = 5) -> list[dict]:
     """Examples where the non-baseline models do worst on the headline metric (ties: lowest mean)."""
     rows = report["examples"].get(set_name, [])
@@ -129,7 +164,9 @@ def to_markdown(report: dict, worst: int = 5) -> str:
         out += ["", f"Runner for the run's models: **{rc['runner']}**" + (f" ({rc['gguf_type']} GGUF)" if rc.get("gguf_type") else "")
                 + f" — {rc['reason']}."]
     out += ["", "## Metrics", ""]
-    keys = metric_order(report)
+    by_cat = regression_by_category(report)
+    # the regression set's categories get their own table below
+    keys = [k for k in metric_order(report) if not (by_cat and k.startswith(REG_CAT))]
     out.append(_md_table(["metric"] + names, [[k] + [fmt(k, m["metrics"].get(k)) for m in models] for k in keys]))
     if report.get("preference"):
         pr = report["preference"]
@@ -141,6 +178,8 @@ def to_markdown(report: dict, worst: int = 5) -> str:
         out += ["", f"## Change vs {base}", "", "▲ better, ▼ worse (in each metric's own direction).", ""]
         dn = list(report["deltas"])
         out.append(_md_table(["metric"] + dn, [[k] + [fmt_delta(k, report["deltas"][d].get(k)) for d in dn] for k in keys]))
+    if by_cat:
+        out += ["", "## Regression set by category", "", by_cat]
     if report.get("drift"):
         out += ["", f"## Drift vs {report['drift']['reference']} (teacher-forced over the references)", ""]
         rows = [[n, str(d["tokens"]), f"{d['kl']:.4f}", f"{100 * d['top1_agreement']:.1f}%", f"{d['kl_p95_example']:.4f}"]
