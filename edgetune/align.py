@@ -40,7 +40,8 @@ def align(run: RunFolder, model_dir: Path, *, resume: bool = False, log=print) -
 
         # pair objectives read preference rows; GRPO reads prompts (+ references) from any row kind
         fmt = "preference" if get(a.objective).preference else run.cfg.data.format
-        data_cfg = dataclasses.replace(run.cfg.data, path=str(source), format=fmt)
+        # replay / mix rows are SFT rows: the align data is the align stage's own (pairs or GRPO prompts)
+        data_cfg = dataclasses.replace(run.cfg.data, path=str(source), format=fmt, replay=0.0, mix=None)
         prepare(source, run.align_data_dir, data_cfg, model_dir=model_dir)
     leaked = prompts_seen_in(run.align_data_dir / "test.jsonl", run.split("train"))
     if leaked:

@@ -75,7 +75,7 @@ def main() -> None:
               "arms": arms}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| arm | base regression | tuned regression | drop (pts) | q4_k_m regression | tuned json_fields | q4_k_m json_fields |")
+    print("| arm | base regression | tuned regression | drop (pts) | q4_k_m regression | tuned json_fields | q4_k_m json_fields |")
     print("|---|---|---|---|---|---|---|")
     for a in arms:
         b, t, q = a["base"], a["tuned"], a.get("q4_k_m", {})

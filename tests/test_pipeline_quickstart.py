@@ -14,7 +14,9 @@ from edgetune.io import read_json
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.iters=12", "eval.limit=6", "eval.max_tokens=32"]
+FAST = ["train.iters=12", "eval.limit=6", "eval.max_tokens=32",
+        # replay, the regression set and its gate are the recipe's; tests/test_replay_gates.py covers them
+        "data.replay=0", "eval.regression=false", "eval.max_regression={}"]
 
 
 def test_quickstart_end_to_end(tmp_path, monkeypatch, demo_model_dir):

@@ -230,7 +230,7 @@ def aligned_run(tiny_llama_dir, tmp_path_factory):
             "save_every": 2, "num_threads": 1, "precision": "fp32"}
     sets = [f"model={tiny_llama_dir}", f"output={tmp / 'runs'}", f"data.path={tmp / 'tickets.jsonl'}",
             f"align.data={tmp / 'pairs.jsonl'}", "export.verify=false", "eval.limit=2", "eval.max_tokens=4",
-            "align.learning_rate=0.01"]  # a visible step on random weights
+            "align.learning_rate=0.01", "data.replay=0", "eval.regression=false", "eval.max_regression={}"]  # a visible step on random weights
     sets += [f"{sec}.{k}={v}" for sec in ("train", "align") for k, v in tiny.items()]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGETUNE_HOME", str(tmp / "home"))

@@ -265,7 +265,8 @@ def test_reasoning_demo_recipe_runs_end_to_end(tiny_llama_dir, tmp_path, monkeyp
     (tmp_path / "sums.jsonl").write_text("".join(lines), encoding="utf-8")
     sets = [f"model={tiny_llama_dir}", f"output={tmp_path / 'runs'}", f"data.path={tmp_path / 'sums.jsonl'}",
             "export.verify=false", "eval.limit=2", "eval.max_tokens=4", "train.iters=2", "train.batch_size=2",
-            "train.rank=4", "train.alpha=8", "train.save_every=2", "train.num_threads=1"]
+            "train.rank=4", "train.alpha=8", "train.save_every=2", "train.num_threads=1",
+            "data.replay=0", "eval.regression=false", "eval.max_regression={}"]
     r = CliRunner().invoke(cli, ["run", "reasoning-demo", *[a for s in sets for a in ("--set", s)]], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     run = RunFolder(tmp_path / "runs" / "reasoning-demo")

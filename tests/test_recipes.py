@@ -27,6 +27,10 @@ def test_recipe_validates_and_opens_with_its_command(path):
     # the shipped name resolves to the same file
     assert pipeline.find_recipe(path.stem) == path
     assert cfg.export.quants, "every recipe exports at least one quantized GGUF"
+    # against forgetting: replay in the SFT data, the regression set evaluated, and a release gate on it
+    assert cfg.data.replay > 0 and cfg.eval.regression is True
+    want = 0.05 if cfg.model == pipeline.DEMO else 0.02  # the 135M demo's gate is wider (see the recipes' comment)
+    assert cfg.eval.max_regression.get("regression.pass_rate") == want
 
 
 def test_quickstart_uses_the_demo_model_and_data():

@@ -242,7 +242,8 @@ def test_sft_then_grpo_recipe_runs_end_to_end(tiny_llama_dir, tmp_path, monkeypa
             "eval_every": 0, "save_every": 2, "num_threads": 1}
     sets = [f"model={tiny_llama_dir}", f"output={tmp_path / 'runs'}", f"data.path={tmp_path / 'tickets.jsonl'}",
             f"align.data={tmp_path / 'tickets.jsonl'}", "export.verify=false", "eval.limit=2", "eval.max_tokens=4",
-            "align.num_generations=2", "align.max_completion_length=6", "align.early_stopping_patience=null"]
+            "align.num_generations=2", "align.max_completion_length=6", "align.early_stopping_patience=null",
+            "data.replay=0", "eval.regression=false", "eval.max_regression={}"]
     sets += [f"{sec}.{k}={v}" for sec in ("train", "align") for k, v in tiny.items()]
     r = CliRunner().invoke(cli, ["run", "cpu-sft-grpo-small", *[a for s in sets for a in ("--set", s)]],
                            catch_exceptions=False)
