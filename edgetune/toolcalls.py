@@ -375,11 +375,14 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
     syntax = llama._edgetune_syntax
     thinking = llama._edgetune_thinking
     messages, shown = canonical_request(messages, tools) if tools else (prepare_messages(messages), None)
-    if (not tools or tool_choice == "none" or syntax is None) and not thinking.any:
-        stock = llama._chat_handlers.get("chat_template.default")
+    json_mode = (kwargs.get("response_format") or {}).get("type") == "json_object"
+    if (not tools or tool_choice == "none" or syntax is None) and (not thinking.any or json_mode):
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
-        stock = stock or chat_formatter_to_chat_completion_handler(fmt)
+        if thinking.any and thinking.switch:  # a JSON-constrained answer has no room for a <think> block
+            stock = chat_formatter_to_chat_completion_handler(_RenderWith(fmt, enable_thinking=False))
+        else:
+            stock = llama._chat_handlers.get("chat_template.default") or chat_formatter_to_chat_completion_handler(fmt)
         return stock(llama=llama, messages=messages, tools=None if tool_choice == "none" else shown,
                      stream=stream, **kwargs)
     if not tools or tool_choice == "none" or syntax is None:  # a thinking template without tools in play
@@ -422,6 +425,17 @@ def chat_handler(*, llama, messages, functions=None, function_call=None, tools=N
             "model": completion["model"], "choices": [{"index": 0, "message": message, "logprobs": None,
                                                        "finish_reason": finish}],
             "usage": completion["usage"]}
+
+
+class _RenderWith:
+    """A chat formatter that renders with extra template kwargs (llama-cpp-python's stock handler
+    passes none): thinking off for JSON-mode replies of a thinking template."""
+
+    def __init__(self, fmt, **kw):
+        self.fmt, self.kw = fmt, kw
+
+    def __call__(self, **args):
+        return self.fmt(**args, **self.kw)
 
 
 def _closer(syntax: Syntax, forced: dict | None) -> str:

@@ -278,3 +278,18 @@ def test_reasoning_demo_recipe_runs_end_to_end(tiny_llama_dir, tmp_path, monkeyp
     report = read_json(run.eval_report("json"))
     assert report["thinking"] == {"task": True, "think_off": False}
     assert all("think_off.exact_match" in m["metrics"] for m in report["models"])
+
+
+def test_json_mode_on_a_thinking_template_answers_with_thinking_off(tiny_thinking_model):
+    """response_format json_object constrains the reply to JSON: the prompt gets the empty think block
+    (thinking off), as a JSON answer has no room for reasoning, and the reply is JSON."""
+    from llama_cpp import Llama
+
+    from edgetune.toolcalls import chat_handler
+
+    llm = Llama(model_path=str(tiny_thinking_model[1]), n_ctx=512, n_threads=1, verbose=False)
+    msgs = [{"role": "user", "content": "3+4?"}]
+    plain = chat_handler(llama=llm, messages=msgs, max_tokens=1, temperature=0)
+    js = chat_handler(llama=llm, messages=msgs, max_tokens=24, temperature=0, response_format={"type": "json_object"})
+    assert js["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # + <think>\n\n</think>\n\n
+    assert js["choices"][0]["message"]["content"].lstrip().startswith("{")
