@@ -30,6 +30,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # the objectives' own choice settings (GRPO's loss_type, scale_rewards), declared in their modules
     **{f"train.{p.name}": p.choices for p in _objective_params() if p.choices},
     "train.lr_scheduler": ("cosine", "linear", "constant"),
+    # task metrics the best checkpoint can follow (train/samples.py scores them with eval's metrics); None = val loss
+    "train.select_by": ("exact_match", "contains", "rouge_l", "chrf", "json_valid", "json_schema", "json_fields"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.report_to": ("none", "tensorboard", "wandb"),
     "export.outtype": OUTTYPES,  # the GGUF types table (export/qtypes.py)
@@ -41,10 +43,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_choices(section: str, obj: Any) -> None:
-    """Check every field of ``obj`` that has a CHOICES entry."""
+    """Check every field of ``obj`` that has a CHOICES entry (None passes where the field's default is None)."""
+    defaults = {f.name: f.default for f in fields(obj)}
     for key, choices in CHOICES.items():
         sec, name = key.split(".")
-        if sec == section:
+        if sec == section and not (getattr(obj, name) is None and defaults.get(name) is None):
             _check_choice(section, name, getattr(obj, name), choices)
 
 
@@ -167,8 +170,6 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choices("train", self)
-        from .train.samples import SELECT_METRICS
-
         if self.spike_factor and not 1.0 < self.spike_factor <= 1000.0:
             raise EdgetuneError(f"train.spike_factor = {self.spike_factor!r} must be 0 (off) or in (1, 1000].",
                                 fix="e.g. spike_factor: 2 (a step at twice the recent median loss), or 0 to turn it off")
@@ -176,7 +177,6 @@ class TrainConfig:
                              ("select_by_limit", 1, 10000)):
             _check_range("train", name, getattr(self, name), lo, hi)
         if self.select_by is not None:
-            _check_choice("train", "select_by", self.select_by, SELECT_METRICS)
             if not self.eval_every:
                 raise EdgetuneError(f"train.select_by = {self.select_by!r} picks the best of several evaluations; "
                                     "eval_every = 0 evaluates only at the end.",

@@ -132,7 +132,7 @@ def self_distilled(model_dir, chat_template: str | None, n: int, *, seed: int = 
     missing = max(0, n - good_n)
     todo = [p for p in prompts if p["id"] not in have][: missing + missing // 4 + 4] if missing else []
     spec, why = replay_runner_spec(model_dir)
-    generated = 0
+    generated: set[str] = set()
     if todo:
         from ..eval.runners import GenParams, make_runner
 
@@ -152,7 +152,7 @@ def self_distilled(model_dir, chat_template: str | None, n: int, *, seed: int = 
                     for p, g in zip(chunk, gens, strict=True):
                         have[p["id"]] = {"id": p["id"], "prompt": p["prompt"], "answer": g.text.strip(),
                                          "finish": g.finish_reason if g.text.strip() else "empty", "think": think}
-                        generated += 1
+                        generated.add(p["id"])
                     bar.advance(task, len(chunk))
         finally:
             runner.close()
@@ -171,7 +171,8 @@ def self_distilled(model_dir, chat_template: str | None, n: int, *, seed: int = 
             row["enable_thinking"] = r["think"]
         rows.append(row)
     info = {"model": str(model_dir), "runner": spec.split("=", 1)[1], "runner_reason": why, "prompts": str(PROMPTS.name),
-            "prompts_sha256": psha, "cache": str(cache), "generated_now": generated, "from_cache": len(rows) - min(generated, len(rows)),
+            "prompts_sha256": psha, "cache": str(cache), "generated_now": len(generated),
+            "from_cache": sum(r["id"] not in generated for r in picked),
             "cut_or_empty_skipped": sum(1 for p in prompts if p["id"] in have and have[p["id"]]["finish"] != "stop"),
             "max_tokens": REPLAY_MAX_TOKENS}
     return rows, info

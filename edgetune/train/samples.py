@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import CHOICES
 from ..errors import EdgetuneError
 
-# task metrics a checkpoint can be chosen by: the per-example text metrics of edgetune.eval.metrics
-# that need nothing beyond an answer and its reference (json_schema infers the schema from them)
-SELECT_METRICS = ("exact_match", "contains", "rouge_l", "chrf", "json_valid", "json_schema", "json_fields")
+# task metrics a checkpoint can be chosen by (config's table): the per-example text metrics of
+# edgetune.eval.metrics that need nothing beyond an answer and its reference (json_schema infers the
+# schema from them)
+SELECT_METRICS = CHOICES["train.select_by"]
 CHUNK = 8  # prompts generated together
 SELECT_SLACK = 32  # new tokens beyond the longest reference
 SELECT_CAP = 2048
@@ -99,8 +101,8 @@ def check(cfg, data_dir) -> None:
     if "valid" not in splits:
         raise EdgetuneError(f"train.select_by = {cfg.select_by!r} scores answers to the valid split, and "
                             f"{data_dir} has no valid.jsonl.", where=str(data_dir),
-                            fix="prepare the data with a validation share (edgetune data --valid-ratio 0.1), "
-                                "or drop --select-by")
+                            fix="prepare the data with a validation share (`edgetune data prepare --valid-ratio 0.1`); "
+                                "or train without select_by")
     rows = prompt_rows(splits["valid"], cfg.select_by_limit, need_reference=True)
     if not rows:
         raise EdgetuneError(f"train.select_by = {cfg.select_by!r}: no row of the valid split has a prompt and a "
@@ -113,7 +115,7 @@ def check(cfg, data_dir) -> None:
 
 
 @dataclass
-class Encoded:
+class SamplePrompt:
     row: PromptRow
     text: str  # the rendered prompt
     ids: list[int]
@@ -131,7 +133,7 @@ class Answers:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
         self.thinking = probe_tokenizer(tokenizer)
 
-    def encode(self, rows: list[PromptRow]) -> list[Encoded]:
+    def encode(self, rows: list[PromptRow]) -> list[SamplePrompt]:
         """The rows' prompts as training renders them; prompts longer than max_seq_len are dropped."""
         from ..data.template import render_prompt
 
@@ -140,10 +142,10 @@ class Answers:
             text = render_prompt(self.tok, r.messages, add_generation_prompt=True, tools=r.tools, thinking=r.thinking)
             ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
             if self.max_seq_len is None or len(ids) <= self.max_seq_len:
-                out.append(Encoded(r, text, ids))
+                out.append(SamplePrompt(r, text, ids))
         return out
 
-    def generate(self, items: list[Encoded], max_new_tokens: int, note=None) -> list[str]:
+    def generate(self, items: list[SamplePrompt], max_new_tokens: int, note=None) -> list[str]:
         """Decoded greedy answers (cut at the end of the turn), ``note(done, total)`` after each chunk."""
         stop = set(self.stop)
         texts: list[str] = []
