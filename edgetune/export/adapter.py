@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import gguf_names
 from ..errors import UnsupportedError
 from ..fuse import load_adapter
 from ..io import atomic_path
@@ -42,8 +43,7 @@ def export_adapter(base_dir, adapter_dir, out_path, *, outtype: str = "f16") -> 
         )
     if outtype not in ADAPTER_OUTTYPES:
         raise UnsupportedError(f"Adapter type '{outtype}' is not supported.", fix=f"use one of: {', '.join(ADAPTER_OUTTYPES)}")
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, int(cfg["num_hidden_layers"]))
+    names = gguf_names(arch, cfg)
 
     # llama.cpp scale = alpha / rank (rank read from each lora_b). One alpha for the file: when the
     # adapter's scale*rank is not the same for every layer (rank_pattern / alpha_pattern), the
@@ -62,11 +62,11 @@ def export_adapter(base_dir, adapter_dir, out_path, *, outtype: str = "f16") -> 
             w.add_name(f"{base_dir.name} LoRA")
             for module in sorted(ad.layers, key=_layer_sort_key):
                 layer = ad.layers[module]
-                gname = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+                gname = names(module + ".weight")
                 if gname is None:
                     raise UnsupportedError(f"Adapter layer {module} has no GGUF name for {arch.gguf_arch}.", where=str(adapter_dir))
                 b = layer.B * np.float32(layer.scale) if fold else layer.B
-                b = transform_tensor(arch, cfg, module + ".weight", b)
+                b = transform_tensor(arch, cfg, gname, b)
                 w.add_tensor(gname + ".lora_a", np.ascontiguousarray(layer.A, dtype=dt))
                 w.add_tensor(gname + ".lora_b", np.ascontiguousarray(b, dtype=dt))
             w.write_header_to_file()

@@ -1,8 +1,8 @@
 """Hugging Face folder -> GGUF, with the ``gguf`` library, streaming one tensor at a time.
 
-What is ours and why: gguf-py gives the writer, the tensor-name tables
-(``gguf.get_tensor_name_map``), the special-token / merges / chat-template reader
-(``gguf.SpecialVocab``) and the reference quantizers; what it does not ship is the per-
+What is ours and why: gguf-py gives the writer, the tensor-name tables (read through
+:func:`edgetune.arch.gguf_names`, the one name map), the special-token / merges / chat-template
+reader (``gguf.SpecialVocab``) and the reference quantizers; what it does not ship is the per-
 architecture glue (which hyperparameters go where, which weights llama.cpp expects in a different
 layout). That glue is a row of ``edgetune.arch.ARCHITECTURES`` per HF ``model_type`` (naming the
 llama.cpp source it follows) plus, where the format needs code, an hparams hook in
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import ALIASES, ARCHITECTURES, Arch
+from ..arch import ARCHITECTURES, Arch, arch_of_config, gguf_names, read_config
 from ..errors import EdgetuneError, UnsupportedError
-from ..io import atomic_path, read_json
+from ..io import atomic_path
 from .gguf_vocab import PRE_TOKENIZERS, add_tokenizer, gguf_model_name  # noqa: F401  (PRE_TOKENIZERS: re-exported)
 from .qtypes import OUTTYPES, QTYPES
 from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
@@ -177,35 +177,23 @@ def supported() -> list[str]:
 
 
 def gguf_arch_for(model_dir: str | Path) -> tuple[dict, Arch]:
-    """Read ``config.json`` and return it with its table row; refuse unsupported archs up front."""
+    """``config.json`` (:func:`edgetune.arch.read_config`) with its table row; refuse what cannot be exported up front."""
+    cfg = read_config(model_dir)
     cfg_path = Path(model_dir) / "config.json"
-    if not cfg_path.exists():
-        raise EdgetuneError(
-            f"{model_dir} is not a Hugging Face model folder (no config.json).",
-            where=str(model_dir),
-            fix="pass a folder saved with save_pretrained (config.json, *.safetensors, tokenizer files)",
-        )
-    cfg = read_json(cfg_path)
     if "text_config" in cfg and "num_hidden_layers" not in cfg:  # multimodal wrapper (e.g. gemma3)
         raise UnsupportedError(
             f"{cfg.get('model_type')} is a multimodal checkpoint; only text-only models are exported.",
             where=str(cfg_path),
             fix=f"export a text-only model of a supported architecture: {', '.join(supported())}",
         )
-    mt = ALIASES.get(cfg.get("model_type", "?"), cfg.get("model_type", "?"))
-    if mt not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"Architecture '{cfg.get('model_type')}' cannot be exported to GGUF.",
-            where=str(cfg_path),
-            fix=f"supported architectures: {', '.join(supported())}",
-        )
+    arch = arch_of_config(cfg, model_dir)
     if cfg.get("quantization_config"):
         raise UnsupportedError(
             f"{model_dir} holds quantized weights ({cfg['quantization_config'].get('quant_method', '?')}).",
             where=str(cfg_path),
             fix="export the bf16/fp16 model (fuse a QLoRA adapter into the original bf16 base first)",
         )
-    return cfg, ARCHITECTURES[mt]
+    return cfg, arch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,14 +239,15 @@ def _nbytes(shape, qtype) -> int:
     return n // block * size
 
 
-def transform_tensor(arch: Arch, cfg: dict, hf_name: str, arr: np.ndarray) -> np.ndarray:
-    """Per-arch layout change of one HF tensor (storage dtype in, same dtype out except +1)."""
+def transform_tensor(arch: Arch, cfg: dict, gguf_name: str, arr: np.ndarray) -> np.ndarray:
+    """Per-arch layout change of one HF tensor (storage dtype in, same dtype out), chosen by its
+    GGUF name (:func:`edgetune.arch.gguf_names`) so it holds whatever the checkpoint calls it."""
     if arch.permute_qk:
         n_head = int(cfg["num_attention_heads"])
         n_kv = int(cfg.get("num_key_value_heads") or n_head)
-        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        if gguf_name.endswith((".attn_q.weight", ".attn_q.bias")):
             arr = _permute_rows(arr, n_head)
-        elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        elif gguf_name.endswith((".attn_k.weight", ".attn_k.bias")):
             arr = _permute_rows(arr, n_kv)
     return arr
 
@@ -299,8 +288,8 @@ def _encode(arr_f32_or_raw: np.ndarray, st_dtype: str, qtype, norm_plus_one: boo
     return out.reshape(-1)
 
 
-def _is_norm(hf_name: str) -> bool:
-    return hf_name.endswith("norm.weight")
+def _is_norm(gguf_name: str) -> bool:
+    return gguf_name.endswith("norm.weight")
 
 
 def convert(
@@ -324,19 +313,14 @@ def convert(
         raise EdgetuneError(f"Unknown GGUF type '{outtype}'.", fix=f"use one of: {', '.join(OUTTYPES)}")
     cfg, arch = gguf_arch_for(model_dir)
     reader = SafetensorsReader(model_dir)
-    n_layers = int(cfg["num_hidden_layers"])
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
+    names = gguf_names(arch, cfg)
 
     # Pass 1: plan every tensor (name, shape, type) so the header can be written before any data.
     plans: list[_Plan] = []
-    tied = bool(cfg.get("tie_word_embeddings", arch.gguf_arch.startswith("gemma")))
     for hf_name, ref in reader.refs.items():
         if hf_name.endswith(("rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")):
             continue
-        if hf_name == "lm_head.weight" and tied and "model.embed_tokens.weight" in reader:
-            continue  # llama.cpp falls back to token_embd when output.weight is absent
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = names(hf_name)
         if gguf_name is None:
             raise UnsupportedError(
                 f"Tensor '{hf_name}' has no GGUF name for architecture {arch.gguf_arch}.",
@@ -344,10 +328,12 @@ def convert(
                 fix="this checkpoint has layers the exporter does not know; please report it",
             )
         plans.append(_Plan(hf_name, gguf_name, ref.shape, _tensor_qtype(outtype, ref.shape)))
+    embed = next((reader.refs[p.hf_name] for p in plans if p.gguf_name == "token_embd.weight"), None)
+    if names.tied and embed is not None:  # llama.cpp falls back to token_embd when output.weight is absent
+        plans = [p for p in plans if p.gguf_name != "output.weight"]
     if (freqs := _llama3_rope_freqs(cfg)) is not None:
         plans.append(_Plan(None, "rope_freqs.weight", freqs.shape, gguf.GGMLQuantizationType.F32, freqs))
 
-    embed = reader.refs.get("model.embed_tokens.weight")
     n_vocab = int(embed.shape[0]) if embed is not None else int(cfg["vocab_size"])
 
     from ..hardware import require_free_disk
@@ -379,8 +365,8 @@ def convert(
                     if p.hf_name is None:
                         data = p.data
                     else:
-                        raw = transform_tensor(arch, cfg, p.hf_name, reader.load(p.hf_name))
-                        plus = arch.norm_plus_one and _is_norm(p.hf_name)
+                        raw = transform_tensor(arch, cfg, p.gguf_name, reader.load(p.hf_name))
+                        plus = arch.norm_plus_one and _is_norm(p.gguf_name)
                         data = _encode(raw, reader.refs[p.hf_name].dtype, p.qtype, plus)
                         del raw
                     w.write_tensor_data(data)

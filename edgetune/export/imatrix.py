@@ -11,8 +11,8 @@ ship, and because we want the calibration text to be the training split rendered
 template the model will serve with: forward hooks on every ``nn.Linear`` of the HF model, run one
 decoder block at a time in fp32 (:mod:`edgetune.streaming`, never the whole model in memory; inputs
 are the same vectors llama.cpp multiplies: the q/k row permutation of the converter touches output
-rows, not input columns), padded positions excluded, names mapped to GGUF names by gguf-py's
-tensor map (the converter's table). Written in llama.cpp's current imatrix GGUF format
+rows, not input columns), padded positions excluded, names mapped to GGUF names by the
+converter's table (:func:`edgetune.arch.gguf_names`). Written in llama.cpp's current imatrix GGUF format
 (``<name>.in_sum2``, ``<name>.counts``, ``<name>.in_sum``; ``general.type = imatrix``,
 ``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``); read back by
 :func:`edgetune.export.quantize.load_imatrix`.
@@ -100,18 +100,17 @@ def calibration_texts(path, tokenizer) -> list[str]:
 
 def gguf_weight_names(model, model_dir) -> dict[str, str]:
     """HF module name -> GGUF weight name, for the ``nn.Linear`` layers llama.cpp would collect."""
-    import gguf
     import torch
 
+    from ..arch import gguf_names
     from .gguf import gguf_arch_for
 
     cfg, arch = gguf_arch_for(model_dir)
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, int(cfg["num_hidden_layers"]))
+    names = gguf_names(arch, cfg)
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            g = name_map.get_name(name + ".weight", try_suffixes=(".weight",))
+            g = names(name + ".weight")
             if g and g.startswith("blk."):
                 out[name] = g
     return out
