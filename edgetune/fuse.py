@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch import read_config
 from .errors import EdgetuneError, UnsupportedError
 from .export.tensors import SafetensorsReader, SafetensorsWriter, from_float32
 from .io import atomic_dir, read_json, write_json
@@ -166,9 +167,7 @@ def load_adapter(adapter_dir: str | Path) -> Adapter:
 
 def _check_base(base_dir: Path) -> dict:
     cfg_path = base_dir / "config.json"
-    if not cfg_path.exists():
-        raise EdgetuneError(f"{base_dir} is not a Hugging Face model folder (no config.json).", where=str(base_dir))
-    cfg = read_json(cfg_path)
+    cfg = read_config(base_dir)
     qc = cfg.get("quantization_config")
     if qc:
         raise UnsupportedError(

@@ -27,10 +27,7 @@ it exists to refuse a run that cannot fit before the OOM killer does it an hour 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..arch import Dims, arch_of_model_dir
+from ..arch import Dims, arch_of_model_dir, read_config, tied_embeddings
 
 # 4bit: bitsandbytes NF4 with double-quantised scales, or MLX affine 4-bit (group 64, fp16 scale + bias):
 # both about 0.56 bytes per weight
@@ -51,7 +48,7 @@ SCORED = 0.5
 
 
 def _model_shapes(model_dir) -> dict:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = read_config(model_dir)
     cfg = cfg.get("text_config", cfg)
     h = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
@@ -65,7 +62,7 @@ def _model_shapes(model_dir) -> dict:
         "kv_heads": kv,
         "head_dim": hd,
         "vocab": cfg["vocab_size"],
-        "tied": cfg.get("tie_word_embeddings", False),
+        "tied": tied_embeddings(cfg),
         "dtype": {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
             str(cfg.get("dtype") or cfg.get("torch_dtype") or ""), None),
     }

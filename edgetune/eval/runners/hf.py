@@ -42,9 +42,9 @@ class HFRunner(Runner):
         from ...data.template import load_tokenizer
 
         self.path = Path(target).expanduser()
-        if not (self.path / "config.json").is_file():
-            raise EdgetuneError(f"Not an HF model folder (no config.json): {self.path}", where=str(self.path),
-                                fix="pass a folder written by save_pretrained / edgetune fuse")
+        from ...arch import read_config
+
+        read_config(self.path)  # the one error for a folder without config.json
         if dtype not in DTYPES:
             raise EdgetuneError(f"eval dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
         if num_threads:

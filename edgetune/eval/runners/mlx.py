@@ -37,8 +37,9 @@ class MLXRunner(Runner):
         except ImportError:
             raise MissingDependencyError("mlx-lm", "mlx", "The mlx runner") from None
         self.path = Path(target).expanduser()
-        if not (self.path / "config.json").is_file():
-            raise EdgetuneError(f"Not a model folder (no config.json): {self.path}", where=str(self.path))
+        from ...arch import read_config
+
+        read_config(self.path)  # the one error for a folder without config.json
         self.adapter = Path(adapter).expanduser() if adapter else None
         if self.adapter and not (self.adapter / "adapter_config.json").is_file():
             raise EdgetuneError(f"Not an mlx-lm adapter folder (no adapter_config.json): {self.adapter}",
