@@ -358,6 +358,18 @@ def tiny_tools_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     return hf, convert(hf, d / "tiny-tools-f32.gguf", "f32", verify=False, show_progress=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    small models run no faster on two, and xdist runs two test files side by side."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_thinking_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     """The tiny llama with Qwen3's thinking chat template (``--chat-template qwen3``): (HF folder, f32 GGUF)."""

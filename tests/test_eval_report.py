@@ -19,14 +19,7 @@ from edgetune.eval.runners import Generation, Runner
 DEMO = Path(__file__).resolve().parents[1] / "edgetune" / "resources" / "demo" / "support_tickets.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
