@@ -38,8 +38,9 @@ def check(eval_path, train_path, threshold: float = 0.8) -> dict:
     """Rows of ``eval_path`` that duplicate (exactly or nearly) a row of ``train_path``."""
     ev, tr = _records(eval_path), _records(train_path)
     train_keys = {dd.exact_key(r.dedup_text()): r for r in tr}
-    exact = [(r, train_keys[k]) for r in ev if (k := dd.exact_key(r.dedup_text())) in train_keys]
-    rest = [i for i, r in enumerate(ev) if dd.exact_key(r.dedup_text()) not in train_keys]
+    ev_keys = [dd.exact_key(r.dedup_text()) for r in ev]
+    exact = [(r, train_keys[k]) for r, k in zip(ev, ev_keys, strict=True) if k in train_keys]
+    rest = [i for i, k in enumerate(ev_keys) if k not in train_keys]
     near = []
     if rest and tr:
         sigs = dd.signatures([r.near_text() for r in tr] + [ev[i].near_text() for i in rest])
