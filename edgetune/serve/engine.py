@@ -5,8 +5,9 @@ One ``llama_cpp.Llama`` per base. Its adapters are loaded once with llama.cpp's
 context, so memory grows by the adapters' size, not by a model per adapter (llama-cpp-python's
 high-level ``Llama`` takes one ``lora_path`` at load time; the low-level calls are what switch).
 
-A base runs one request at a time (a llama.cpp context is not thread-safe). Others wait in a
-bounded queue: past ``queue_depth`` waiting, or after ``queue_timeout`` seconds of waiting, the
+A base runs ``parallel`` requests at a time: decoded together in one batch by
+:mod:`edgetune.serve.batch` (continuous batching), or one at a time on the ``Llama``'s own context when
+``parallel`` is 1. Others wait in a bounded queue: past ``queue_depth`` waiting, or after ``queue_timeout`` seconds of waiting, the
 request is refused with :class:`Overloaded` (the app answers 503 + Retry-After). Shadow runs
 (``background=True``) wait in a queue of their own with the same bound: they never take a client's
 place in the queue, and past the bound they are dropped (logged), never answered 503 to anyone.
@@ -34,8 +35,8 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-class BadRequest(Exception):
-    pass
+class BadRequest(ValueError):
+    """A request the server cannot take as sent (answered 400 with this text)."""
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Completion:
     seconds: float  # generation time (after the request's turn came)
     cancelled: bool = False
     reasoning: str | None = None  # a thinking template's reasoning, apart from the answer (``text``)
+    tool_calls: list[dict] | None = None  # OpenAI tool_calls the model made
 
 
 class _TokenProbe:
@@ -69,66 +71,109 @@ class _TokenProbe:
         return scores
 
 
-GEN_KEYS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+            "repeat_penalty", "logit_bias")
+CHAT_KEYS = ("tools", "tool_choice", "functions", "function_call", "response_format")
 
 
-def run_chat(llm, body: dict, cancel: threading.Event, on_piece: Callable[..., None] | None = None) -> Completion:
+def _params(body: dict, keys: tuple[str, ...]) -> dict:
+    params = {k: body[k] for k in keys if body.get(k) is not None}
+    params.setdefault("temperature", 1.0)  # the OpenAI default (llama-cpp-python's own is 0.2)
+    return params
+
+
+def _max_tokens(body: dict, default: int = 256) -> int:
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or default)
+
+
+def run_chat(llm, body: dict, cancel: threading.Event, on_delta: Callable[[dict], None] | None = None) -> Completion:
     """The request → prompt → completion path: ``body`` (an OpenAI chat request) rendered with the
-    GGUF's own chat template, generated on the adapter already set on ``llm``.
+    GGUF's own chat template through edgetune's chat handler (tools, JSON schemas, thinking), generated
+    on ``llm``: a ``Llama`` with the adapter already set, or a :class:`~edgetune.serve.batch.BatchLlama`.
 
-    Pieces go to ``on_piece(piece, field)`` as they come (streaming; ``field`` is ``content`` or, for a
-    thinking template, ``reasoning_content``). ``cancel`` stops generation at the next token.
+    Each streamed delta goes to ``on_delta`` as it comes (``{"content": …}``, ``{"reasoning_content": …}``
+    or ``{"tool_calls": […]}``). ``cancel`` stops generation at the next token.
     """
     from ..reasoning import REQUEST_THINK, request_think
 
     token = REQUEST_THINK.set(request_think(body))
     try:
-        return _run_chat(llm, body, cancel, on_piece)
+        return _generate(llm, cancel, on_delta, chat=body)
     finally:
         REQUEST_THINK.reset(token)
 
 
-def _run_chat(llm, body, cancel, on_piece) -> Completion:
-    params = {k: body[k] for k in GEN_KEYS if body.get(k) is not None}
-    params.setdefault("temperature", 1.0)  # the OpenAI default (llama-cpp-python's own is 0.2)
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
-    probe = _TokenProbe(llm.token_eos(), cancel)
-    pieces, why, finish = [], [], "stop"
-    t0 = time.perf_counter()
+def run_text(llm, body: dict, cancel: threading.Event, on_delta: Callable[[dict], None] | None = None) -> Completion:
+    """``/v1/completions``: ``body["prompt"]`` (one string) continued as it is, no chat template."""
+    return _generate(llm, cancel, on_delta, text=body)
+
+
+def _generate(llm, cancel, on_delta, *, chat: dict | None = None, text: dict | None = None) -> Completion:
     from llama_cpp import LogitsProcessorList
 
-    for chunk in llm.create_chat_completion(messages=body["messages"], max_tokens=int(max_tokens), stream=True,
-                                            logits_processor=LogitsProcessorList([probe]), **params):
+    from .batch import BatchLlama
+
+    body = chat if chat is not None else text
+    batched = isinstance(llm, BatchLlama)
+    probe = None if batched else _TokenProbe(llm.token_eos(), cancel)
+    extra = {} if batched else {"logits_processor": LogitsProcessorList([probe])}
+    pieces, why, calls, finish = [], [], [], "stop"
+    t0 = time.perf_counter()
+    if chat is not None:
+        stream = llm.create_chat_completion(messages=chat["messages"], max_tokens=_max_tokens(chat), stream=True,
+                                            **_params(chat, GEN_KEYS + CHAT_KEYS), **extra)
+    else:
+        stream = llm.create_completion(prompt=text["prompt"], max_tokens=_max_tokens(text, 16), stream=True,
+                                       **_params(text, GEN_KEYS), **extra)
+    for chunk in stream:
         choice = chunk["choices"][0]
-        for key, into in (("reasoning_content", why), ("content", pieces)):
-            piece = choice["delta"].get(key) or ""
+        delta = choice.get("delta") if chat is not None else {"text": choice.get("text")}
+        for key, into in (("reasoning_content", why), ("content", pieces), ("text", pieces)):
+            piece = delta.get(key) or ""
             if piece:
                 into.append(piece)
-                if on_piece is not None:
-                    on_piece(piece, key)
+                if on_delta is not None:
+                    on_delta({key: piece})
+        if delta.get("tool_calls"):
+            calls += [{k: v for k, v in c.items() if k != "index"} for c in delta["tool_calls"]]
+            if on_delta is not None:
+                on_delta({"tool_calls": delta["tool_calls"]})
         if choice.get("finish_reason"):
             finish = choice["finish_reason"]
-        if cancel.is_set():
+        if cancel.is_set() and not batched:
             break
-    return Completion("".join(pieces), finish, probe.prompt_tokens, probe.calls, time.perf_counter() - t0, cancel.is_set(),
-                      "".join(why) or None)
+    n_prompt, n_out = (llm.counts[0], llm.counts[1]) if batched else (probe.prompt_tokens, probe.calls)
+    return Completion("".join(pieces), finish, n_prompt, n_out, time.perf_counter() - t0, cancel.is_set(),
+                      "".join(why) or None, calls or None)
 
 
 @dataclass
 class LoadedBase:
-    """One base GGUF in memory with its adapters; ``turn`` admits one request at a time."""
+    """One base GGUF in memory with its adapters; ``turn`` admits ``spec.parallel`` requests at a time.
+
+    ``parallel`` 1: one request at a time on the ``Llama``'s own context (the adapter switched per
+    request). More: a :class:`~edgetune.serve.batch.BatchEngine` decodes the admitted requests together.
+    """
 
     spec: BaseSpec
     n_threads: int
     llm: object = None
+    engine: object = None  # BatchEngine when spec.parallel > 1
     adapters: dict = field(default_factory=dict)  # name → llama_adapter_lora_p
     current: str | None = None
     waiting: int = 0  # client requests waiting for a turn
     waiting_background: int = 0  # shadow runs waiting (bounded separately: they never fill a client's place)
     running: int = 0
     last_used: float = 0.0
-    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    turn: asyncio.Semaphore = None
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self):
+        self.turn = asyncio.Semaphore(self.batching and self.spec.parallel or 1)
+
+    @property
+    def batching(self) -> bool:
+        return self.spec.parallel > 1
 
     @property
     def size_mb(self) -> float:
@@ -144,8 +189,9 @@ class LoadedBase:
         # the GGUF's own template through edgetune's handler: the stock one for plain templates, reasoning
         # split into reasoning_content for thinking templates (edgetune/reasoning.py)
         chat_format = register_handler() if info_from_gguf(self.spec.path).chat_template else None
-        llm = Llama(model_path=str(self.spec.path), n_ctx=self.spec.n_ctx, n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads, chat_format=chat_format, verbose=False)
+        # batching: this Llama only tokenizes and renders (the engine has the context that decodes)
+        llm = Llama(model_path=str(self.spec.path), n_ctx=256 if self.batching else self.spec.n_ctx,
+                    n_threads=self.n_threads, n_threads_batch=self.n_threads, chat_format=chat_format, verbose=False)
         adapters = {}
         for name, a in self.spec.adapters.items():
             ptr = llama_cpp.llama_adapter_lora_init(llm.model, str(a.path).encode())
@@ -156,6 +202,18 @@ class LoadedBase:
                 raise EdgetuneError(f"llama.cpp could not load the LoRA adapter {a.path} for base {self.spec.path.name}.",
                                     where=str(a.path), fix="export it for this base: edgetune export adapter --base-gguf BASE.gguf")
             adapters[name] = ptr
+        if self.batching:
+            from .batch import BatchEngine
+
+            try:
+                self.engine = BatchEngine(llm, {n: (p, self.spec.adapters[n].scale) for n, p in adapters.items()},
+                                          n_ctx=self.spec.kv_cells, parallel=self.spec.parallel, n_threads=self.n_threads,
+                                          request_ctx=self.spec.n_ctx)
+            except Exception:
+                for p in adapters.values():
+                    llama_cpp.llama_adapter_lora_free(p)
+                llm.close()
+                raise
         self.llm, self.adapters, self.current = llm, adapters, None
 
     def unload(self) -> None:
@@ -163,11 +221,25 @@ class LoadedBase:
 
         if self.llm is None:
             return
-        self.use(None)
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        else:
+            self.use(None)
         for p in self.adapters.values():
             llama_cpp.llama_adapter_lora_free(p)
         self.llm.close()
         self.llm, self.adapters, self.current = None, {}, None
+
+    def runner(self, adapter: str | None, cancel: threading.Event):
+        """What a request generates on: the batch engine under ``adapter``, or the ``Llama`` with
+        ``adapter`` set (one request at a time)."""
+        if self.engine is not None:
+            from .batch import BatchLlama
+
+            return BatchLlama(self.llm, self.engine, adapter, cancel)
+        self.use(adapter)
+        return self.llm
 
     def use(self, adapter: str | None) -> None:
         """Put ``adapter`` (None: none) on the context; forget the KV cache if it changed, since
@@ -201,6 +273,11 @@ class Pool:
         self.bases = {name: LoadedBase(spec, spec.n_threads or n_threads) for name, spec in cfg.bases.items()}
         self.loads = 0
         self.unloads = 0
+        # request threads: each admitted request waits in one for its tokens (the default pool has too few)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=sum(2 * b.spec.parallel + 2 for b in self.bases.values()),
+                                           thread_name_prefix="edgetune-request")
 
     def loaded(self) -> list[LoadedBase]:
         return [b for b in self.bases.values() if b.llm is not None]
@@ -225,10 +302,11 @@ class Pool:
             self.loads += 1
 
     async def submit(self, model_id: str, body: dict, *, disconnected: Callable[[], Awaitable[bool]] | None = None,
-                     on_piece: Callable[[str], None] | None = None, on_turn: Callable[[], None] | None = None,
-                     background: bool = False) -> Completion:
-        """Wait for a turn on the model's base (bounded), switch adapter, generate (in a thread),
-        cancelling when ``disconnected()`` turns true. ``background``: a shadow run (its own queue bound)."""
+                     on_delta: Callable[[dict], None] | None = None, on_turn: Callable[[], None] | None = None,
+                     background: bool = False, text: bool = False) -> Completion:
+        """Wait for a turn on the model's base (bounded), generate (in a thread) on the model's adapter,
+        cancelling when ``disconnected()`` turns true. ``background``: a shadow run (its own queue
+        bound); ``text``: a ``/v1/completions`` request (``prompt``), not a chat."""
         spec, adapter = self.cfg.locate(model_id)
         base = self.bases[spec.name]
         async with self.turn_on(base, background):
@@ -238,10 +316,10 @@ class Pool:
             cancel = threading.Event()
 
             def work() -> Completion:
-                base.use(adapter)
-                return run_chat(base.llm, body, cancel, on_piece)
+                check_schema(base.llm, body)
+                return (run_text if text else run_chat)(base.runner(adapter, cancel), body, cancel, on_delta)
 
-            fut = asyncio.ensure_future(asyncio.to_thread(work))
+            fut = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(self.executor, work))
             try:
                 while not fut.done():
                     await asyncio.wait({fut}, timeout=0.05)
@@ -267,7 +345,7 @@ class _Turn:
     async def __aenter__(self):
         b = self.base
         queued = getattr(b, self.counter)
-        if b.turn.locked() and queued >= self.cfg.queue_depth:
+        if b.turn.locked() and queued >= self.cfg.queue_depth:  # locked: every running place is taken
             raise Overloaded(f"queue for {b.spec.name} is full ({queued} waiting)", retry_after=_retry(self.cfg))
         setattr(b, self.counter, queued + 1)
         try:
@@ -283,6 +361,45 @@ class _Turn:
         self.base.running -= 1
         self.base.last_used = time.monotonic()
         self.base.turn.release()
+
+
+def response_schema(body: dict) -> dict | None:
+    """The request's JSON schema: OpenAI's ``response_format: {type: json_schema, json_schema: {schema}}``
+    or llama-cpp-python's ``{type: json_object, schema}``; normalises ``body`` to the latter, which the
+    chat handlers take. None when the request has no schema."""
+    rf = body.get("response_format")
+    if not isinstance(rf, dict):
+        return None
+    if rf.get("type") == "json_schema":
+        spec = rf.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format json_schema needs json_schema.schema (a JSON schema object)")
+        body["response_format"] = rf = {"type": "json_object", "schema": schema}
+    elif rf.get("type") not in ("json_object", "text", None):
+        raise BadRequest(f"response_format type {rf.get('type')!r} is not one of text, json_object, json_schema")
+    return rf.get("schema") if rf.get("type") == "json_object" else None
+
+
+def check_schema(llm, body: dict) -> None:
+    """Refuse (``BadRequest``) a JSON schema llama.cpp cannot turn into a grammar — the chat handler
+    would quietly fall back to any JSON instead."""
+    schema = response_schema(body)
+    if schema is None:
+        return
+    import json
+
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        g = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter's own error names the problem
+        raise BadRequest(f"the response_format JSON schema cannot be turned into a grammar: {exc}") from None
+    ptr = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, g._grammar.encode("utf-8"), g._root.encode("utf-8"))
+    if not ptr:
+        raise BadRequest("llama.cpp could not compile the grammar of the response_format JSON schema")
+    llama_cpp.llama_sampler_free(ptr)
 
 
 def _retry(cfg: TeamConfig) -> int:

@@ -1,8 +1,10 @@
 """The team server: several adapters on one loaded base, A/B and shadow routes, bounded queues.
 
 Endpoints (every one behind the API key when one is set): ``GET /v1/models``,
-``POST /v1/chat/completions`` (OpenAI format, ``stream`` supported), ``GET /health``,
-``GET /metrics`` (Prometheus text).
+``POST /v1/chat/completions`` (OpenAI format: ``stream``, ``tools`` / ``tool_choice`` and
+``response_format`` JSON schemas through the same chat handler as ``edgetune serve MODEL.gguf``),
+``POST /v1/completions`` (a plain prompt), ``GET /health``, ``GET /metrics`` (Prometheus text).
+Each base decodes its concurrent requests together (continuous batching, :mod:`edgetune.serve.batch`).
 
 A request's ``model`` is a base id, an adapter id or a route id. A split route picks one of its
 models by weight — by a hash of ``user`` when the request carries one, so a user stays on one
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 
-from .engine import BadRequest, Completion, Overloaded, Pool
+from .engine import BadRequest, Completion, Overloaded, Pool, response_schema
 from .metrics import Metrics
 from .team_config import TeamConfig
 
@@ -91,32 +93,53 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None):
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
 
-def _completion_json(rid: str, model: str, c: Completion) -> dict:
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def _completion_json(rid: str, model: str, c: Completion, text: bool = False) -> dict:
+    if text:
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+                "usage": _usage(c)}
+    message = {"role": "assistant", "content": c.text if c.text or not c.tool_calls else None,
+               **({"reasoning_content": c.reasoning} if c.reasoning else {}),
+               **({"tool_calls": c.tool_calls} if c.tool_calls else {})}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text,
-                                                 **({"reasoning_content": c.reasoning} if c.reasoning else {})},
-                         "finish_reason": c.finish_reason}],
-            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                      "total_tokens": c.prompt_tokens + c.completion_tokens}}
+            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}], "usage": _usage(c)}
 
 
-def _chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> str:
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def _chunk(rid: str, model: str, delta: dict, finish: str | None = None, text: bool = False) -> str:
+    if text:
+        body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "text": delta.get("text", ""), "logprobs": None, "finish_reason": finish}]}
+    else:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def _validate(body) -> None:
+def _validate(body, text: bool = False) -> None:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
-        raise BadRequest("`messages` must be a non-empty list of {role, content} objects")
+    if text:
+        if not isinstance(body.get("prompt"), str):
+            raise BadRequest("`prompt` must be one string")
+    else:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise BadRequest("`messages` must be a non-empty list of {role, content} objects")
+        for m in msgs:  # OpenAI clients send an assistant tool-call turn back with content null
+            if m.get("content") is None:
+                m["content"] = ""
+        tools = body.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                                                      and t["function"].get("name") for t in tools)):
+            raise BadRequest("`tools` must be a list of {type: function, function: {name, parameters}} objects")
+        response_schema(body)
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
-    if body.get("tools") or body.get("functions"):  # refused, never silently dropped
-        raise BadRequest("the team server does not take `tools` yet; serve a tool model alone "
-                         "(`edgetune serve MODEL.gguf`), which returns OpenAI tool_calls")
 
 
 class _KeyCheck:
@@ -154,7 +177,9 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "bases": {n: {"loaded": b.llm is not None, "waiting": b.waiting, "running": b.running}
+        return {"status": "ok", "bases": {n: {"loaded": b.llm is not None, "waiting": b.waiting, "running": b.running,
+                                              "parallel": b.spec.parallel,
+                                              **({"batch": dict(b.engine.stats)} if b.engine is not None else {})}
                                           for n, b in pool.bases.items()}}
 
     @app.get("/metrics")
@@ -195,7 +220,7 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
         latency = time.perf_counter() - t0
         metrics.observe(model, 200, latency, c.completion_tokens, c.seconds)
         log.info("%s model=%s route=%s 200 %.0f ms prompt=%d completion=%d%s", rid, model, route, latency * 1000,
-                 c.prompt_tokens, c.completion_tokens, f" messages={json.dumps(body['messages'])}" if cfg.log_text else "")
+                 c.prompt_tokens, c.completion_tokens, f" messages={json.dumps(body.get('messages', body.get('prompt')))}" if cfg.log_text else "")
         reference = (body.get("metadata") or {}).get("reference") if isinstance(body.get("metadata"), dict) else None
         if shadow and not c.cancelled:
             task = asyncio.create_task(shadow_run(route, shadow, body, rid, _answer_record(model, c, latency), reference))
@@ -208,11 +233,18 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        return await _answer(request, text=False)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _answer(request, text=True)
+
+    async def _answer(request, text: bool):
         t0 = time.perf_counter()
-        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        rid = ("cmpl-" if text else "chatcmpl-") + uuid.uuid4().hex[:24]
         try:
             body = await request.json()
-            _validate(body)
+            _validate(body, text)
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc), "invalid_request_error")
         asked = body.get("model")
@@ -222,28 +254,33 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
         except KeyError:
             metrics.observe(str(asked), 404, 0)
             return _error(404, f"model {asked!r} is not served here; see /v1/models", "model_not_found")
+        if text:
+            shadow = None  # shadow pairs are chats (eval shadow reads messages)
         headers = {"x-edgetune-model": model}
         if body.get("stream"):
-            return await _stream(request, rid, model, shadow, route, body, t0, headers)
+            return await _stream(request, rid, model, shadow, route, body, t0, headers, text)
         try:
-            c = await pool.submit(model, body, disconnected=request.is_disconnected)
+            c = await pool.submit(model, body, disconnected=request.is_disconnected, text=text)
         except Overloaded as exc:
             metrics.observe(model, 503, time.perf_counter() - t0)
             log.info("%s model=%s 503 %s", rid, model, exc.reason)
             return _error(503, f"server busy: {exc.reason}", "overloaded", {"Retry-After": str(exc.retry_after)})
+        except ValueError as exc:  # the request, not the server: too long for the context, a schema that does not compile
+            metrics.observe(model, 400, time.perf_counter() - t0)
+            return _error(400, str(exc), "invalid_request_error")
         if c.cancelled:
             metrics.observe(model, 499, time.perf_counter() - t0)
             log.info("%s model=%s cancelled (client went away) after %d tokens", rid, model, c.completion_tokens)
             return _error(499, "client closed the request", "cancelled")
         finish(rid, model, shadow, route, body, c, t0)
-        return JSONResponse(_completion_json(rid, model, c), headers=headers)
+        return JSONResponse(_completion_json(rid, model, c, text), headers=headers)
 
-    async def _stream(request, rid, model, shadow, route, body, t0, headers):
+    async def _stream(request, rid, model, shadow, route, body, t0, headers, text):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         turn = asyncio.Event()
-        task = asyncio.create_task(pool.submit(model, body, on_turn=turn.set,
-                                               on_piece=lambda p, f="content": loop.call_soon_threadsafe(pieces.put_nowait, (f, p))))
+        task = asyncio.create_task(pool.submit(model, body, on_turn=turn.set, text=text,
+                                               on_delta=lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d)))
         task.add_done_callback(lambda _t: pieces.put_nowait(None))
         # wait for a turn (or a refusal) before answering: a refusal must be a real 503, not a broken stream
         waiter = asyncio.create_task(turn.wait())
@@ -253,20 +290,24 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
             exc = task.exception()
             metrics.observe(model, 503, time.perf_counter() - t0)
             return _error(503, f"server busy: {exc.reason}", "overloaded", {"Retry-After": str(exc.retry_after)})
+        if task.done() and isinstance(task.exception(), ValueError):
+            metrics.observe(model, 400, time.perf_counter() - t0)
+            return _error(400, str(task.exception()), "invalid_request_error")
 
         async def events():
             try:
-                yield _chunk(rid, model, {"role": "assistant", "content": ""})
-                while (p := await pieces.get()) is not None:
-                    yield _chunk(rid, model, {p[0]: p[1]})
+                if not text:
+                    yield _chunk(rid, model, {"role": "assistant", "content": ""})
+                while (d := await pieces.get()) is not None:
+                    yield _chunk(rid, model, d, text=text)
                 exc = task.exception()
                 if exc is not None:
-                    status = 503 if isinstance(exc, Overloaded) else 500
+                    status = 503 if isinstance(exc, Overloaded) else 400 if isinstance(exc, ValueError) else 500
                     metrics.observe(model, status, time.perf_counter() - t0)
                     yield f"data: {json.dumps({'error': {'message': str(exc), 'code': status}})}\n\n"
                     return
                 c = task.result()
-                yield _chunk(rid, model, {}, c.finish_reason)
+                yield _chunk(rid, model, {}, c.finish_reason, text=text)
                 yield "data: [DONE]\n\n"
                 finish(rid, model, shadow, route, body, c, t0)
             finally:

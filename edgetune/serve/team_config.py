@@ -5,7 +5,8 @@
 bases:
   smol:                          # a model id: the base without adapter
     path: smol-q8_0.gguf         # relative paths are relative to this file
-    n_ctx: 2048
+    n_ctx: 2048                  # the longest request (prompt + answer), in tokens
+    parallel: 8                  # requests decoded together in one batch (1: one at a time)
     adapters:                    # each adapter is one more model id, on the same loaded base
       support: support.lora.gguf
       legal: {path: legal.lora.gguf, scale: 1.0}
@@ -16,7 +17,7 @@ routes:
     primary: support
     shadow: legal
 limits:
-  queue_depth: 8                 # requests waiting per base (beyond the one running); more → 503
+  queue_depth: 8                 # requests waiting per base (beyond the `parallel` running); more → 503
   queue_timeout: 30              # seconds a request may wait for its turn; longer → 503
   memory_cap_mb: 0               # loaded bases above this are unloaded least recently used first (0: no cap)
 log:
@@ -37,6 +38,9 @@ from ..errors import EdgetuneError
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
+DEFAULT_PARALLEL = 8
+
+
 @dataclass
 class AdapterSpec:
     name: str
@@ -49,8 +53,15 @@ class BaseSpec:
     name: str
     path: Path
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
-    n_ctx: int = 2048
+    n_ctx: int = 2048  # the longest request (prompt + answer) in tokens
     n_threads: int | None = None
+    parallel: int = DEFAULT_PARALLEL  # requests decoded together (continuous batching); 1 = one at a time
+
+    @property
+    def kv_cells(self) -> int:
+        """KV cache size of a batching base: room for ``parallel`` requests of ``n_ctx`` (as Ollama sizes
+        its context for OLLAMA_NUM_PARALLEL), shared by all of them and the prefix entries."""
+        return self.n_ctx * max(1, self.parallel)
 
 
 @dataclass
@@ -145,8 +156,12 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
         for an, a in (b.get("adapters") or {}).items():
             a = {"path": a} if isinstance(a, str) else (a or {})
             adapters[str(an)] = AdapterSpec(str(an), _file(a.get("path"), root, f"{w}.adapters.{an}"), float(a.get("scale", 1.0)))
+        parallel = b.get("parallel", DEFAULT_PARALLEL)
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
+            raise EdgetuneError(f"{w}.parallel: expected a whole number from 1 to 64, got {parallel!r}.", where=where,
+                                fix="parallel: 8 (requests decoded together; 1 = one at a time)")
         bases[str(name)] = BaseSpec(str(name), _file(b.get("path"), root, w), adapters, int(b.get("n_ctx", 2048)),
-                                    b.get("n_threads"))
+                                    b.get("n_threads"), parallel)
     routes = {}
     for name, r in (raw.get("routes") or {}).items():
         r = r or {}
@@ -183,11 +198,12 @@ def parse_pair(item: str, flag: str) -> tuple[str, str]:
 
 
 def from_flags(model: str | Path | None, *, alias: str | None = None, loras: tuple[str, ...] = (), splits: tuple[str, ...] = (),
-               shadows: tuple[str, ...] = (), n_ctx: int = 2048, **limits) -> TeamConfig:
+               shadows: tuple[str, ...] = (), n_ctx: int = 2048, parallel: int | None = None, **limits) -> TeamConfig:
     """The same config from flags: ``MODEL --lora NAME=FILE … --split ROUTE=A:90,B:10 --shadow ROUTE=PRIMARY:CANDIDATE``."""
     if model is None:
         raise EdgetuneError("No model to serve.", fix="edgetune serve MODEL.gguf [--lora NAME=FILE]…  or  --config team.yaml")
     raw: dict = {"bases": {alias or Path(model).stem: {"path": str(model), "n_ctx": n_ctx,
+                                                       "parallel": DEFAULT_PARALLEL if parallel is None else parallel,
                                                        "adapters": dict(parse_pair(x, "--lora") for x in loras)}}}
     routes: dict = {}
     for item in splits:
