@@ -1,18 +1,22 @@
-"""Load test for the team server (`edgetune serve --lora …`), on 127.0.0.1 only, bounded in time.
+"""Load test for the team server (`edgetune serve --lora …`): one-at-a-time vs continuous batching, side by side.
 
     python scripts/bench_serve.py                       # demo GGUF + 3 generated LoRA adapters
     python scripts/bench_serve.py --base B.gguf --lora a=A.gguf --lora b=B.gguf --seconds 20 --out bench.json
 
-What it does, in order:
+On 127.0.0.1 only, bounded in time. In order:
 1. the reference: each model id's greedy answer to each prompt from llama.cpp directly
-   (``Llama(lora_path=…)``, one model per adapter) — what the server must reproduce;
+   (``Llama(lora_path=…)``, one model per adapter);
 2. RSS of a server with 1 adapter vs one with all adapters (each warmed: every model answered once);
-3. at capacity: ``queue_depth + 1`` clients (one running, the rest queued) for ``--seconds``;
-4. beyond capacity: ``--overload-factor`` times as many clients for ``--seconds``;
-each client loops over random (model, prompt) pairs at temperature 0 and checks the answer
-against the reference. Reported: throughput, p50/p95/p99 latency, 503 share and 503 latency,
-wrong answers (must be 0), other 5xx / connection errors (must be 0), whether the server survived.
-Exit status 1 when a must-be-0 count is not 0, a 503 took 100 ms or more, or the server died.
+3. for each mode (``--parallel 1``: one request at a time; ``--parallel N``: continuous batching) and each
+   traffic mix (every request on one model id; each request on a random one of the 4 ids), 1, 4 and 8
+   clients for ``--seconds`` each, every request streamed at temperature 0: throughput, tokens/s, p50/p95
+   latency, p50/p95 time to first token; each answer classed as identical to its reference, *wrong
+   model* (closer to another model id's reference than to its own: an adapter mix-up) or *drifted*
+   (its own model's answer until a late near-tie went another way: batched arithmetic sums in another order);
+4. beyond capacity (batching mode): ``--overload-factor`` x (parallel + queue depth) clients: the 503 share
+   and how fast a 503 comes.
+Exit status 1 when a wrong-model answer, a 5xx other than 503, a connection error or a 503 of 100 ms
+or more happened, or a server died.
 """
 
 from __future__ import annotations
@@ -92,10 +96,10 @@ def post(url: str, body: dict, timeout: float) -> tuple[int, dict, float]:
 
 
 class Server:
-    def __init__(self, base: Path, loras: dict[str, Path], args, port: int):
+    def __init__(self, base: Path, loras: dict[str, Path], args, port: int, parallel: int):
         cmd = [sys.executable, "-m", "edgetune", "serve", str(base), "--port", str(port), "--api-key", KEY,
                "--threads", str(args.threads), "--queue-depth", str(args.queue_depth), "--queue-timeout", str(args.queue_timeout),
-               "--n-ctx", "512"]
+               "--n-ctx", "512", "--parallel", str(parallel)]
         for k, v in loras.items():
             cmd += ["--lora", f"{k}={v}"]
         self.url = f"http://127.0.0.1:{port}"
@@ -139,8 +143,56 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def stream(url: str, body: dict, timeout: float) -> tuple[int, str, float | None, float, int]:
+    """(status, answer text, seconds to the first token, seconds in all, completion tokens) of one streamed chat."""
+    data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    t0 = time.perf_counter()
+    first, pieces, tokens = None, [], 0
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return int(ev["error"].get("code") or 500), "", first, time.perf_counter() - t0, 0
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+                for ch in ev.get("choices") or []:
+                    piece = (ch.get("delta") or {}).get("content")
+                    if piece:
+                        first = first if first is not None else time.perf_counter() - t0
+                        pieces.append(piece)
+            return r.status, "".join(pieces), first, time.perf_counter() - t0, tokens
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code, "", None, time.perf_counter() - t0, 0
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def classify(answer: str, mid: str, p: str, ref: dict, ids: list[str]) -> str:
+    want = ref[(mid, p)]
+    if answer == want:
+        return "identical"
+    own = _common(answer, want)
+    if any(_common(answer, ref[(o, p)]) > own for o in ids if o != mid):
+        return "wrong_model"
+    return "drifted"
+
+
 def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, max_tokens: int) -> dict:
-    stats = {"ok": [], "busy": [], "wrong": 0, "other_5xx": 0, "other": 0, "errors": 0, "tokens": 0}
+    stats = {"ok": [], "ttft": [], "busy": [], "identical": 0, "drifted": 0, "wrong_model": 0, "other_5xx": 0, "other": 0,
+             "errors": 0, "tokens": 0}
     lock = threading.Lock()
     stop_at = time.time() + seconds
 
@@ -150,7 +202,7 @@ def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, 
             mid, p = rng.choice(ids), rng.choice(PROMPTS)
             body = {"model": mid, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens, "temperature": 0}
             try:
-                status, out, dt = post(srv.url + "/v1/chat/completions", body, timeout=seconds + 120)
+                status, text, ttft, dt, tokens = stream(srv.url + "/v1/chat/completions", body, timeout=seconds + 120)
             except OSError:
                 with lock:
                     stats["errors"] += 1
@@ -158,9 +210,10 @@ def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, 
             with lock:
                 if status == 200:
                     stats["ok"].append(dt)
-                    stats["tokens"] += out["usage"]["completion_tokens"]
-                    if out["model"] != mid or out["choices"][0]["message"]["content"] != ref[(mid, p)]:
-                        stats["wrong"] += 1
+                    if ttft is not None:
+                        stats["ttft"].append(ttft)
+                    stats["tokens"] += tokens
+                    stats[classify(text, mid, p, ref, ids)] += 1
                 elif status == 503:
                     stats["busy"].append(dt)
                 elif status >= 500:
@@ -181,10 +234,12 @@ def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, 
     ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
     return {"clients": clients, "seconds": round(wall, 1), "requests": n, "ok": len(stats["ok"]),
             "throughput_rps": round(len(stats["ok"]) / wall, 2), "tokens_per_s": round(stats["tokens"] / wall, 1),
-            "p50_ms": ms(pct(stats["ok"], 50)), "p95_ms": ms(pct(stats["ok"], 95)), "p99_ms": ms(pct(stats["ok"], 99)),
+            "p50_ms": ms(pct(stats["ok"], 50)), "p95_ms": ms(pct(stats["ok"], 95)),
+            "ttft_p50_ms": ms(pct(stats["ttft"], 50)), "ttft_p95_ms": ms(pct(stats["ttft"], 95)),
             "share_503": round(len(stats["busy"]) / n, 3) if n else None, "n_503": len(stats["busy"]),
-            "503_p50_ms": ms(pct(stats["busy"], 50)), "503_p99_ms": ms(pct(stats["busy"], 99)), "503_max_ms": ms(max(stats["busy"], default=None)),
-            "wrong_answers": stats["wrong"], "other_5xx": stats["other_5xx"], "other_status": stats["other"],
+            "503_p50_ms": ms(pct(stats["busy"], 50)), "503_max_ms": ms(max(stats["busy"], default=None)),
+            "identical": stats["identical"], "drifted": stats["drifted"], "wrong_model": stats["wrong_model"],
+            "other_5xx": stats["other_5xx"], "other_status": stats["other"],
             "connection_errors": stats["errors"], "server_alive": srv.alive()}
 
 
@@ -197,11 +252,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="Base GGUF (default: the demo SmolLM2-135M Q4_1 GGUF).")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE", help="Adapter (default: 3 generated).")
-    ap.add_argument("--seconds", type=float, default=20, help="Length of each load phase.")
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--queue-depth", type=int, default=2)
-    ap.add_argument("--queue-timeout", type=float, default=30)
-    ap.add_argument("--overload-factor", type=int, default=4, help="Clients beyond capacity = factor x (depth + 1).")
+    ap.add_argument("--seconds", type=float, default=15, help="Length of each load phase.")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--parallel", type=int, default=8, help="The batching mode's --parallel.")
+    ap.add_argument("--clients", default="1,4,8", help="Client counts to measure.")
+    ap.add_argument("--queue-depth", type=int, default=16)
+    ap.add_argument("--queue-timeout", type=float, default=60)
+    ap.add_argument("--overload-factor", type=int, default=3, help="Clients beyond capacity = factor x (parallel + depth).")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="llama.cpp threads (default: all cores but one, left to the HTTP loop and the clients).")
     ap.add_argument("--port", type=int, default=18431)
@@ -221,33 +278,48 @@ def main(argv=None) -> int:
     print(f"  {distinct} distinct answer sets for {len(ids)} models", flush=True)
 
     res: dict = {"base": str(args.base), "models": ids, "max_tokens": args.max_tokens, "queue_depth": args.queue_depth,
-                 "distinct_reference_sets": distinct, "cpu": _cpu()}
+                 "parallel": args.parallel, "threads": args.threads, "distinct_reference_sets": distinct, "cpu": _cpu(),
+                 "load_average_before": os.getloadavg()[0]}
     first = dict(list(loras.items())[:1])
-    srv = Server(args.base, first, args, args.port)
+    srv = Server(args.base, first, args, args.port, args.parallel)
     try:
         warm(srv, [args.base.stem, *first])
         res["rss_mb_1_adapter"] = round(srv.rss_mb(), 1)
     finally:
         srv.stop()
-    srv = Server(args.base, loras, args, args.port)
-    try:
-        warm(srv, ids)
-        res[f"rss_mb_{len(loras)}_adapters"] = round(srv.rss_mb(), 1)
-        res["adapter_files_mb"] = round(sum(p.stat().st_size for p in loras.values()) / 2**20, 2)
-        cap = args.queue_depth + 1
-        print(f"at capacity: {cap} clients x {args.seconds:g} s …", flush=True)
-        res["at_capacity"] = phase(srv, ids, ref, cap, args.seconds, args.max_tokens)
-        print(f"beyond capacity: {cap * args.overload_factor} clients x {args.seconds:g} s …", flush=True)
-        res["overload"] = phase(srv, ids, ref, cap * args.overload_factor, args.seconds, args.max_tokens)
-        res["server_alive_at_end"] = srv.alive()
-    finally:
-        srv.stop()
+    clients = [int(x) for x in args.clients.split(",")]
+    mixes = {"one_model": [ids[1] if len(ids) > 1 else ids[0]], f"{len(ids)}_models": ids}
+    for mode, parallel in (("serialized", 1), ("batched", args.parallel)):
+        srv = Server(args.base, loras, args, args.port, parallel)
+        try:
+            warm(srv, ids)
+            res[f"rss_mb_{len(loras)}_adapters_{mode}"] = round(srv.rss_mb(), 1)
+            for mix, mids in mixes.items():
+                for n in clients:
+                    print(f"{mode} (parallel {parallel}), {mix}: {n} clients x {args.seconds:g} s …", flush=True)
+                    r = phase(srv, mids, ref, n, args.seconds, args.max_tokens)
+                    res.setdefault(mode, {}).setdefault(mix, {})[str(n)] = r
+                    print(f"   {r['throughput_rps']} req/s, {r['tokens_per_s']} tok/s, p95 {r['p95_ms']} ms, "
+                          f"ttft p50 {r['ttft_p50_ms']} ms, identical {r['identical']}/{r['ok']}, wrong {r['wrong_model']}",
+                          flush=True)
+            if mode == "batched":
+                over = args.overload_factor * (parallel + args.queue_depth)
+                print(f"beyond capacity: {over} clients x {args.seconds:g} s …", flush=True)
+                res["overload"] = phase(srv, ids, ref, over, args.seconds, args.max_tokens)
+            res[f"server_alive_at_end_{mode}"] = srv.alive()
+        finally:
+            srv.stop()
+    res["speedup"] = {mix: {n: round(res["batched"][mix][n]["throughput_rps"] / res["serialized"][mix][n]["throughput_rps"], 2)
+                            for n in res["batched"][mix]} for mix in mixes}
+    res["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
-    bad = [k for ph in ("at_capacity", "overload") for k in ("wrong_answers", "other_5xx", "connection_errors") if res[ph][k]]
+    phases = [r for mode in ("serialized", "batched") for mix in res[mode].values() for r in mix.values()] + [res["overload"]]
+    bad = [k for r in phases for k in ("wrong_model", "other_5xx", "connection_errors") if r[k]]
     slow503 = (res["overload"]["503_max_ms"] or 0) >= 100
-    if bad or slow503 or not res["server_alive_at_end"]:
+    alive = all(res[f"server_alive_at_end_{m}"] for m in ("serialized", "batched"))
+    if bad or slow503 or not alive:
         print(f"FAILED: {bad or ''} {'503 took >= 100 ms' if slow503 else ''}", file=sys.stderr)
         return 1
     return 0

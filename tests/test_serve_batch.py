@@ -49,11 +49,11 @@ def files(tmp_path_factory, tokenizer_dir, build_tiny_model, make_lora_gguf):
     return d, base, ads
 
 
-def _team(files, parallel: int, n_ctx: int = 1024):
+def _team(files, parallel: int, n_ctx: int = 1024, prefix_cache: bool = True):
     from edgetune.serve.team import make_team_server
 
     d, base, ads = files
-    raw = {"bases": {"tiny": {"path": str(base), "n_ctx": n_ctx, "parallel": parallel,
+    raw = {"bases": {"tiny": {"path": str(base), "n_ctx": n_ctx, "parallel": parallel, "prefix_cache": prefix_cache,
                               "adapters": {k: {"path": str(v), "scale": SCALE} for k, v in ads.items()}}},
            "limits": {"queue_depth": 16, "queue_timeout": 120}}
     return make_team_server(from_dict(raw, d), port=None, api_key=KEY, n_threads=2)
@@ -167,9 +167,17 @@ def test_a_shared_system_prompt_is_computed_once(batched, serial):
     # a different adapter never reuses another adapter's keys and values
     before = _stats(batched)["batch"]["reused_tokens"]
     other = _client(batched).chat.completions.create(model="a1", messages=msgs, max_tokens=12, temperature=0)
-    assert _stats(batched)["batch"]["reused_tokens"] == before
+    assert _stats(batched)["batch"]["reused_tokens"] - before < 10  # at most the template's opening from an earlier a1 request
     assert _close(other.choices[0].message.content, _client(serial).chat.completions.create(
         model="a1", messages=msgs, max_tokens=12, temperature=0).choices[0].message.content)
+
+
+def test_prefix_cache_off_reuses_nothing(files, serial):
+    jobs = [(m, PROMPTS[0]) for m in ("a0", "tiny", "a0")]
+    with _team(files, parallel=4, prefix_cache=False) as srv:
+        got = [_answer(srv, *j) for j in jobs]
+        assert _stats(srv)["batch"]["reused_tokens"] == 0
+    assert all(_close(g, _answer(serial, *j)) for g, j in zip(got, jobs))
 
 
 def _same_requests(srv):

@@ -23,6 +23,8 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--split", "splits", multiple=True, metavar="ROUTE=ID:W,ID:W", help="A/B route: weights, sticky per `user`.")
 @click.option("--shadow", "shadows", multiple=True, metavar="ROUTE=PRIMARY:CANDIDATE",
               help="Shadow route: answer from PRIMARY, mirror to CANDIDATE, log both.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="Team server: requests decoded together per base (continuous batching; default 8, 1 = one at a time).")
 @click.option("--queue-depth", type=int, default=None, help="Requests that may wait per base (default 8); more get 503.")
 @click.option("--queue-timeout", type=float, default=None, help="Seconds a request may wait for its turn (default 30).")
 @click.option("--memory-cap-mb", type=float, default=None, help="Unload least recently used bases above this (default: no cap).")
@@ -35,12 +37,13 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--alias", default=None, help="Model id reported by /v1/models (default: the file name).")
 @_ctx_opt
 @_threads_opt
-def serve(model, adapter, team_config, loras, splits, shadows, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
+def serve(model, adapter, team_config, loras, splits, shadows, parallel, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
           log_text, host, port, api_key, alias, n_ctx, threads):
     """Serve MODEL.gguf over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    With --config or --lora: the team server — several LoRA adapters switched per request on one
-    loaded base, A/B and shadow routes, bounded queues (503 + Retry-After), /health and /metrics.
+    With --config, --lora or --parallel: the team server — several LoRA adapters on one loaded base,
+    concurrent requests decoded together (continuous batching), A/B and shadow routes, bounded queues
+    (503 + Retry-After), /health and /metrics.
     The chat template is the one stored in the GGUF.
     """
     from ..console import console
@@ -49,7 +52,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, queue_depth, queu
 
     host = host or DEFAULT_HOST
     port = port or DEFAULT_PORT
-    team = bool(team_config or loras or splits or shadows)
+    team = bool(team_config or loras or splits or shadows or parallel)
     if not team and model is None:
         raise EdgetuneError("No model to serve.", fix="edgetune serve MODEL.gguf   or   edgetune serve --config team.yaml")
     if team and adapter:
@@ -59,7 +62,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, queue_depth, queu
                       "machine can use the model.", highlight=False)
     try:
         if team:
-            _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key,
+            _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel,
                         queue_depth=queue_depth, queue_timeout=queue_timeout, memory_cap_mb=memory_cap_mb,
                         shadow_log=shadow_log, log_text=log_text)
         else:
@@ -74,7 +77,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, queue_depth, queu
     console.print("server stopped", highlight=False)
 
 
-def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, **limits):
+def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, **limits):
     import logging
 
     from ..console import console
@@ -86,8 +89,11 @@ def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, thread
         for k, v in limits.items():  # flags override the file
             if v is not None:
                 setattr(cfg, k, v)
+        for b in cfg.bases.values():
+            b.parallel = parallel or b.parallel
     else:
-        cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048, **limits)
+        cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048,
+                         parallel=parallel, **limits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ids = cfg.model_ids() + list(cfg.routes)
     console.print(f"serving {', '.join(ids)} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),

@@ -11,6 +11,12 @@ the same adapter that starts with the same tokens (system prompt, tool list, ear
 those cells (``llama_memory_seq_cp``) instead of recomputing them. Prefix entries live inside the
 fixed KV cache (``n_ctx`` cells) and are dropped least recently used first when a request needs room.
 
+Copied cells hold the same keys and values up to the last bits: llama.cpp's kernels sum in another
+order for another batch shape (as llama.cpp's own server notes for its prompt cache), and so does
+attention over a cache where a sequence's cells sit elsewhere. Where the model has two nearly tied
+tokens a greedy answer may then go another way late in the answer. ``reuse=False``
+(``prefix_cache: false``) computes every prompt in full and keeps no prefix entries.
+
 Sequences never attend to each other (each has its own sequence id), and a sequence's keys and values
 are only ever computed while its own adapter is set, so switching adapters between steps is exact.
 
@@ -73,14 +79,16 @@ class BatchEngine:
     ``("error", exception)``."""
 
     def __init__(self, llm, adapters: dict[str, tuple[object, float]], *, n_ctx: int, parallel: int,
-                 n_threads: int, n_batch: int = 512, prefix_entries: int | None = None, request_ctx: int | None = None):
+                 n_threads: int, n_batch: int = 512, prefix_entries: int | None = None, request_ctx: int | None = None,
+                 reuse: bool = True):
         import llama_cpp
         from llama_cpp import _internals
 
         self.llm, self.adapters, self.parallel = llm, adapters, parallel
         self.n_ctx, self.n_batch = n_ctx, n_batch  # n_ctx: KV cells shared by all sequences
         self.request_ctx = min(request_ctx or n_ctx, n_ctx)  # the longest one request may be
-        self.prefix_entries = parallel if prefix_entries is None else prefix_entries
+        self.reuse = reuse  # off: every prompt computed in full, no prefix entries kept
+        self.prefix_entries = (parallel if prefix_entries is None else prefix_entries) if reuse else 0
         # the Llama's own settings (flash attention, KV types…: the numbers must match the one-at-a-time path)
         p = type(llm.context_params).from_buffer_copy(llm.context_params)
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
@@ -191,6 +199,8 @@ class BatchEngine:
         """The prefix entry or running sequence on the same adapter sharing the longest prefix with
         ``s``'s prompt (at most all but its last token: that one's logits are needed)."""
         best, best_n = None, 0
+        if not self.reuse:
+            return None, 0
         cands = [(sid, a, t) for sid, (a, t) in self.entries.items()] + [(o.sid, o.adapter, o.kv) for o in self.active]
         limit = len(s.prompt) - 1
         for sid, adapter, tokens in cands:

@@ -208,7 +208,7 @@ class LoadedBase:
             try:
                 self.engine = BatchEngine(llm, {n: (p, self.spec.adapters[n].scale) for n, p in adapters.items()},
                                           n_ctx=self.spec.kv_cells, parallel=self.spec.parallel, n_threads=self.n_threads,
-                                          request_ctx=self.spec.n_ctx)
+                                          request_ctx=self.spec.n_ctx, reuse=self.spec.prefix_cache)
             except Exception:
                 for p in adapters.values():
                     llama_cpp.llama_adapter_lora_free(p)

@@ -308,6 +308,10 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
                     return
                 c = task.result()
                 yield _chunk(rid, model, {}, c.finish_reason, text=text)
+                if (body.get("stream_options") or {}).get("include_usage"):  # OpenAI: a last chunk with usage only
+                    last = {"id": rid, "object": "text_completion" if text else "chat.completion.chunk",
+                            "created": int(time.time()), "model": model, "choices": [], "usage": _usage(c)}
+                    yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
                 finish(rid, model, shadow, route, body, c, t0)
             finally:

@@ -7,6 +7,7 @@ bases:
     path: smol-q8_0.gguf         # relative paths are relative to this file
     n_ctx: 2048                  # the longest request (prompt + answer), in tokens
     parallel: 8                  # requests decoded together in one batch (1: one at a time)
+    prefix_cache: true           # reuse a shared prompt prefix's KV (false: every prompt computed in full)
     adapters:                    # each adapter is one more model id, on the same loaded base
       support: support.lora.gguf
       legal: {path: legal.lora.gguf, scale: 1.0}
@@ -56,6 +57,7 @@ class BaseSpec:
     n_ctx: int = 2048  # the longest request (prompt + answer) in tokens
     n_threads: int | None = None
     parallel: int = DEFAULT_PARALLEL  # requests decoded together (continuous batching); 1 = one at a time
+    prefix_cache: bool = True  # batching: reuse the KV of a prompt prefix an earlier request computed
 
     @property
     def kv_cells(self) -> int:
@@ -161,7 +163,7 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
             raise EdgetuneError(f"{w}.parallel: expected a whole number from 1 to 64, got {parallel!r}.", where=where,
                                 fix="parallel: 8 (requests decoded together; 1 = one at a time)")
         bases[str(name)] = BaseSpec(str(name), _file(b.get("path"), root, w), adapters, int(b.get("n_ctx", 2048)),
-                                    b.get("n_threads"), parallel)
+                                    b.get("n_threads"), parallel, bool(b.get("prefix_cache", True)))
     routes = {}
     for name, r in (raw.get("routes") or {}).items():
         r = r or {}
