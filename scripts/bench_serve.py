@@ -7,8 +7,9 @@ On 127.0.0.1 only, bounded in time. In order:
 1. the reference: each model id's greedy answer to each prompt from llama.cpp directly
    (``Llama(lora_path=…)``, one model per adapter);
 2. RSS of a server with 1 adapter vs one with all adapters (each warmed: every model answered once);
-3. for each mode (``--parallel 1``: one request at a time; ``--parallel N``: continuous batching) and each
-   traffic mix (every request on one model id; each request on a random one of the 4 ids), 1, 4 and 8
+3. for each mode (``--parallel 1``: one request at a time; ``--parallel N``: continuous batching, with and
+   without the prefix cache) and each traffic mix (every request on the base; each request on a random one
+   of the 4 ids), 1, 4 and 8
    clients for ``--seconds`` each, every request streamed at temperature 0: throughput, tokens/s, p50/p95
    latency, p50/p95 time to first token; each answer classed as identical to its reference, *wrong
    model* (closer to another model id's reference than to its own: an adapter mix-up) or *drifted*
@@ -96,10 +97,10 @@ def post(url: str, body: dict, timeout: float) -> tuple[int, dict, float]:
 
 
 class Server:
-    def __init__(self, base: Path, loras: dict[str, Path], args, port: int, parallel: int):
+    def __init__(self, base: Path, loras: dict[str, Path], args, port: int, parallel: int, extra: tuple[str, ...] = ()):
         cmd = [sys.executable, "-m", "edgetune", "serve", str(base), "--port", str(port), "--api-key", KEY,
                "--threads", str(args.threads), "--queue-depth", str(args.queue_depth), "--queue-timeout", str(args.queue_timeout),
-               "--n-ctx", "512", "--parallel", str(parallel)]
+               "--n-ctx", "512", "--parallel", str(parallel), *extra]
         for k, v in loras.items():
             cmd += ["--lora", f"{k}={v}"]
         self.url = f"http://127.0.0.1:{port}"
@@ -256,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=8, help="The batching mode's --parallel.")
     ap.add_argument("--clients", default="1,4,8", help="Client counts to measure.")
+    ap.add_argument("--modes", default="serialized,batched,batched_no_prefix_cache",
+                    help="Modes to measure: serialized (--parallel 1), batched, batched_no_prefix_cache.")
+    ap.add_argument("--mixes", default="one_model,all_models", help="Traffic mixes: one_model (the base), all_models.")
     ap.add_argument("--queue-depth", type=int, default=16)
     ap.add_argument("--queue-timeout", type=float, default=60)
     ap.add_argument("--overload-factor", type=int, default=3, help="Clients beyond capacity = factor x (parallel + depth).")
@@ -288,9 +292,11 @@ def main(argv=None) -> int:
     finally:
         srv.stop()
     clients = [int(x) for x in args.clients.split(",")]
-    mixes = {"one_model": [ids[1] if len(ids) > 1 else ids[0]], f"{len(ids)}_models": ids}
-    for mode, parallel in (("serialized", 1), ("batched", args.parallel)):
-        srv = Server(args.base, loras, args, args.port, parallel)
+    mixes = {k: v for k, v in {"one_model": [ids[0]], "all_models": ids}.items() if k in args.mixes.split(",")}
+    modes = {"serialized": (1, ()), "batched": (args.parallel, ()), "batched_no_prefix_cache": (args.parallel, ("--no-prefix-cache",))}
+    modes = {k: v for k, v in modes.items() if k in args.modes.split(",")}
+    for mode, (parallel, extra) in modes.items():
+        srv = Server(args.base, loras, args, args.port, parallel, extra)
         try:
             warm(srv, ids)
             res[f"rss_mb_{len(loras)}_adapters_{mode}"] = round(srv.rss_mb(), 1)
@@ -302,23 +308,24 @@ def main(argv=None) -> int:
                     print(f"   {r['throughput_rps']} req/s, {r['tokens_per_s']} tok/s, p95 {r['p95_ms']} ms, "
                           f"ttft p50 {r['ttft_p50_ms']} ms, identical {r['identical']}/{r['ok']}, wrong {r['wrong_model']}",
                           flush=True)
-            if mode == "batched":
+            if mode == "batched" and "overload" not in res:
                 over = args.overload_factor * (parallel + args.queue_depth)
                 print(f"beyond capacity: {over} clients x {args.seconds:g} s …", flush=True)
                 res["overload"] = phase(srv, ids, ref, over, args.seconds, args.max_tokens)
             res[f"server_alive_at_end_{mode}"] = srv.alive()
         finally:
             srv.stop()
-    res["speedup"] = {mix: {n: round(res["batched"][mix][n]["throughput_rps"] / res["serialized"][mix][n]["throughput_rps"], 2)
-                            for n in res["batched"][mix]} for mix in mixes}
+    res["speedup"] = {m: {mix: {n: round(res[m][mix][n]["throughput_rps"] / res["serialized"][mix][n]["throughput_rps"], 2)
+                                for n in res[m][mix]} for mix in mixes}
+                      for m in modes if m != "serialized" and "serialized" in modes}
     res["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
-    phases = [r for mode in ("serialized", "batched") for mix in res[mode].values() for r in mix.values()] + [res["overload"]]
+    phases = [r for mode in modes for mix in res[mode].values() for r in mix.values()] + [res[k] for k in ("overload",) if k in res]
     bad = [k for r in phases for k in ("wrong_model", "other_5xx", "connection_errors") if r[k]]
-    slow503 = (res["overload"]["503_max_ms"] or 0) >= 100
-    alive = all(res[f"server_alive_at_end_{m}"] for m in ("serialized", "batched"))
+    slow503 = (res.get("overload", {}).get("503_max_ms") or 0) >= 100
+    alive = all(res[f"server_alive_at_end_{m}"] for m in modes)
     if bad or slow503 or not alive:
         print(f"FAILED: {bad or ''} {'503 took >= 100 ms' if slow503 else ''}", file=sys.stderr)
         return 1

@@ -25,6 +25,8 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
               help="Shadow route: answer from PRIMARY, mirror to CANDIDATE, log both.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,
               help="Team server: requests decoded together per base (continuous batching; default 8, 1 = one at a time).")
+@click.option("--prefix-cache/--no-prefix-cache", default=None,
+              help="Team server: reuse the KV of a prompt prefix an earlier request computed (default on).")
 @click.option("--queue-depth", type=int, default=None, help="Requests that may wait per base (default 8); more get 503.")
 @click.option("--queue-timeout", type=float, default=None, help="Seconds a request may wait for its turn (default 30).")
 @click.option("--memory-cap-mb", type=float, default=None, help="Unload least recently used bases above this (default: no cap).")
@@ -37,7 +39,7 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--alias", default=None, help="Model id reported by /v1/models (default: the file name).")
 @_ctx_opt
 @_threads_opt
-def serve(model, adapter, team_config, loras, splits, shadows, parallel, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
+def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_cache, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
           log_text, host, port, api_key, alias, n_ctx, threads):
     """Serve MODEL.gguf over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -62,7 +64,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, parallel, queue_d
                       "machine can use the model.", highlight=False)
     try:
         if team:
-            _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel,
+            _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, prefix_cache,
                         queue_depth=queue_depth, queue_timeout=queue_timeout, memory_cap_mb=memory_cap_mb,
                         shadow_log=shadow_log, log_text=log_text)
         else:
@@ -77,7 +79,8 @@ def serve(model, adapter, team_config, loras, splits, shadows, parallel, queue_d
     console.print("server stopped", highlight=False)
 
 
-def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, **limits):
+def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, prefix_cache,
+                **limits):
     import logging
 
     from ..console import console
@@ -94,6 +97,8 @@ def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, thread
     else:
         cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048,
                          parallel=parallel, **limits)
+    for b in cfg.bases.values():
+        b.prefix_cache = b.prefix_cache if prefix_cache is None else prefix_cache
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ids = cfg.model_ids() + list(cfg.routes)
     console.print(f"serving {', '.join(ids)} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),

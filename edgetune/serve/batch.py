@@ -1,27 +1,30 @@
 """Continuous batching on one base: concurrent requests decode together in one llama.cpp batch.
 
-One llama.cpp context per base with a unified KV cache; every request is a sequence id in it. A
+One llama.cpp context per base, its KV cache shared by all requests; every request is a sequence id. A
 worker thread runs the steps: each step takes one *adapter group* (the sequences of one model id —
 llama.cpp applies LoRA adapters per context, so one batch is one adapter), puts the next token of
 each of its decoding sequences plus a chunk of any prompt still being read into one
 ``llama_decode``, and samples each sequence's next token from its own sampler chain. Groups take
-turns step by step (round robin), so one busy adapter cannot starve another. A new request joins at
-the next step; a finished one leaves and its KV stays behind as a *prefix entry*: a later request on
+turns (round robin, a few steps each, since a switch rebuilds the compute graph), so one busy
+adapter cannot starve another. A new request joins at the next step; a finished one leaves and its KV stays behind as a *prefix entry*: a later request on
 the same adapter that starts with the same tokens (system prompt, tool list, earlier turns) copies
 those cells (``llama_memory_seq_cp``) instead of recomputing them. Prefix entries live inside the
 fixed KV cache (``n_ctx`` cells) and are dropped least recently used first when a request needs room.
 
-Copied cells hold the same keys and values up to the last bits: llama.cpp's kernels sum in another
-order for another batch shape (as llama.cpp's own server notes for its prompt cache), and so does
-attention over a cache where a sequence's cells sit elsewhere. Where the model has two nearly tied
-tokens a greedy answer may then go another way late in the answer. ``reuse=False``
-(``prefix_cache: false``) computes every prompt in full and keeps no prefix entries.
+Exactness. A one-request context sums attention over cells 0…n. In the shared cache a sequence's
+cells sit among other sequences' cells, and copied prefix cells were computed in another batch shape,
+so llama.cpp's vector kernels group the same terms differently and results differ in the last bits
+(as llama.cpp's own server notes for its prompt cache). Where the model has two nearly tied tokens a
+greedy answer may then go another way late in the answer. ``reuse=False`` (``prefix_cache: false``)
+gives each sequence a KV stream of its own starting at cell 0: greedy answers are then the
+one-at-a-time server's to the character, at the cost of no prefix reuse, a fixed ``n_ctx / parallel``
+cells per request and slower mixed batches (see README "Serving for a team").
 
 Sequences never attend to each other (each has its own sequence id), and a sequence's keys and values
 are only ever computed while its own adapter is set, so switching adapters between steps is exact.
 
-Samplers are llama-cpp-python's own chain built the way ``Llama.create_completion`` builds it, and
-text is cut at stop strings the same way, so greedy answers match the one-request-at-a-time server.
+Samplers are llama-cpp-python's own chain built the way ``Llama.create_completion`` builds it (with
+``Llama.create_chat_completion``'s defaults), and text is cut at stop strings the same way.
 The request side is :class:`BatchLlama`: it stands in for ``llama_cpp.Llama`` in the chat handlers
 (edgetune's and llama-cpp-python's), so chat templates, tools, JSON grammars and thinking work here
 exactly as they do in ``edgetune serve MODEL.gguf``.
@@ -30,6 +33,8 @@ exactly as they do in ``edgetune serve MODEL.gguf``.
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import logging
 import queue
 import random
@@ -43,6 +48,7 @@ log = logging.getLogger("edgetune.serve")
 
 MIN_REUSE = 4  # shortest shared prefix (tokens) worth copying from a prefix entry
 UTF8_GRACE = 4  # tokens past max_tokens allowed to finish a character cut in half
+GROUP_STEPS = 4  # steps an adapter group keeps the turn while others wait (switching costs ~4 ms of graph rebuild)
 
 
 class RequestError(ValueError):
@@ -93,7 +99,10 @@ class BatchEngine:
         p = type(llm.context_params).from_buffer_copy(llm.context_params)
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
         p.n_seq_max = parallel + self.prefix_entries
-        p.kv_unified = True  # one pool of cells for all sequences: a long request may use what short ones leave
+        # with the prefix cache: one pool of cells for all sequences (copies are free, a long request may use
+        # what short ones leave); without: a stream of n_ctx/parallel cells per sequence, each starting at
+        # cell 0 as in a one-request context, so attention sums in the same order and greedy answers repeat
+        p.kv_unified = reuse
         p.n_threads = p.n_threads_batch = n_threads
         self.ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
@@ -105,6 +114,7 @@ class BatchEngine:
         self.entries: OrderedDict[int, tuple[str | None, list[int]]] = OrderedDict()  # sid -> (adapter, tokens)
         self.current: str | None = None
         self.turn = 0
+        self.streak = 0  # steps the current group has had in a row
         self.cv = threading.Condition()
         self.stopping = False
         self.stats = {"steps": 0, "batched_tokens": 0, "reused_tokens": 0, "prompt_tokens": 0, "switches": 0}
@@ -268,11 +278,13 @@ class BatchEngine:
         if not self.active:
             return
         groups = list(dict.fromkeys(s.adapter for s in self.active))
-        if self.current in groups and len(groups) == 1:
-            adapter = self.current
+        if self.current in groups and (len(groups) == 1 or self.streak < GROUP_STEPS):
+            adapter = self.current  # a switch costs a graph rebuild: a group keeps the turn for a few steps
+            self.streak += 1
         else:
             adapter = groups[self.turn % len(groups)]
             self.turn += 1
+            self.streak = 1
         self._use(adapter)
         b = self.batch
         b.n_tokens = 0
@@ -369,12 +381,15 @@ class BatchLlama:
         return getattr(self._llm, name)
 
     def create_chat_completion(self, messages, **kwargs):
-        from llama_cpp import llama_chat_format
+        """``Llama.create_chat_completion`` with this object as the llama: the same handler, called with
+        the same arguments (every one of that method's defaults, e.g. ``repeat_penalty=1.0``, which
+        the handlers' own defaults would otherwise replace)."""
+        from llama_cpp import Llama, llama_chat_format
 
         llm = self._llm
         handler = llm.chat_handler or llm._chat_handlers.get(llm.chat_format) or \
             llama_chat_format.get_chat_completion_handler(llm.chat_format)
-        return handler(llama=self, messages=messages, **kwargs)
+        return handler(llama=self, messages=messages, **{**_chat_defaults(Llama), **kwargs})
 
     def create_completion(self, prompt, suffix=None, max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, logprobs=None,
@@ -437,6 +452,13 @@ class BatchLlama:
                 self.counts = (p, n, reused)
                 yield chunk("", "stop" if finish == "cancelled" else finish)
                 return
+
+
+@functools.cache
+def _chat_defaults(llama_cls) -> dict:
+    sig = inspect.signature(llama_cls.create_chat_completion)
+    return {k: p.default for k, p in sig.parameters.items()
+            if k not in ("self", "messages") and p.default is not inspect.Parameter.empty}
 
 
 def seq_id() -> str:
