@@ -7,14 +7,15 @@ On 127.0.0.1 only, bounded in time. In order:
 1. the reference: each model id's greedy answer to each prompt from llama.cpp directly
    (``Llama(lora_path=…)``, one model per adapter);
 2. RSS of a server with 1 adapter vs one with all adapters (each warmed: every model answered once);
-3. for each mode (``--parallel 1``: one request at a time; ``--parallel N``: continuous batching, with and
-   without the prefix cache) and each traffic mix (every request on the base; each request on a random one
+3. what llama.cpp alone gains from batching on this machine (ms per decode step for 1, 4, 8 sequences);
+4. for each mode (``--parallel 1``: one request at a time; ``--parallel N``: continuous batching; also
+   ``batched_no_prefix_cache`` on request) and each traffic mix (every request on the base; each request on a random one
    of the 4 ids), 1, 4 and 8
    clients for ``--seconds`` each, every request streamed at temperature 0: throughput, tokens/s, p50/p95
    latency, p50/p95 time to first token; each answer classed as identical to its reference, *wrong
    model* (closer to another model id's reference than to its own: an adapter mix-up) or *drifted*
    (its own model's answer until a late near-tie went another way: batched arithmetic sums in another order);
-4. beyond capacity (batching mode): ``--overload-factor`` x (parallel + queue depth) clients: the 503 share
+5. beyond capacity (batching mode): ``--overload-factor`` x (parallel + queue depth) clients: the 503 share
    and how fast a 503 comes.
 Exit status 1 when a wrong-model answer, a 5xx other than 503, a connection error or a 503 of 100 ms
 or more happened, or a server died.
@@ -244,6 +245,39 @@ def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, 
             "connection_errors": stats["errors"], "server_alive": srv.alive()}
 
 
+def kernel_ceiling(base: Path, threads: int, steps: int = 40) -> dict:
+    """What llama.cpp itself gains from batching on this machine, no server: ms per decode step for
+    1, 4 and 8 sequences (one token each) in one context, and the tokens/s ratio to 1 sequence."""
+    import llama_cpp
+    from llama_cpp import Llama, _internals
+
+    llm = Llama(model_path=str(base), n_ctx=256, n_threads=threads, verbose=False)
+    p = type(llm.context_params).from_buffer_copy(llm.context_params)
+    p.n_ctx, p.n_seq_max, p.kv_unified = 2048, 8, True
+    ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
+    b = llama_cpp.llama_batch_init(64, 0, 1)
+    out, pos = {}, [0] * 8
+    for n in (1, 4, 8):
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+        pos = [0] * 8
+        t0 = 0.0
+        for i in range(steps + 5):
+            if i == 5:
+                t0 = time.perf_counter()
+            b.n_tokens = n
+            for k in range(n):
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = 198, pos[k], 1, True
+                b.seq_id[k][0] = k
+                pos[k] += 1
+            llama_cpp.llama_decode(ctx.ctx, b)
+        out[n] = (time.perf_counter() - t0) / steps * 1000
+    llama_cpp.llama_batch_free(b)
+    ctx.close()
+    llm.close()
+    return {"ms_per_step": {str(n): round(v, 2) for n, v in out.items()},
+            "tokens_per_s_vs_1": {str(n): round(n * out[1] / v, 2) for n, v in out.items()}}
+
+
 def warm(srv: Server, ids: list[str]) -> None:
     for mid in ids:
         post(srv.url + "/v1/chat/completions", {"model": mid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}, 300)
@@ -257,7 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=8, help="The batching mode's --parallel.")
     ap.add_argument("--clients", default="1,4,8", help="Client counts to measure.")
-    ap.add_argument("--modes", default="serialized,batched,batched_no_prefix_cache",
+    ap.add_argument("--modes", default="serialized,batched",
                     help="Modes to measure: serialized (--parallel 1), batched, batched_no_prefix_cache.")
     ap.add_argument("--mixes", default="one_model,all_models", help="Traffic mixes: one_model (the base), all_models.")
     ap.add_argument("--queue-depth", type=int, default=16)
@@ -284,6 +318,8 @@ def main(argv=None) -> int:
     res: dict = {"base": str(args.base), "models": ids, "max_tokens": args.max_tokens, "queue_depth": args.queue_depth,
                  "parallel": args.parallel, "threads": args.threads, "distinct_reference_sets": distinct, "cpu": _cpu(),
                  "load_average_before": os.getloadavg()[0]}
+    res["llama_cpp_batching_ceiling"] = kernel_ceiling(args.base, args.threads)
+    print(f"llama.cpp alone, tokens/s vs 1 sequence: {res['llama_cpp_batching_ceiling']['tokens_per_s_vs_1']}", flush=True)
     first = dict(list(loras.items())[:1])
     srv = Server(args.base, first, args, args.port, args.parallel)
     try:

@@ -15,10 +15,8 @@ Exactness. A one-request context sums attention over cells 0…n. In the shared 
 cells sit among other sequences' cells, and copied prefix cells were computed in another batch shape,
 so llama.cpp's vector kernels group the same terms differently and results differ in the last bits
 (as llama.cpp's own server notes for its prompt cache). Where the model has two nearly tied tokens a
-greedy answer may then go another way late in the answer. ``reuse=False`` (``prefix_cache: false``)
-gives each sequence a KV stream of its own starting at cell 0: greedy answers are then the
-one-at-a-time server's to the character, at the cost of no prefix reuse, a fixed ``n_ctx / parallel``
-cells per request and slower mixed batches (see README "Serving for a team").
+greedy answer may then go another way, late in the answer. ``parallel: 1`` is the one-at-a-time
+path, bit for bit. ``reuse=False`` (``prefix_cache: false``) recomputes every prompt in full.
 
 Sequences never attend to each other (each has its own sequence id), and a sequence's keys and values
 are only ever computed while its own adapter is set, so switching adapters between steps is exact.
@@ -99,10 +97,10 @@ class BatchEngine:
         p = type(llm.context_params).from_buffer_copy(llm.context_params)
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
         p.n_seq_max = parallel + self.prefix_entries
-        # with the prefix cache: one pool of cells for all sequences (copies are free, a long request may use
-        # what short ones leave); without: a stream of n_ctx/parallel cells per sequence, each starting at
-        # cell 0 as in a one-request context, so attention sums in the same order and greedy answers repeat
-        p.kv_unified = reuse
+        # one pool of cells for all sequences: copies are free and a long request may use what short ones
+        # leave (per-sequence streams would sum attention exactly as a one-request context does, but
+        # llama.cpp then splits every mixed batch by stream: measured slower than one request at a time)
+        p.kv_unified = True
         p.n_threads = p.n_threads_batch = n_threads
         self.ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
