@@ -188,3 +188,34 @@ def prepare(path, output, model, recipe, fmt, dedup, near_threshold, max_seq_len
                   + (f"; kept as text in {th['reasoning_as_text']}" if th["reasoning_as_text"] else ""),
                   highlight=False, soft_wrap=True)
     out.print(f"wrote {output}/data_card.json", highlight=False, soft_wrap=True)
+
+
+@data.command("from-logs")
+@click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Folder for sft.jsonl, pairs.jsonl, data_card.json.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Drop rows whose prompt is in this run's held-out splits (valid/test).")
+@json_option
+def from_logs_cmd(logs, output, run_dir, as_json):
+    """Turn the team server's feedback and shadow logs (written with log_text) into SFT rows
+    (corrections, answers rated up) and preference pairs (correction > original, the answer a
+    reference check or a judge preferred > the other), PII redacted, deduplicated, held-out prompts dropped."""
+    from pathlib import Path
+
+    from ..console import out
+    from ..data.from_logs import from_logs
+
+    card = from_logs([Path(p) for p in logs], Path(output), run_dir=Path(run_dir) if run_dir else None)
+    if as_json:
+        out.print_json(data=card)
+        return
+    out.print(f"{card['lines_read']} log lines -> {card['sft_rows']} SFT rows, {card['preference_pairs']} preference pairs "
+              f"in {output}", highlight=False, soft_wrap=True)
+    for sig, n in card["by_signal"].items():
+        out.print(f"  {sig}: {n}", highlight=False)
+    if card["dropped"]:
+        out.print("dropped: " + ", ".join(f"{k} {v}" for k, v in card["dropped"].items()), highlight=False, soft_wrap=True)
+    for line in card["unreadable"]:
+        out.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)
+    if card["unreadable_lines"] > len(card["unreadable"]):
+        out.print(f"… and {card['unreadable_lines'] - len(card['unreadable'])} more unreadable lines", highlight=False)

@@ -103,14 +103,16 @@ def list_cmd(as_json):
 
 
 @models.command("show")
-@click.argument("ref", metavar="NAME[:VERSION]")
+@click.argument("ref", metavar="NAME[:VERSION|@ALIAS]")
 def show_cmd(ref):
-    """Print the manifest of NAME (latest version) or NAME:VERSION, and where it was published."""
-    from .. import registry
+    """Print the manifest of NAME (latest version), NAME:VERSION or NAME@ALIAS, its aliases and their
+    history, and where it was published."""
+    from .. import aliases, registry
     from ..console import out
 
-    e = registry.get(ref)
-    out.print(f"[bold]{e.ref}[/]  {e.path}")
+    e = aliases.resolve_ref(ref)
+    held = aliases.aliases_of(e.name, e.version)
+    out.print(f"[bold]{e.ref}[/]" + (f"  ({', '.join('@' + a for a in held)})" if held else "") + f"  {e.path}")
     out.print((e.path / registry.MANIFEST).read_text(encoding="utf-8"), highlight=False, markup=False)
     pubs = registry.publications(e)
     if pubs:  # edgetune publish: where these files went
@@ -118,6 +120,38 @@ def show_cmd(ref):
         for p in pubs:
             out.print(f"  {p.get('time', '')}  {p.get('kind', ''):<6} {p.get('target', '')}  ({len(p.get('files') or {})} files)",
                       highlight=False, markup=False, soft_wrap=True)
+    for alias, cur in aliases.read(e.name).items():  # every alias of the model, with its history
+        out.print(f"alias @{alias} -> v{cur.get('version')}", highlight=False)
+        for h in cur.get("history") or []:
+            out.print(f"  {h.get('at', '')}  {h.get('action', ''):<8} v{h.get('version')}  {h.get('reason', '')}",
+                      highlight=False, markup=False, soft_wrap=True)
+
+
+@models.command("promote")
+@click.argument("ref", metavar="NAME[:VERSION]")
+@click.option("--as", "alias", required=True, help="The alias to point at this version, e.g. prod.")
+@click.option("--reason", default=None, help="Why (kept in the alias history).")
+@click.option("--force", is_flag=True, help="Promote a version whose eval gates failed.")
+def promote_cmd(ref, alias, reason, force):
+    """Point ALIAS (prod, canary…) at NAME:VERSION; a team server serving registry:NAME@ALIAS follows."""
+    from .. import aliases
+    from ..console import out
+
+    e = aliases.promote(ref, alias, force=force, reason=reason)
+    out.print(f"{e.name}@{alias} -> {e.ref}", highlight=False)
+
+
+@models.command("rollback")
+@click.argument("name")
+@click.option("--alias", "alias", default="prod", show_default=True, help="The alias to move back.")
+@click.option("--reason", default=None, help="Why (kept in the alias history).")
+def rollback_cmd(name, alias, reason):
+    """Move NAME@ALIAS back to the version it pointed at before."""
+    from .. import aliases
+    from ..console import out
+
+    e = aliases.rollback(name, alias, reason=reason)
+    out.print(f"{name}@{alias} -> {e.ref} (rolled back)", highlight=False)
 
 
 @models.command("rm")

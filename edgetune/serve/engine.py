@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 from ..errors import EdgetuneError
 from .team_config import BaseSpec, TeamConfig
+
+log = logging.getLogger("edgetune.serve")
 
 
 class Overloaded(Exception):
@@ -167,6 +170,8 @@ class LoadedBase:
     last_used: float = 0.0
     turn: asyncio.Semaphore = None
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loaded_path: object = None  # the GGUF loaded (a registry-backed base's path moves with its alias)
+    checked: float = 0.0  # when the registry alias was last looked at
 
     def __post_init__(self):
         self.turn = asyncio.Semaphore(self.batching and self.spec.parallel or 1)
@@ -215,6 +220,7 @@ class LoadedBase:
                 llm.close()
                 raise
         self.llm, self.adapters, self.current = llm, adapters, None
+        self.loaded_path = self.spec.path
 
     def unload(self) -> None:
         import llama_cpp
@@ -309,6 +315,7 @@ class Pool:
         bound); ``text``: a ``/v1/completions`` request (``prompt``), not a chat."""
         spec, adapter = self.cfg.locate(model_id)
         base = self.bases[spec.name]
+        await self.follow(base)
         async with self.turn_on(base, background):
             if on_turn is not None:
                 on_turn()
@@ -330,6 +337,24 @@ class Pool:
                 await asyncio.shield(fut)
                 raise
             return fut.result()
+
+    async def follow(self, base: LoadedBase) -> None:
+        """A base served from a registry alias (``registry:NAME@prod``) whose alias moved: it is unloaded
+        as soon as no request runs on it, so the next request loads the new version (no restart)."""
+        spec = base.spec
+        if not spec.source or time.monotonic() - base.checked < 1.0:
+            return
+        base.checked = time.monotonic()
+        try:
+            await asyncio.to_thread(spec.refresh)
+        except EdgetuneError as exc:  # the alias went away: keep serving what is loaded
+            log.warning("base %s: %s", spec.name, exc.message)
+            return
+        if base.llm is not None and base.loaded_path != spec.path and not base.running:
+            async with base.load_lock:
+                if base.llm is not None and not base.running:
+                    log.warning("base %s: %s now serves %s; reloading", spec.name, spec.source, spec.version)
+                    await asyncio.to_thread(base.unload)
 
     def turn_on(self, base: LoadedBase, background: bool = False):
         return _Turn(self.cfg, base, background)

@@ -21,6 +21,7 @@ class Metrics:
         self.tokens = defaultdict(int)  # model → completion tokens
         self.gen_seconds = defaultdict(float)  # model → seconds generating
         self.shadow = defaultdict(int)  # outcome → n
+        self.feedback = defaultdict(int)  # rating → n
 
     def observe(self, model: str, status: int, seconds: float, completion_tokens: int = 0, gen_seconds: float = 0.0) -> None:
         self.requests[(model, status)] += 1
@@ -58,4 +59,5 @@ class Metrics:
                 for m, s in sorted(self.gen_seconds.items()) if s > 0]
         out += ["# HELP edgetune_shadow_total Shadow requests by outcome.", "# TYPE edgetune_shadow_total counter"]
         out += [f"edgetune_shadow_total{_labels(outcome=o)} {n}" for o, n in sorted(self.shadow.items())]
+        out += [f"edgetune_feedback_total{_labels(rating=r)} {n}" for r, n in sorted(self.feedback.items())]
         return "\n".join(out) + "\n"

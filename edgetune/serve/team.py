@@ -28,7 +28,9 @@ from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 
+from .canary import Canary, task_success
 from .engine import BadRequest, Completion, Overloaded, Pool, response_schema
+from .feedback import Answered, FeedbackError, RecentRequests, parse_feedback
 from .metrics import Metrics
 from .team_config import TeamConfig
 
@@ -168,9 +170,13 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
     pool = Pool(cfg, _threads(n_threads))
     metrics = Metrics()
     traffic = TrafficLog(cfg.shadow_log)
+    feedback_log = TrafficLog(cfg.feedback_log)
+    recent = RecentRequests(cfg.feedback_ttl_s)
+    canaries = {name: Canary(name, r.canary) for name, r in cfg.routes.items() if r.canary is not None}
     background: set[asyncio.Task] = set()
     app = FastAPI(title="edgetune team server")
     app.state.pool, app.state.metrics, app.state.background = pool, metrics, background
+    app.state.canaries, app.state.recent = canaries, recent
 
     if api_key:
         app.add_middleware(_KeyCheck, key=api_key)
@@ -216,8 +222,38 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
         traffic.write(record)
         log.info("shadow %s route=%s candidate=%s status=%s", rid, route, cand, status)
 
-    def finish(rid, model, shadow, route, body, c: Completion, t0) -> None:
+    def settle(route: str, action: str, nums: dict, by: str) -> None:
+        """A canary decision (from its test or by hand): move the registry alias on promotion, log it."""
+        can = canaries[route]
+        moved = None
+        if action == "promote" and can.spec.promote_model:
+            cand, _ = cfg.locate(can.spec.candidate)
+            if cand.version:
+                from ..aliases import promote
+
+                entry = promote(cand.version, can.spec.promote_alias, force=by == "hand",
+                                reason=f"canary {route}: {nums.get('why') or by}")
+                moved = f"{can.spec.promote_model}@{can.spec.promote_alias} -> {entry.ref}"
+        record = {"ts": _now(), "kind": "canary_decision", "route": route, "action": action, "by": by, **nums,
+                  **({"alias": moved} if moved else {})}
+        traffic.write(record)
+        log.warning("canary %s: %s (%s) %s", route, action, by, json.dumps(nums))
+
+    def outcome(route: str | None, side: str | None, success: bool) -> None:
+        if route not in canaries or side is None:
+            return
+        decided = canaries[route].record(side, success)
+        if decided is not None:
+            try:
+                settle(route, *decided, by="test")
+            except Exception:  # noqa: BLE001 - a failed alias move is logged; the route already stopped the canary
+                log.exception("canary %s: applying %s failed", route, decided[0])
+
+    def finish(rid, model, shadow, route, body, c: Completion, t0, side: str | None = None) -> None:
         latency = time.perf_counter() - t0
+        if not c.cancelled and "messages" in body:  # what feedback on this id will refer to
+            recent.add(rid, Answered(model, time.time(), route, side, body["messages"] if cfg.log_text else None,
+                                     c.text if cfg.log_text else None))
         metrics.observe(model, 200, latency, c.completion_tokens, c.seconds)
         log.info("%s model=%s route=%s 200 %.0f ms prompt=%d completion=%d%s", rid, model, route, latency * 1000,
                  c.prompt_tokens, c.completion_tokens, f" messages={json.dumps(body.get('messages', body.get('prompt')))}" if cfg.log_text else "")
@@ -227,9 +263,12 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
             background.add(task)
             task.add_done_callback(background.discard)
         elif route:
-            rec = {"ts": _now(), "kind": "split", "route": route, "request_id": rid,
+            rec = {"ts": _now(), "kind": "canary" if side else "split", "route": route, "request_id": rid,
+                   **({"side": side} if side else {}),
                    **{k: v for k, v in _answer_record(model, c, latency).items() if k != "text"}}
             traffic.write(rec)
+        if side and isinstance(reference, str) and not c.cancelled:  # a task check is an outcome too
+            outcome(route, side, task_success(c.text, reference))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -248,7 +287,11 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
         except (BadRequest, ValueError) as exc:
             return _error(400, str(exc), "invalid_request_error")
         asked = body.get("model")
-        model, shadow, route = pick(cfg, asked, body.get("user")) if isinstance(asked, str) else (None, None, None)
+        side = None
+        if isinstance(asked, str) and asked in canaries:
+            (model, side), shadow, route = canaries[asked].pick(body.get("user")), None, asked
+        else:
+            model, shadow, route = pick(cfg, asked, body.get("user")) if isinstance(asked, str) else (None, None, None)
         try:
             cfg.locate(model)
         except KeyError:
@@ -256,9 +299,9 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
             return _error(404, f"model {asked!r} is not served here; see /v1/models", "model_not_found")
         if text:
             shadow = None  # shadow pairs are chats (eval shadow reads messages)
-        headers = {"x-edgetune-model": model}
+        headers = {"x-edgetune-model": model, "x-request-id": rid}
         if body.get("stream"):
-            return await _stream(request, rid, model, shadow, route, body, t0, headers, text)
+            return await _stream(request, rid, model, shadow, route, body, t0, headers, text, side)
         try:
             c = await pool.submit(model, body, disconnected=request.is_disconnected, text=text)
         except Overloaded as exc:
@@ -272,10 +315,12 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
             metrics.observe(model, 499, time.perf_counter() - t0)
             log.info("%s model=%s cancelled (client went away) after %d tokens", rid, model, c.completion_tokens)
             return _error(499, "client closed the request", "cancelled")
-        finish(rid, model, shadow, route, body, c, t0)
-        return JSONResponse(_completion_json(rid, model, c, text), headers=headers)
+        finish(rid, model, shadow, route, body, c, t0, side)
+        version = cfg.locate(model)[0].version
+        return JSONResponse(_completion_json(rid, model, c, text),
+                            headers={**headers, **({"x-edgetune-version": version} if version else {})})
 
-    async def _stream(request, rid, model, shadow, route, body, t0, headers, text):
+    async def _stream(request, rid, model, shadow, route, body, t0, headers, text, side=None):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         turn = asyncio.Event()
@@ -313,13 +358,59 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
                             "created": int(time.time()), "model": model, "choices": [], "usage": _usage(c)}
                     yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
-                finish(rid, model, shadow, route, body, c, t0)
+                finish(rid, model, shadow, route, body, c, t0, side)
             finally:
                 if not task.done():  # the client went away mid-stream
                     task.cancel()
                     metrics.observe(model, 499, time.perf_counter() - t0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise FeedbackError(400, "the feedback body must be JSON") from None
+            rid, rating, correction, tags = parse_feedback(body)
+            item, first = recent.take(rid)
+        except FeedbackError as exc:
+            return _error(exc.status, exc.message, "invalid_request_error" if exc.status == 400 else "not_found")
+        record = {"ts": _now(), "kind": "feedback", "request_id": rid, "model": item.model, "rating": rating,
+                  **({"route": item.route} if item.route else {}), **({"side": item.side} if item.side else {}),
+                  **({"tags": tags} if tags else {})}
+        if cfg.log_text:  # texts only where the deployment keeps them
+            record.update(messages=item.messages, answer=item.answer, **({"correction": correction} if correction else {}))
+        feedback_log.write(record)
+        metrics.feedback[rating] += 1
+        if first:
+            outcome(item.route, item.side, rating == "up")
+        return {"ok": True, "request_id": rid, "logged": cfg.feedback_log is not None}
+
+    @app.get("/v1/canary/{route}")
+    async def canary_state(route: str):
+        if route not in canaries:
+            return _error(404, f"no canary route {route!r}; canary routes: {sorted(canaries)}", "not_found")
+        return canaries[route].state()
+
+    @app.post("/v1/canary/{route}")
+    async def canary_override(route: str, request: Request):
+        if route not in canaries:
+            return _error(404, f"no canary route {route!r}; canary routes: {sorted(canaries)}", "not_found")
+        try:
+            action = (await request.json()).get("action")
+        except (ValueError, AttributeError):
+            action = None
+        if action not in ("promote", "rollback", "pause", "resume"):
+            return _error(400, "`action` must be promote, rollback, pause or resume", "invalid_request_error")
+        can = canaries[route]
+        with can.lock:
+            nums = can.state()["now"]
+            can.settle(action, nums, by="hand")
+        if action in ("promote", "rollback"):
+            await asyncio.to_thread(settle, route, action, nums, "hand")
+        return can.state()
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc):  # the traceback goes to the log, never to the client

@@ -21,8 +21,11 @@ limits:
   queue_depth: 8                 # requests waiting per base (beyond the `parallel` running); more → 503
   queue_timeout: 30              # seconds a request may wait for its turn; longer → 503
   memory_cap_mb: 0               # loaded bases above this are unloaded least recently used first (0: no cap)
+  release:                       # a gated canary: 10 % to the candidate, promoted or rolled back on outcomes
+    canary: {stable: smol, candidate: support, share: 10, min_outcomes: 30, promote: {model: smol-support, alias: prod}}
 log:
-  shadow_log: shadow.jsonl       # JSONL record of shadow and A/B traffic
+  shadow_log: shadow.jsonl       # JSONL record of shadow, A/B and canary traffic and canary decisions
+  feedback_log: feedback.jsonl   # POST /v1/feedback records (default: beside shadow_log)
   log_text: false                # put prompts into that log and the server log (off: private deployments)
 ```
 """
@@ -59,6 +62,18 @@ class BaseSpec:
     parallel: int = DEFAULT_PARALLEL  # requests decoded together (continuous batching); 1 = one at a time
     prefix_cache: bool = True  # batching: reuse the KV of a prompt prefix an earlier request computed
 
+    source: str | None = None  # registry:NAME@ALIAS / NAME:vN: the registry entry whose GGUF ``path`` is
+    version: str | None = None  # that entry's NAME:vN, as last resolved
+
+    def refresh(self) -> bool:
+        """Re-resolve a registry-backed base (an alias may have moved); True when its GGUF changed."""
+        if not self.source:
+            return False
+        entry, path = resolve_source(self.source)
+        changed = path != self.path
+        self.path, self.version = path, entry.ref
+        return changed
+
     @property
     def kv_cells(self) -> int:
         """KV cache size of a batching base: room for ``parallel`` requests of ``n_ctx`` (as Ollama sizes
@@ -72,6 +87,23 @@ class RouteSpec:
     split: dict[str, float] = field(default_factory=dict)  # model id → weight (A/B)
     primary: str | None = None  # shadow: who answers
     shadow: str | None = None  # shadow: who is mirrored
+    canary: CanarySpec | None = None  # a gated canary: a share of traffic to a candidate, decided by outcomes
+
+
+@dataclass
+class CanarySpec:
+    """``canary: {stable: ID, candidate: ID, share: 10, min_outcomes: 30, max_outcomes: 400, alpha: 0.05,
+    margin: 0.05, promote: {model: NAME, alias: prod}}`` (see :mod:`edgetune.serve.canary`)."""
+
+    stable: str
+    candidate: str
+    share: float = 10.0  # percent of the route's traffic to the candidate
+    min_outcomes: int = 30  # per side, before any decision
+    max_outcomes: int = 400  # per side: no significant result by then → rolled back (inconclusive)
+    alpha: float = 0.05  # one-sided level of each test
+    margin: float = 0.05  # promote when the candidate is not worse than stable by more than this
+    promote_model: str | None = None  # registry model whose alias moves to the candidate's version on promotion
+    promote_alias: str = "prod"
 
 
 @dataclass
@@ -83,6 +115,8 @@ class TeamConfig:
     memory_cap_mb: float = 0.0
     shadow_log: Path | None = None
     log_text: bool = False
+    feedback_log: Path | None = None  # POST /v1/feedback records (default: feedback.jsonl beside the shadow log)
+    feedback_ttl_s: float = 86400.0  # how long a request id takes feedback
 
     def __post_init__(self):
         if not self.bases:
@@ -97,7 +131,17 @@ class TeamConfig:
         for r in self.routes.values():
             _check_id(r.name, seen, f"routes.{r.name}")
             targets = list(r.split) + [t for t in (r.primary, r.shadow) if t]
-            if bool(r.split) == bool(r.primary):
+            if r.canary is not None:
+                c = r.canary
+                targets += [c.stable, c.candidate]
+                if r.split or r.primary:
+                    raise EdgetuneError(f"Route {r.name!r}: a canary route has only `canary`.", where=f"routes.{r.name}")
+                if c.stable == c.candidate or not 0 <= c.share <= 100 or not 0 < c.alpha < 0.5 or c.min_outcomes < 1 \
+                        or c.max_outcomes < c.min_outcomes or not 0 <= c.margin < 1:
+                    raise EdgetuneError(f"Route {r.name!r}: canary needs two different ids, share 0-100, 0 < alpha < 0.5, "
+                                        "1 <= min_outcomes <= max_outcomes, 0 <= margin < 1.", where=f"routes.{r.name}.canary",
+                                        fix="canary: {stable: prod, candidate: v3, share: 10}")
+            elif bool(r.split) == bool(r.primary):
                 raise EdgetuneError(f"Route {r.name!r} needs either `split` or `primary` (+ `shadow`), not both or neither.",
                                     where=f"routes.{r.name}", fix="split: {a: 90, b: 10}   or   primary: a, shadow: b")
             if r.primary and not r.shadow:
@@ -133,6 +177,17 @@ def _check_id(mid: str, seen: dict[str, str], where: str) -> None:
     seen[mid] = where
 
 
+REGISTRY_PREFIX = "registry:"
+
+
+def resolve_source(source: str):
+    """A registry reference (``NAME@ALIAS``, ``NAME:vN``, ``NAME``) → (entry, the GGUF it serves)."""
+    from ..aliases import resolve_ref, serving_gguf
+
+    entry = resolve_ref(source)
+    return entry, serving_gguf(entry)
+
+
 def _file(value: Any, root: Path, where: str) -> Path:
     if not isinstance(value, str | Path) or not str(value):
         raise EdgetuneError(f"{where}: expected a file path, got {value!r}.", where=where)
@@ -162,18 +217,42 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
         if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
             raise EdgetuneError(f"{w}.parallel: expected a whole number from 1 to 64, got {parallel!r}.", where=where,
                                 fix="parallel: 8 (requests decoded together; 1 = one at a time)")
-        bases[str(name)] = BaseSpec(str(name), _file(b.get("path"), root, w), adapters, int(b.get("n_ctx", 2048)),
-                                    b.get("n_threads"), parallel, bool(b.get("prefix_cache", True)))
+        raw_path = b.get("path")
+        if isinstance(raw_path, str) and raw_path.startswith(REGISTRY_PREFIX):  # follows a registry alias
+            source = raw_path[len(REGISTRY_PREFIX):]
+            try:
+                entry, path = resolve_source(source)
+            except EdgetuneError as exc:
+                raise EdgetuneError(f"{w}: {exc.message}", where=where, fix=exc.fix) from None
+            version = entry.ref
+        else:
+            source, version, path = None, None, _file(raw_path, root, w)
+        bases[str(name)] = BaseSpec(str(name), path, adapters, int(b.get("n_ctx", 2048)),
+                                    b.get("n_threads"), parallel, bool(b.get("prefix_cache", True)), source, version)
     routes = {}
     for name, r in (raw.get("routes") or {}).items():
         r = r or {}
+        canary = None
+        if r.get("canary") is not None:
+            c = r["canary"]
+            try:
+                promote = c.get("promote") or {}
+                canary = CanarySpec(str(c["stable"]), str(c["candidate"]), float(c.get("share", 10)),
+                                    int(c.get("min_outcomes", 30)), int(c.get("max_outcomes", 400)),
+                                    float(c.get("alpha", 0.05)), float(c.get("margin", 0.05)),
+                                    promote.get("model"), str(promote.get("alias", "prod")))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise EdgetuneError(f"{where}: routes.{name}.canary is not valid ({exc}).", where=where,
+                                    fix="canary: {stable: ID, candidate: ID, share: 10, promote: {model: NAME, alias: prod}}") from None
         routes[str(name)] = RouteSpec(str(name), {str(k): float(v) for k, v in (r.get("split") or {}).items()},
-                                      r.get("primary"), r.get("shadow"))
+                                      r.get("primary"), r.get("shadow"), canary)
     limits, log = raw.get("limits") or {}, raw.get("log") or {}
     shadow_log = log.get("shadow_log")
+    feedback_log = log.get("feedback_log")
+    feedback_log = (root / feedback_log) if feedback_log else ((root / shadow_log).parent / "feedback.jsonl" if shadow_log else None)
     return TeamConfig(bases, routes, int(limits.get("queue_depth", 8)), float(limits.get("queue_timeout", 30)),
                       float(limits.get("memory_cap_mb", 0)), (root / shadow_log) if shadow_log else None,
-                      bool(log.get("log_text", False)))
+                      bool(log.get("log_text", False)), feedback_log, float(log.get("feedback_ttl_s", 86400)))
 
 
 def load_team_config(path: str | Path) -> TeamConfig:
@@ -223,7 +302,7 @@ def from_flags(model: str | Path | None, *, alias: str | None = None, loras: tup
         primary, _, cand = value.partition(":")
         routes[name] = {"primary": primary, "shadow": cand or None}
     raw["routes"] = routes
-    log = {k: limits.pop(k) for k in ("shadow_log", "log_text") if limits.get(k) is not None}
-    raw["log"] = {k: str(v) if k == "shadow_log" else v for k, v in log.items()}
+    log = {k: limits.pop(k) for k in ("shadow_log", "log_text", "feedback_log") if limits.get(k) is not None}
+    raw["log"] = {k: str(v) if k in ("shadow_log", "feedback_log") else v for k, v in log.items()}
     raw["limits"] = {k: v for k, v in limits.items() if v is not None}
     return from_dict(raw, Path.cwd(), "flags")
