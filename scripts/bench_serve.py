@@ -369,11 +369,9 @@ def main(argv=None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        name = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown"
-    return f"{name}, {os.cpu_count()} cores"
+    from edgetune.hardware import cpu_model_and_flags
+
+    return f"{cpu_model_and_flags()[0] or 'unknown'}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
