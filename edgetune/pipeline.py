@@ -31,6 +31,7 @@ from .config import RunConfig, dump_yaml, to_dict
 from .console import console
 from .errors import EdgetuneError
 from .io import read_json, sha256_file, sha256_json, sha256_path, write_json, write_text
+from .model_dir import model_fingerprint
 from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     DEMO,
     DEMO_DATA,
@@ -42,7 +43,7 @@ from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     resolve_data,
     resolve_model,
 )
-from .runfolder import RunFolder, model_fingerprint, report_metrics
+from .runfolder import RunFolder, report_metrics
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -206,8 +207,8 @@ def _export_adapter_route(c: Ctx) -> dict:
 def _export_run(c: Ctx, resume: bool) -> dict:
     if c.cfg.export.route == "adapter":
         return _export_adapter_route(c)
-    export_model = _api("edgetune.export.quantize", "export_model", "export")
-    kwargs = _api("edgetune.export.quantize", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
+    export_model = _api("edgetune.quant.build", "export_model", "export")
+    kwargs = _api("edgetune.quant.build", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
     res = export_model(c.run.fused_dir, c.run.gguf_dir, c.cfg.export.quants, name=c.run.model_name, **kwargs)
     files = {t: str(p) for t, p in res["files"].items()}
     summary: dict[str, Any] = {"gguf": files, "sizes_mb": {k: round(Path(v).stat().st_size / 2**20, 1) for k, v in files.items()}}
@@ -228,8 +229,8 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    build_modelfile = _api("edgetune.export.modelfile", "build_modelfile", "ollama")
-    options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
+    build_modelfile = _api("edgetune.ollama.modelfile", "build_modelfile", "ollama")
+    options = _api("edgetune.ollama.modelfile", "ModelfileOptions", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
     extra: dict[str, Any] = {}
@@ -432,7 +433,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def check_export_plan(cfg: RunConfig) -> None:
     """Fail before training, not after it, on export settings that cannot work."""
     with contextlib.suppress(ImportError, AttributeError):
-        from .export.quantize import normalize_qtype
+        from .quant.quantize import normalize_qtype
 
         for q in cfg.export.quants:
             if q != "auto":
@@ -612,7 +613,7 @@ def plan(cfg: RunConfig, target=None) -> Plan:
     if params:
         weights_disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         types = [cfg.export.outtype] + [q for q in cfg.export.quants if q != cfg.export.outtype]
-        from .export.qtypes import bits_per_weight
+        from .qtypes import bits_per_weight
 
         gguf = sum(int(params * bits_per_weight(t) / 8) for t in types)
         adapter_and_ckpts = int(params * 0.02 * 4 * 3)  # a rank-16 adapter is ~1% of weights; keep 3 copies with optimizer state

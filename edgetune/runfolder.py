@@ -31,21 +31,6 @@ if TYPE_CHECKING:
 RUN_YAML = "run.yaml"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
-SMALL_FILE = 64 << 20  # model files up to this size are fingerprinted by content, larger ones by size
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identity of a base model folder without reading gigabytes: config/tokenizer files by content,
-    weight files by name and size (re-hashing a 16 GB base on every run would dominate a short run)."""
-    from .io import sha256_file, sha256_json
-
-    model_dir = Path(model_dir)
-    parts = []
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = f.stat().st_size
-        digest = sha256_file(f) if size <= SMALL_FILE else f"size:{size}"
-        parts.append((str(f.relative_to(model_dir)), digest))
-    return sha256_json(parts)
 
 
 def report_metrics(report: dict) -> dict[str, dict[str, float]]:
@@ -230,7 +215,7 @@ class RunFolder:
     @property
     def quant_types(self) -> list[str]:
         """export.quants, with ``auto`` replaced by the type it chose (``auto`` until it has run)."""
-        from .export.autoquant import chosen_type
+        from .quant.autoquant import chosen_type
 
         return [chosen_type(self.gguf_dir) or q if q == "auto" else q for q in self.cfg.export.quants]
 
@@ -266,7 +251,7 @@ class RunFolder:
             specs["sft"] = f"hf:{self.sft_model_dir}"  # SFT alone, so the report shows what align added
         specs["tuned"] = f"hf:{self.fused_dir}"
         if self.adapter_route:  # what Ollama serves: the source quant with the adapter on it
-            from .export.source_route import read_source
+            from .model_dir import read_source
 
             src = read_source(self.base_model_dir)
             if src is not None and src.path.is_file() and self.adapter_gguf.is_file():

@@ -393,7 +393,7 @@ def _forward_seconds(i: Inputs, tokens: float, dtype: str = "fp32") -> float:
 
 
 def _gguf_bytes(i: Inputs, qtype: str) -> float:
-    from .export.qtypes import QTYPES
+    from .qtypes import QTYPES
 
     return i.params * QTYPES[qtype].bits / 8
 
@@ -414,7 +414,7 @@ def _cost_export(i: Inputs) -> Cost:
     quants = [q for q in e.quants if q != e.outtype]
     auto = quants == ["auto"]
     if auto:
-        from .export.qtypes import LADDER
+        from .qtypes import LADDER
 
         ladder = e.ladder or list(LADDER)
         disk = out + sum(_gguf_bytes(i, q) for q in ladder)
@@ -440,7 +440,7 @@ def _cost_export(i: Inputs) -> Cost:
 def _cost_imatrix(i: Inputs) -> Cost | None:
     """The importance matrix (export.imatrix: auto and a quant type that reads one): its own row, it
     runs inside the export stage first."""
-    from .export.qtypes import AUTO, LADDER, QTYPES
+    from .qtypes import AUTO, LADDER, QTYPES
 
     e = i.cfg.export
     types = list(LADDER) if AUTO in e.quants else e.quants

@@ -147,8 +147,8 @@ def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
     """The same adapter in mlx-lm's format: lora_a in×r, lora_b r×out, scale in lora_parameters."""
     import numpy as np
 
-    from edgetune.export.tensors import SafetensorsWriter
     from edgetune.fuse import load_adapter
+    from edgetune.tensors import SafetensorsWriter
 
     ad = load_adapter(peft_dir)
     out_dir.mkdir()

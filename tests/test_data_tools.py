@@ -196,7 +196,7 @@ def test_every_assistant_turn_is_located_in_tool_templates(tokenizer_dir, templa
     from pathlib import Path
 
     from edgetune.errors import EdgetuneError
-    from edgetune.export.ollama_check import _tool_conversations
+    from edgetune.ollama.check import _tool_conversations
 
     tok = load_tokenizer(tokenizer_dir, str(Path(__file__).parent / "templates" / f"{template}.jinja"))
     for name, msgs, tools in _tool_conversations(parallel=True):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from edgetune import pipeline, registry
 from edgetune.cli import cli
-from edgetune.export.autoquant import LadderRow, choose
 from edgetune.io import read_json
+from edgetune.quant.autoquant import LadderRow, choose
 from edgetune.runfolder import RunFolder
 
 SHORT = "q8_0,q4_k_m,q3_k_m,iq3_m"

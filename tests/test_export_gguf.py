@@ -11,7 +11,8 @@ import pytest
 from edgetune import arch as arch_table
 from edgetune.errors import EdgetuneError, UnsupportedError
 from edgetune.export import gguf as gg
-from edgetune.export.verify import PROMPTS, load_llama
+from edgetune.export.verify import PROMPTS
+from edgetune.llamacpp import load_llama
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_quantized_base_refused(tiny_llama_dir, tmp_path):
 
 
 def test_bf16_bits_roundtrip():
-    from edgetune.export.tensors import f32_to_bf16_bits, to_float32
+    from edgetune.tensors import f32_to_bf16_bits, to_float32
 
     x = np.array([1.0, -2.5, 3.1415927, 1e-3, 65504.0, 1.00390625], dtype=np.float32)
     back = to_float32(f32_to_bf16_bits(x), "BF16")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgetune.export.imatrix import calibration_texts, compute_imatrix, make_imatrix, write_imatrix
-from edgetune.export.quantize import load_imatrix
+from edgetune.quant.quantize import load_imatrix
 
 # HF module -> llama.cpp tensor, written out here from llama.cpp's llama-arch.cpp (LLM_TENSOR_NAMES)
 # rather than taken from gguf-py's map, so that the naming is checked too.
@@ -160,8 +160,8 @@ def tiny256(build_tiny_model, tokenizer_dir, tmp_path_factory):
 def test_llama_cpp_quantizes_with_our_imatrix(tiny256, tmp_path):
     from edgetune import pipeline
     from edgetune.export.gguf import convert
-    from edgetune.export.quantize import quantize
-    from edgetune.export.verify import load_llama
+    from edgetune.llamacpp import load_llama
+    from edgetune.quant.quantize import quantize
 
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:20]))

@@ -8,8 +8,10 @@ from click.testing import CliRunner
 from edgetune.cli import cli
 from edgetune.errors import EdgetuneError
 from edgetune.export.gguf import convert
-from edgetune.export.quantize import load_imatrix, quant_drift, quantize
-from edgetune.export.verify import gguf_outtype, load_llama
+from edgetune.export.verify import gguf_outtype
+from edgetune.llamacpp import load_llama
+from edgetune.quant.build import quant_drift
+from edgetune.quant.quantize import load_imatrix, quantize
 
 
 @pytest.fixture(scope="module")

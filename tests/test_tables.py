@@ -65,7 +65,7 @@ def test_lora_targets_and_memory_shapes_match_the_hf_model(tmp_path, model_type)
 def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
     import gguf
 
-    from edgetune.export.qtypes import OUTTYPES, QTYPES, QUANTS
+    from edgetune.qtypes import OUTTYPES, QTYPES, QUANTS
 
     for q in QTYPES.values():
         assert hasattr(gguf.LlamaFileType, q.ftype), q.name
@@ -82,7 +82,7 @@ def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
 
 def test_quant_type_names_are_normalized_and_unknown_ones_refused():
     from edgetune.errors import EdgetuneError
-    from edgetune.export.qtypes import normalize_qtype
+    from edgetune.qtypes import normalize_qtype
 
     assert normalize_qtype(" Q4_K-M ") == "q4_k_m"
     with pytest.raises(EdgetuneError) as ei:
@@ -93,7 +93,7 @@ def test_quant_type_names_are_normalized_and_unknown_ones_refused():
 def test_low_bit_iquants_need_an_imatrix(tmp_path):
     pytest.importorskip("llama_cpp")
     from edgetune.errors import EdgetuneError
-    from edgetune.export.quantize import quantize
+    from edgetune.quant.quantize import quantize
 
     src = tmp_path / "m-f16.gguf"
     src.write_bytes(b"GGUF")

@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from ..export.gomodel import go_json_float, strconv_quote
+from ..gotemplate.values import go_json_float, strconv_quote
 from .formats import Problem
 
 PROPERTY_KEYS = ("anyOf", "type", "items", "description", "enum", "properties", "required")

@@ -65,7 +65,7 @@ def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
     limit = available_bytes * FIT_MARGIN
     if ev.runner == "auto" and hf <= limit:
         return RowRunner("hf", None, f"hf runner ({dec.dtype}) needs ~{hf / GB:.1f} GB of {limit / GB:.1f} GB usable", hf)
-    from ..export.qtypes import bits_per_weight
+    from ..qtypes import bits_per_weight
 
     outtype = cfg.export.outtype
     gtype = next((t for t in (outtype, "q8_0") if params * bits_per_weight(t) / 8 <= limit), "q8_0")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgetuneError
+from .errors import EdgetuneError
 
 # safetensors dtype name -> numpy storage dtype (bf16 is stored as its raw uint16 bits)
 ST_DTYPES: dict[str, np.dtype] = {
