@@ -44,6 +44,7 @@ from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     resolve_model,
 )
 from .runfolder import RunFolder, report_metrics
+from .tensors import count_parameters
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -289,9 +290,9 @@ def _eval_inputs(c: Ctx) -> dict:
 
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
-    from .eval.fit import run_specs
+    from .runfolder import fitted_eval_specs
 
-    specs, rows = run_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
+    specs, rows = fitted_eval_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
     pref = c.run.preference_data
     cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
     report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
@@ -545,25 +546,6 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------------------------
 # plan
-
-
-def count_parameters(model_dir: Path) -> int | None:
-    """Parameter count from safetensors headers (no weights are read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    n = 0
-    for f in files:
-        with safe_open(str(f), framework="np") as st:
-            for k in st.keys():
-                shape = st.get_slice(k).get_shape()
-                size = 1
-                for d in shape:
-                    size *= d
-                n += size
-    return n
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .errors import EdgetuneError
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .eval.fit import RowRunner
 
 RUN_YAML = "run.yaml"
 MANIFEST = "manifest.json"
@@ -301,3 +302,27 @@ class RunFolder:
             raise EdgetuneError(f"{path} is missing: the run's '{stage}' stage has not run.", where=str(self.root),
                                 fix=f"run `edgetune run {self.root} --to {stage}` first")
         return path
+
+
+def fitted_eval_specs(run: RunFolder, *, show_progress: bool = True) -> tuple[dict[str, str], RowRunner]:
+    """(label -> spec, the choice) for a run folder's eval: :meth:`RunFolder.eval_specs` with the
+    base/SFT/tuned rows moved to GGUFs when the hf runner does not fit (converted here, once)."""
+    from .eval.fit import choose
+    from .export.gguf import convert
+
+    choice = choose(run.cfg, run.base_model_dir)
+    specs = run.eval_specs()
+    if choice.kind == "hf":
+        return specs, choice
+    t = choice.gguf_type
+    sources = {"base": run.base_model_dir, "sft": run.sft_model_dir, "tuned": run.fused_dir}
+    for label, src in sources.items():
+        if label not in specs:
+            continue
+        path = run.gguf(t) if label == "tuned" and run.gguf(t).is_file() else run.eval_dir / f"{label}-{t}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the converter itself is verified on the tuned model's export; these are eval inputs
+            convert(src, path, t, verify=False, show_progress=show_progress)
+        specs[label] = f"gguf:{path}"
+    return specs, choice

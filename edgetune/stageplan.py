@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GB = 1e9
-RUNTIME = 0.30e9  # python + torch + transformers + peft imported (peakmem, 2026-12-06)
+from .hardware import FIT_MARGIN, GB
+from .train.memory import RUNTIME, count_params
+
 STREAMED_FRACTION = 0.1  # fuse / export without verification: of the model's bf16 bytes, beside RUNTIME
 LLAMA_CTX = 0.25e9  # a llama.cpp context's compute buffers beside its KV cache (n_ctx 2048, 1-8B models)
 # effective GFLOP/s of LoRA training on 2 cores (4·params·tokens / wall), measured with
@@ -45,7 +46,6 @@ DEFAULT_MEM_GBPS = 10.0  # decode: weights streamed per token (2 cores; measured
 DISK_GBPS = 0.5  # reading / writing model files (a laptop SSD does more; shared cloud disks less)
 QUANT_PARAMS_PER_S = 1.5e8  # llama.cpp quantize throughput (parameters/s, 2 threads, k-quants)
 FORWARD_EFFICIENCY = 1.0  # streamed fp32 forwards (verification, imatrix) vs training's rate in fp32
-FIT_MARGIN = 0.9  # of the memory on offer: the OS, the page cache and the user's other programs need the rest
 
 # ---------------------------------------------------------------------------------------------
 # targets: one row per machine kind a plan can be checked against
@@ -581,20 +581,6 @@ class StagePlan:
                 "train_tokens": self.train_tokens, "stages": [c.as_dict() for c in self.costs], "notes": self.notes}
 
 
-def _count_params(model_dir: Path) -> int:
-    """From the safetensors headers when the weights are here, else from the shape."""
-    with contextlib.suppress(Exception):
-        from .pipeline import count_parameters
-
-        n = count_parameters(model_dir)
-        if n:
-            return n
-    from .config import TrainConfig
-    from .train.memory import estimate_memory
-
-    return int(estimate_memory(model_dir, TrainConfig(), precision="bf16")["params_b"] * 1e9)
-
-
 def _data_tokens(cfg) -> tuple[float | None, int, float | None]:
     """(tokens the train stage processes in all, test examples, tokens in the train split) from the
     recipe: step counts when ``train.iters`` is set (rows filled by packing, at most the data), else
@@ -630,7 +616,7 @@ def plan_stages(cfg, model_dir: Path | None, target: Target, *, train_tokens: fl
     with shape_dir(model_dir, cfg.model) as (sdir, source):
         if sdir is None:
             return None
-        params = _count_params(sdir)
+        params = count_params(sdir)
         tokens, test, split_tokens = _data_tokens(cfg)
         if train_tokens is not None:
             tokens = train_tokens
@@ -658,7 +644,7 @@ def train_cost(model_dir: Path, tcfg, target: Target, tokens: float | None) -> C
     from .config import RunConfig
 
     cfg = RunConfig(model=str(model_dir), train=tcfg)
-    inp = Inputs(Path(model_dir), cfg, target, _count_params(Path(model_dir)), tokens, 0.0, 0)
+    inp = Inputs(Path(model_dir), cfg, target, count_params(Path(model_dir)), tokens, 0.0, 0)
     c = _train_cost(inp, tcfg, "train")
     c.limit_bytes = target.usable_gb * GB
     c.fits = c.peak_bytes <= c.limit_bytes

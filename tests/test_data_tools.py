@@ -9,8 +9,9 @@ import json
 import pytest
 
 from edgetune.config import DataConfig
-from edgetune.data.formats import Problem, normalise
+from edgetune.data.formats import normalise
 from edgetune.data.preparation import prepare, validate
+from edgetune.data.problems import Problem
 from edgetune.data.template import encode_example, load_tokenizer
 from edgetune.data.tools import ollama_differences
 

@@ -91,7 +91,8 @@ ROWS = [
 
 
 def test_reasoning_fields_normalise_to_reasoning_content():
-    from edgetune.data.formats import Problem, normalise
+    from edgetune.data.formats import normalise
+    from edgetune.data.problems import Problem
 
     assert normalise(ROWS[0]).messages[1] == {"role": "assistant", "content": "7", "reasoning_content": "3 plus 4 is 7."}
     assert normalise(ROWS[1]).messages[1] == {"role": "assistant", "content": "9", "reasoning_content": "5 plus 4 is 9."}

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgetuneError
-from .formats import Problem, Record, normalise
+from .formats import Record, normalise
+from .problems import Problem
 
 PROMPTS = Path(__file__).resolve().parents[1] / "resources" / "replay" / "general_prompts.jsonl"
 REPLAY_MAX_TOKENS = 160  # a general answer in a few sentences; longer ones are cut and not used

@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Any
 
 from ..gotemplate.values import go_json_float, strconv_quote
-from .formats import Problem
+from .problems import Problem
 
 PROPERTY_KEYS = ("anyOf", "type", "items", "description", "enum", "properties", "required")
 PARAMETER_KEYS = ("type", "$defs", "items", "required", "properties")
