@@ -343,6 +343,14 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny256(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny llama 256 columns wide: llama.cpp's k-/i-quants (super-blocks of 256) apply instead of
+    the fallbacks it uses for narrower rows (quantization and importance-matrix tests)."""
+    return _build_tiny_model(tmp_path_factory.mktemp("tiny256") / "tiny", tokenizer_dir, seed=7,
+                             hidden_size=256, intermediate_size=512, head_dim=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_tools_model(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     """The tiny llama with the shipped smollm2-tools chat template: (HF folder, f32 GGUF)."""
     from edgetune.export.gguf import convert

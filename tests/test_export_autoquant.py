@@ -34,13 +34,6 @@ def test_choose_takes_the_smallest_file_inside_the_gate():
 
 
 @pytest.fixture(scope="module")
-def tiny256(build_tiny_model, tokenizer_dir, tmp_path_factory):
-    # 256 columns: the k-/i-quants apply instead of llama.cpp's fallbacks for narrow rows
-    return build_tiny_model(tmp_path_factory.mktemp("aq") / "tiny", tokenizer_dir, seed=7,
-                            hidden_size=256, intermediate_size=512, head_dim=64)
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     p = tmp_path_factory.mktemp("aqdata") / "calib.jsonl"
     p.write_text("".join(pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:24]))

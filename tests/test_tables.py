@@ -162,6 +162,6 @@ def test_config_refuses_a_value_outside_its_choices(key):
     cls = SECTIONS[section]
     # settings a choice needs beside it (select_by picks among several evaluations)
     needs = {"train.select_by": {"eval_every": 10, "early_stopping_patience": 2}}.get(key, {})
-    assert cls(**{name: CHOICES[key][-1]}, **needs)  # every listed value is accepted
+    assert getattr(cls(**{name: CHOICES[key][-1]}, **needs), name) == CHOICES[key][-1]  # every listed value is accepted
     with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
         cls(**{name: "nope"}, **needs)
