@@ -1,6 +1,6 @@
 """The run folder: one object that knows where every stage's output lives.
 
-The run folder is the contract between stages (see DESIGN.md)::
+The run folder is the contract between stages (README, "Where outputs go")::
 
     RUN/run.yaml          every effective setting, written before anything else
     RUN/manifest.json     what each stage did: status, input hash, output hash, time, summary

@@ -13,7 +13,7 @@ CPU, but evicting it thrashes the disk). Sources of the figures:
 * export verification, imatrix, eval drift against an hf reference: streamed fp32 passes, sized by
   :func:`edgetune.streaming.estimate_peak`;
 * fuse and the GGUF conversion without verification stream tensor by tensor: the runtime plus about
-  a tenth of the model's bf16 bytes (measured 0.30 and 0.47 GB at 1.17B parameters, DESIGN.md);
+  a tenth of the model's bf16 bytes (measured 0.30 and 0.47 GB at 1.17B parameters; README, "Real model sizes");
 * llama.cpp stages (quantize, quant auto, the gguf eval runner) mmap the GGUF, but on CPU llama.cpp
   may repack quantized weights into anonymous buffers: counted as the whole file, conservatively.
 
@@ -40,7 +40,7 @@ STREAMED_FRACTION = 0.1  # fuse / export without verification: of the model's bf
 LLAMA_CTX = 0.25e9  # a llama.cpp context's compute buffers beside its KV cache (n_ctx 2048, 1-8B models)
 # effective GFLOP/s of LoRA training on 2 cores (4·params·tokens / wall), measured with
 # scripts/bench_train_memory.py on an Intel Xeon with AMX: 1.17B, batch 4 x 512, bf16 473 and
-# batch 2 x 256 fp32 95. An AVX2-only CPU emulates bf16 (DESIGN.md) and trains in fp32.
+# batch 2 x 256 fp32 95. An AVX2-only CPU emulates bf16 (README, "Precision is chosen from your hardware") and trains in fp32.
 CPU_TRAIN_GFLOPS = {"bf16": 400.0, "fp16": 400.0, "fp32": 95.0}
 DEFAULT_MEM_GBPS = 10.0  # decode: weights streamed per token (2 cores; measured 8 GB/s on an AVX2 EPYC)
 DISK_GBPS = 0.5  # reading / writing model files (a laptop SSD does more; shared cloud disks less)
