@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import EdgetuneError
-from .export.qtypes import AUTO, OUTTYPES, QUANTS
+from .qtypes import AUTO, OUTTYPES, QUANTS
 from .train.objectives import OBJECTIVES as _OBJECTIVES
 from .train.objectives import params as _objective_params
 

@@ -31,6 +31,7 @@ from .config import RunConfig, dump_yaml, to_dict
 from .console import console
 from .errors import EdgetuneError
 from .io import read_json, sha256_file, sha256_json, sha256_path, write_json, write_text
+from .model_dir import model_fingerprint
 from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     DEMO,
     DEMO_DATA,
@@ -42,7 +43,8 @@ from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     resolve_data,
     resolve_model,
 )
-from .runfolder import RunFolder, model_fingerprint, report_metrics
+from .runfolder import RunFolder, report_metrics
+from .tensors import count_parameters
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -206,8 +208,8 @@ def _export_adapter_route(c: Ctx) -> dict:
 def _export_run(c: Ctx, resume: bool) -> dict:
     if c.cfg.export.route == "adapter":
         return _export_adapter_route(c)
-    export_model = _api("edgetune.export.quantize", "export_model", "export")
-    kwargs = _api("edgetune.export.quantize", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
+    export_model = _api("edgetune.quant.build", "export_model", "export")
+    kwargs = _api("edgetune.quant.build", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
     res = export_model(c.run.fused_dir, c.run.gguf_dir, c.cfg.export.quants, name=c.run.model_name, **kwargs)
     files = {t: str(p) for t, p in res["files"].items()}
     summary: dict[str, Any] = {"gguf": files, "sizes_mb": {k: round(Path(v).stat().st_size / 2**20, 1) for k, v in files.items()}}
@@ -228,8 +230,8 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    build_modelfile = _api("edgetune.export.modelfile", "build_modelfile", "ollama")
-    options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
+    build_modelfile = _api("edgetune.ollama.modelfile", "build_modelfile", "ollama")
+    options = _api("edgetune.ollama.modelfile", "ModelfileOptions", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
     extra: dict[str, Any] = {}
@@ -288,9 +290,9 @@ def _eval_inputs(c: Ctx) -> dict:
 
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
-    from .eval.fit import run_specs
+    from .runfolder import fitted_eval_specs
 
-    specs, rows = run_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
+    specs, rows = fitted_eval_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
     pref = c.run.preference_data
     cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
     report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
@@ -432,7 +434,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def check_export_plan(cfg: RunConfig) -> None:
     """Fail before training, not after it, on export settings that cannot work."""
     with contextlib.suppress(ImportError, AttributeError):
-        from .export.quantize import normalize_qtype
+        from .quant.quantize import normalize_qtype
 
         for q in cfg.export.quants:
             if q != "auto":
@@ -546,25 +548,6 @@ def _now() -> str:
 # plan
 
 
-def count_parameters(model_dir: Path) -> int | None:
-    """Parameter count from safetensors headers (no weights are read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    n = 0
-    for f in files:
-        with safe_open(str(f), framework="np") as st:
-            for k in st.keys():
-                shape = st.get_slice(k).get_shape()
-                size = 1
-                for d in shape:
-                    size *= d
-                n += size
-    return n
-
-
 @dataclass
 class Plan:
     cfg: RunConfig
@@ -612,7 +595,7 @@ def plan(cfg: RunConfig, target=None) -> Plan:
     if params:
         weights_disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         types = [cfg.export.outtype] + [q for q in cfg.export.quants if q != cfg.export.outtype]
-        from .export.qtypes import bits_per_weight
+        from .qtypes import bits_per_weight
 
         gguf = sum(int(params * bits_per_weight(t) / 8) for t in types)
         adapter_and_ckpts = int(params * 0.02 * 4 * 3)  # a rank-16 adapter is ~1% of weights; keep 3 copies with optimizer state

@@ -65,7 +65,7 @@ def test_lora_targets_and_memory_shapes_match_the_hf_model(tmp_path, model_type)
 def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
     import gguf
 
-    from edgetune.export.qtypes import OUTTYPES, QTYPES, QUANTS
+    from edgetune.qtypes import OUTTYPES, QTYPES, QUANTS
 
     for q in QTYPES.values():
         assert hasattr(gguf.LlamaFileType, q.ftype), q.name
@@ -82,7 +82,7 @@ def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
 
 def test_quant_type_names_are_normalized_and_unknown_ones_refused():
     from edgetune.errors import EdgetuneError
-    from edgetune.export.qtypes import normalize_qtype
+    from edgetune.qtypes import normalize_qtype
 
     assert normalize_qtype(" Q4_K-M ") == "q4_k_m"
     with pytest.raises(EdgetuneError) as ei:
@@ -93,7 +93,7 @@ def test_quant_type_names_are_normalized_and_unknown_ones_refused():
 def test_low_bit_iquants_need_an_imatrix(tmp_path):
     pytest.importorskip("llama_cpp")
     from edgetune.errors import EdgetuneError
-    from edgetune.export.quantize import quantize
+    from edgetune.quant.quantize import quantize
 
     src = tmp_path / "m-f16.gguf"
     src.write_bytes(b"GGUF")
@@ -162,6 +162,6 @@ def test_config_refuses_a_value_outside_its_choices(key):
     cls = SECTIONS[section]
     # settings a choice needs beside it (select_by picks among several evaluations)
     needs = {"train.select_by": {"eval_every": 10, "early_stopping_patience": 2}}.get(key, {})
-    assert cls(**{name: CHOICES[key][-1]}, **needs)  # every listed value is accepted
+    assert getattr(cls(**{name: CHOICES[key][-1]}, **needs), name) == CHOICES[key][-1]  # every listed value is accepted
     with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
         cls(**{name: "nope"}, **needs)

@@ -112,9 +112,9 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
             train_data = run.split("train")
         if not models:
             run.require(run.fused_dir, "fuse")
-            from ..eval.fit import run_specs
+            from ..runfolder import fitted_eval_specs
 
-            specs, rows = run_specs(run)
+            specs, rows = fitted_eval_specs(run)
             models = tuple(f"{k}={v}" for k, v in specs.items())
             runner_choice = rows.as_dict()
             baseline = baseline or cfg.baseline or "base"  # what the run's eval stage compares against

@@ -26,7 +26,7 @@ LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits held at once (reference + can
 
 def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], label: str) -> dict[str, Any]:
     """KL(reference || candidate) and top-1 agreement over every reference-answer token."""
-    from ..export.verify import combine, drift
+    from .divergence import combine, drift
 
     for r in (reference, candidate):
         if not r.supports_logits:

@@ -23,9 +23,9 @@ import numpy as np
 from ..arch import ARCHITECTURES, Arch, arch_of_config, gguf_names, read_config
 from ..errors import EdgetuneError, UnsupportedError
 from ..io import atomic_path
+from ..qtypes import OUTTYPES, QTYPES
+from ..tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 from .gguf_vocab import PRE_TOKENIZERS, add_tokenizer, gguf_model_name  # noqa: F401  (PRE_TOKENIZERS: re-exported)
-from .qtypes import OUTTYPES, QTYPES
-from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import EdgetuneError
+from .errors import EdgetuneError
 
 
 @dataclass(frozen=True)
