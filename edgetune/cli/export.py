@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ..config import CHOICES
+from ..qtypes import QUANTS
 from .options import output_option
 
-QUANT_HELP = "llama.cpp quant types, comma-separated or repeated (q4_k_m, q5_k_m, q6_k, q8_0, …)."
+QUANT_HELP = f"llama.cpp quant types, comma-separated or repeated: {', '.join(QUANTS)}."
 
 
 def _split(values) -> list[str]:

@@ -220,15 +220,11 @@ def _tensor_qtype(outtype: str, shape: tuple[int, ...]):
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2 or outtype == "f32":
+    if len(shape) < 2:
         return Q.F32  # norms/biases stay f32 as in every llama.cpp conversion
-    if outtype == "f16":
-        return Q.F16
-    if outtype == "bf16":
-        return Q.BF16
-    if outtype == "q8_0":
-        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
-    raise ValueError(outtype)
+    qtype = Q[QTYPES[outtype].ggml]  # the ggml column of edgetune.qtypes
+    block = gguf.GGML_QUANT_SIZES[qtype][0]  # values per block: 1 for float types, 32 for q8_0
+    return qtype if shape[-1] % block == 0 else Q.F16
 
 
 def _nbytes(shape, qtype) -> int:

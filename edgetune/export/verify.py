@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import EdgetuneError, MissingDependencyError
 from ..eval.divergence import DriftRow, combine, drift, drift_table
 from ..llamacpp import gguf_logits, load_llama
+from ..qtypes import QTYPES
 
 PROMPTS: list[str] = [
     "The capital of France is",
@@ -43,13 +44,9 @@ CHAT = [
     {"role": "user", "content": "And alpacas?"},
 ]
 
-# f32/f16/bf16 against HF float32, as fractions of the reference logits' standard deviation (so
-# a tiny random model with logits near 0 and a real model with logits in the tens get the same
-# strictness): max |Δlogit| allowed, and how close the HF top-2 may be for a top-1 flip to count
-# as a near-tie rather than a bug. bf16 rounds weights to 8 mantissa bits, f16 to 11.
-REL_TOLERANCE = {"f32": 0.005, "f16": 0.1, "bf16": 0.25}
-REL_NEAR_TIE = {"f32": 0.002, "f16": 0.05, "bf16": 0.1}
-TOLERANCE = REL_TOLERANCE  # kept for callers that import the table
+# f32/f16/bf16 against HF float32: the verify_tolerance / near_tie columns of edgetune.qtypes
+REL_TOLERANCE = {q.name: q.verify_tolerance for q in QTYPES.values() if q.verify_tolerance is not None}
+REL_NEAR_TIE = {q.name: q.near_tie for q in QTYPES.values() if q.verify_tolerance is not None}
 
 
 @dataclass
