@@ -13,8 +13,9 @@ The run folder is the contract between stages (README, "Where outputs go")::
     RUN/ollama/Modelfile
     RUN/eval/             report.json / report.md / report.html
 
-The pipeline writes it; standalone commands (``edgetune export RUN``, ``edgetune ollama RUN``,
-``edgetune eval RUN``) read it to find their inputs, so nobody computes these paths twice.
+Each stage's folder is its ``folder`` column in :data:`edgetune.stages.STAGE_TABLE`
+(:meth:`RunFolder.stage_dir`). The pipeline writes it; standalone commands (``edgetune export RUN``,
+``edgetune ollama RUN``, ``edgetune eval RUN``) read it to find their inputs, so nobody computes these paths twice.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgetuneError
+from .stages import STAGE
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -93,9 +95,13 @@ class RunFolder:
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
+    def stage_dir(self, stage: str) -> Path:
+        """``RUN/<folder>``: where ``stage`` writes (its row of :data:`edgetune.stages.STAGE_TABLE`)."""
+        return self.root / STAGE[stage].folder
+
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.stage_dir("data")
 
     def split(self, name: str) -> Path:
         """``train`` / ``valid`` / ``test`` JSONL written by the data stage."""
@@ -107,7 +113,7 @@ class RunFolder:
 
     @property
     def train_dir(self) -> Path:
-        return self.root / "train"
+        return self.stage_dir("train")
 
     @property
     def adapter_dir(self) -> Path:
@@ -116,11 +122,11 @@ class RunFolder:
     @property
     def aligned(self) -> bool:
         """Whether this run has an align stage (preference training after SFT)."""
-        return self.cfg.align.enabled
+        return STAGE["align"].enabled(self.cfg)
 
     @property
     def align_dir(self) -> Path:
-        return self.root / "align"
+        return self.stage_dir("align")
 
     @property
     def align_data_dir(self) -> Path:
@@ -163,11 +169,11 @@ class RunFolder:
 
     @property
     def fused_dir(self) -> Path:
-        return self.root / "fused"
+        return self.stage_dir("fuse")
 
     @property
     def gguf_dir(self) -> Path:
-        return self.root / "gguf"
+        return self.stage_dir("export")
 
     def gguf(self, qtype: str) -> Path:
         """``RUN/gguf/<model name>-<type>.gguf``."""
@@ -175,7 +181,7 @@ class RunFolder:
 
     @property
     def ollama_dir(self) -> Path:
-        return self.root / "ollama"
+        return self.stage_dir("ollama")
 
     @property
     def modelfile(self) -> Path:
@@ -183,7 +189,7 @@ class RunFolder:
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self.stage_dir("eval")
 
     def eval_report(self, ext: str = "json") -> Path:
         return self.eval_dir / f"report.{ext}"
@@ -216,9 +222,10 @@ class RunFolder:
     @property
     def quant_types(self) -> list[str]:
         """export.quants, with ``auto`` replaced by the type it chose (``auto`` until it has run)."""
+        from .qtypes import AUTO
         from .quant.autoquant import chosen_type
 
-        return [chosen_type(self.gguf_dir) or q if q == "auto" else q for q in self.cfg.export.quants]
+        return [chosen_type(self.gguf_dir) or q if q == AUTO else q for q in self.cfg.export.quants]
 
     @property
     def ggufs(self) -> list[Path]:

@@ -1,8 +1,8 @@
 """What each stage of a run will cost before anything loads: peak memory, disk, time, and whether it fits.
 
-One row per stage in :data:`STAGE_COSTS`, each a small function of the model's shape and the run
-config returning a :class:`Cost` (peak bytes, disk bytes, seconds, and the fixes that make it
-smaller). ``edgetune plan``, ``edgetune train --dry-run`` and the refusal in ``edgetune run`` /
+One row per stage of :data:`edgetune.stages.STAGE_TABLE` in :data:`STAGE_COSTS`, each a small
+function of the model's shape and the run config returning a :class:`Cost` (peak bytes, disk
+bytes, seconds, and the fixes that make it smaller). ``edgetune plan``, ``edgetune train --dry-run`` and the refusal in ``edgetune run`` /
 ``edgetune train`` all read :func:`plan_stages`; the CLI only prints.
 
 Memory is what must be resident: anonymous memory (heap, tensors) plus the weights a stage reads
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hardware import FIT_MARGIN, GB
+from .qtypes import AUTO, LADDER, QTYPES
+from .stages import STAGES
 from .train.memory import RUNTIME, count_params
 
 STREAMED_FRACTION = 0.1  # fuse / export without verification: of the model's bf16 bytes, beside RUNTIME
@@ -393,8 +395,6 @@ def _forward_seconds(i: Inputs, tokens: float, dtype: str = "fp32") -> float:
 
 
 def _gguf_bytes(i: Inputs, qtype: str) -> float:
-    from .qtypes import QTYPES
-
     return i.params * QTYPES[qtype].bits / 8
 
 
@@ -412,10 +412,8 @@ def _cost_export(i: Inputs) -> Cost:
             peak, how = v, f"verification: streamed fp32 reference over ~{vt} tokens + a llama.cpp context on the mmapped GGUF"
         fixes.append("export.verify: false (skip the HF-vs-GGUF logit check)")
     quants = [q for q in e.quants if q != e.outtype]
-    auto = quants == ["auto"]
+    auto = quants == [AUTO]
     if auto:
-        from .qtypes import LADDER
-
         ladder = e.ladder or list(LADDER)
         disk = out + sum(_gguf_bytes(i, q) for q in ladder)
         # each candidate is quantized, then run by llama.cpp beside the f16 file on held-out texts; both
@@ -440,8 +438,6 @@ def _cost_export(i: Inputs) -> Cost:
 def _cost_imatrix(i: Inputs) -> Cost | None:
     """The importance matrix (export.imatrix: auto and a quant type that reads one): its own row, it
     runs inside the export stage first."""
-    from .qtypes import AUTO, LADDER, QTYPES
-
     e = i.cfg.export
     types = list(LADDER) if AUTO in e.quants else e.quants
     if e.route == "adapter":  # the adapter ships on the source GGUF: nothing is quantized
@@ -481,7 +477,7 @@ def _cost_eval(i: Inputs) -> Cost:
     from .eval.fit import hf_runner_bytes
 
     hf = hf_runner_bytes(i.model_dir, dtype, batch, i.params)  # what the run's eval stage decides on (eval/fit.py)
-    quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != "auto"), "q4_k_m")
+    quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != AUTO), "q4_k_m")
     resident = i.target.device != "cpu"  # Metal / CUDA hold the file in GPU memory; CPU llama.cpp mmaps it
 
     def gguf(qtype: str) -> float:
@@ -540,18 +536,20 @@ def _cost_register(i: Inputs) -> Cost:
     return Cost("register", RUNTIME / 3, 1e6, 1.0, "copies the manifest and metrics (the GGUFs are linked, not copied)")
 
 
-# one row per stage, in pipeline order; None from a row: the stage does nothing in this config
-STAGE_COSTS: tuple[tuple[str, Callable[[Inputs], Cost | None]], ...] = (
-    ("data", _cost_data),
-    ("train", _cost_train),
-    ("align", _cost_align),
-    ("fuse", _cost_fuse),
-    ("imatrix", _cost_imatrix),  # runs inside the export stage, before the conversion's quantization
-    ("export", _cost_export),
-    ("ollama", _cost_ollama),
-    ("eval", _cost_eval),
-    ("register", _cost_register),
-)
+# one cost per stage of edgetune.stages.STAGE_TABLE; None from one: the stage does nothing in this config.
+# "imatrix" is sized as its own row: it runs inside the export stage, before the conversion's quantization
+STAGE_COSTS: dict[str, Callable[[Inputs], Cost | None]] = {
+    "data": _cost_data,
+    "train": _cost_train,
+    "align": _cost_align,
+    "fuse": _cost_fuse,
+    "imatrix": _cost_imatrix,
+    "export": _cost_export,
+    "ollama": _cost_ollama,
+    "eval": _cost_eval,
+    "register": _cost_register,
+}
+COST_ROWS = tuple(n for s in STAGES for n in (("imatrix", s) if s == "export" else (s,)))  # the table's order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,10 +621,10 @@ def plan_stages(cfg, model_dir: Path | None, target: Target, *, train_tokens: fl
         calib = min(100_000.0, split_tokens or 100_000.0)  # export/imatrix.py MAX_TOKENS: 100k at most
         inp = Inputs(sdir, cfg, target, params, tokens, calib, test or 100)
         costs = []
-        for name, row in STAGE_COSTS:
+        for name in COST_ROWS:
             if stages is not None and name not in stages:
                 continue
-            c = row(inp)
+            c = STAGE_COSTS[name](inp)
             if c is None:
                 continue
             limit = target.usable_gb if c.device == "train" else target.host_usable_gb

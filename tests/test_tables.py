@@ -1,4 +1,4 @@
-"""The one-row-per-concept tables (architectures, GGUF types) against what reads them."""
+"""The one-row-per-concept tables (architectures, GGUF types, stages) against what reads them."""
 
 from __future__ import annotations
 
@@ -165,3 +165,66 @@ def test_config_refuses_a_value_outside_its_choices(key):
     assert getattr(cls(**{name: CHOICES[key][-1]}, **needs), name) == CHOICES[key][-1]  # every listed value is accepted
     with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
         cls(**{name: "nope"}, **needs)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def test_every_stage_has_its_functions_and_its_cost_row():
+    from edgetune import pipeline, stageplan
+    from edgetune.stages import STAGES
+
+    assert tuple(s.name for s in pipeline.PIPELINE) == STAGES and "align" in STAGES
+    assert set(stageplan.STAGE_COSTS) == {*STAGES, "imatrix"}
+    assert stageplan.COST_ROWS.index("imatrix") == stageplan.COST_ROWS.index("export") - 1
+
+
+def test_each_stage_input_hash_reads_exactly_the_stages_of_its_reads_column(tmp_path):
+    """The ``reads`` column is what a stage's input hash covers: each input function asks for the output
+    hashes of those stages and no others (a stage reading an upstream stage it does not declare is caught)."""
+    from edgetune import pipeline
+    from edgetune.config import AlignConfig, DataConfig, RunConfig
+    from edgetune.runfolder import RunFolder
+    from edgetune.stages import STAGE
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    cfg = RunConfig(model=str(tmp_path), output=str(tmp_path / "runs"), data=DataConfig(path=str(data)),
+                    align=AlignConfig(data=str(data)))
+    asked: list[str] = []
+
+    class Recording(pipeline.Ctx):
+        def output_hash(self, stage):
+            asked.append(stage)
+            return "h"
+
+    c = Recording(cfg, RunFolder(tmp_path / "run", cfg), tmp_path, data, {"stages": {}, "model_fingerprint": "m"})
+    for st in pipeline.PIPELINE:
+        asked.clear()
+        st.inputs(c)
+        assert sorted(set(asked)) == sorted(STAGE[st.name].reads), st.name
+
+
+def test_stage_folders_and_the_align_switch_come_from_the_table(tmp_path):
+    from edgetune.config import AlignConfig, RunConfig
+    from edgetune.runfolder import RunFolder
+    from edgetune.stages import STAGE_TABLE, flow
+
+    run = RunFolder(tmp_path, RunConfig())
+    assert [run.stage_dir(s.name).name for s in STAGE_TABLE if s.folder] == \
+        [p.name for p in (run.data_dir, run.train_dir, run.align_dir, run.fused_dir, run.gguf_dir, run.ollama_dir, run.eval_dir)]
+    assert not run.aligned and RunFolder(tmp_path, RunConfig(align=AlignConfig(data="x"))).aligned
+    assert flow() == "data → train → align → fuse → export → ollama → eval → register"
+
+
+def test_run_help_and_readme_list_every_stage():
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+    from edgetune.stages import flow
+
+    out = CliRunner().invoke(cli, ["run", "--help"], terminal_width=200).output
+    assert flow() in " ".join(out.split())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(ln for ln in readme.splitlines() if ln.startswith("edgetune run my-recipe.yaml --set"))
+    assert line.endswith("# " + flow())
