@@ -29,6 +29,8 @@ from .base import (
 
 class GGUFRunner(Runner):
     kind = "gguf"
+    spec = "gguf:FILE.gguf[+adapter:LORA.gguf]"
+    local = True
     supports_logits = True
 
     def __init__(self, target: str, adapter: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
