@@ -162,7 +162,7 @@ def test_package_imports_no_circle():
 # imports from its own layer or lower ones only; a new component must be given a row here.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("go templates", ("gotemplate",)),  # imports nothing of edgetune's
-    ("foundation", ("", "errors", "io", "console", "paths", "hardware", "precision", "arch", "chat_families", "qtypes", "stages",
+    ("foundation", ("", "errors", "io", "console", "paths", "hardware", "precision", "arch", "chat_families", "tool_syntax", "qtypes", "stages",
                     "tensors", "llamacpp", "jinja", "model_dir", "ollama_client")),
     # one layer because config validates against train's objective table, data's replay generates
     # with an eval runner and train's rewards score with eval's metrics

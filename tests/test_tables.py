@@ -1,4 +1,4 @@
-"""The one-row-per-concept tables (architectures, GGUF types, stages) against what reads them."""
+"""The one-row-per-concept tables (architectures, GGUF types, stages, tool syntaxes) against what reads them."""
 
 from __future__ import annotations
 
@@ -228,3 +228,35 @@ def test_run_help_and_readme_list_every_stage():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     line = next(ln for ln in readme.splitlines() if ln.startswith("edgetune run my-recipe.yaml --set"))
     assert line.endswith("# " + flow())
+
+
+# --- tool-call syntaxes ------------------------------------------------------------------------------
+
+
+def _family_templates():
+    """(family, a real Jinja template of it): the training templates and tests/templates' reference ones."""
+    from edgetune.chat_families import FAMILIES, FAMILY_BY_NAME
+
+    out = [(f, f.jinja) for f in FAMILIES if f.jinja]
+    meta = json.loads((ROOT / "tests" / "templates" / "families.json").read_text())
+    out += [(FAMILY_BY_NAME[v["family"]], (ROOT / "tests" / "templates" / f"{k}.jinja").read_text(encoding="utf-8"))
+            for k, v in meta.items() if not k.startswith("_")]
+    return out
+
+
+@pytest.mark.parametrize("fam,template", _family_templates(), ids=lambda v: getattr(v, "name", ""))
+def test_family_tool_syntax_pointer_agrees_with_the_detected_syntax(fam, template):
+    from edgetune.tool_syntax import syntax_for
+
+    detected = syntax_for(template)
+    assert (detected.name if detected else "") == fam.tools
+    assert fam.syntax is detected
+
+
+def test_every_tool_syntax_has_a_family_and_a_family_cannot_point_nowhere():
+    from edgetune.chat_families import FAMILIES, Family
+    from edgetune.tool_syntax import SYNTAXES
+
+    assert {s.name for s in SYNTAXES} == {f.tools for f in FAMILIES if f.tools}
+    with pytest.raises(ValueError, match="names no row"):
+        Family("x", lambda j: False, "", (), tools="hermes2")
