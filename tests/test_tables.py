@@ -1,7 +1,8 @@
-"""The one-row-per-concept tables (architectures, GGUF types, stages, tool syntaxes) against what reads them."""
+"""The one-row-per-concept tables (architectures, GGUF types, stages, tool syntaxes, train flags) against what reads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -260,3 +261,35 @@ def test_every_tool_syntax_has_a_family_and_a_family_cannot_point_nowhere():
     assert {s.name for s in SYNTAXES} == {f.tools for f in FAMILIES if f.tools}
     with pytest.raises(ValueError, match="names no row"):
         Family("x", lambda j: False, "", (), tools="hermes2")
+
+
+# --- train flags from TrainConfig ----------------------------------------------------------------------
+
+
+def test_train_flags_are_generated_from_the_config_fields():
+    import click
+
+    from edgetune.cli.train import train
+    from edgetune.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    opts = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    flagged = {n for n, f in fields.items() if "help" in f.metadata}
+    assert flagged <= set(opts) and {"rank", "learning_rate", "beta", "rewards", "select_by"} <= flagged
+    assert opts["learning_rate"].opts == ["--lr"] and set(opts["rank"].opts) == {"--rank", "-r"}
+    assert opts["rank"].help == "LoRA rank (default 16)."  # the field's help and default, once
+    assert opts["packing"].secondary_opts == ["--no-packing"] and opts["rewards"].opts == ["--reward"]
+    assert isinstance(opts["select_by"].type, click.Choice) and opts["iters"].type is click.INT
+    assert all(opts[n].default is None for n in flagged)  # unset flags leave the recipe's values
+
+
+def test_train_flags_parse_into_the_config():
+    from edgetune.cli.train import train
+
+    ctx = train.make_context("train", ["-d", "x", "-o", "y", "--lr", "1e-3", "-r", "8", "--no-packing",
+                                       "--target-modules", "q_proj, v_proj", "--reward", "a", "--reward", "b",
+                                       "--early-stopping", "2", "--threads", "3"])
+    p = ctx.params
+    assert (p["learning_rate"], p["rank"], p["packing"], p["early_stopping_patience"], p["num_threads"]) == (1e-3, 8, False, 2, 3)
+    assert p["target_modules"] == ["q_proj", "v_proj"] and p["rewards"] == ["a", "b"]
+    assert p["iters"] is None and p["beta"] is None
