@@ -11,6 +11,7 @@ import click
 import pytest
 
 from edgetune.cli import cli
+from edgetune.devdocs import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgetune"
@@ -158,27 +159,11 @@ def test_package_imports_no_circle():
     assert cycle is None, " -> ".join(cycle)
 
 
-# Layers, bottom first, by component (``edgetune.<component>``; "" is the package itself). A module
-# imports from its own layer or lower ones only; a new component must be given a row here.
-LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("go templates", ("gotemplate",)),  # imports nothing of edgetune's
-    ("foundation", ("", "errors", "io", "console", "paths", "hardware", "precision", "arch", "chat_families", "tool_syntax", "qtypes", "stages",
-                    "tensors", "llamacpp", "jinja", "model_dir", "ollama_client")),
-    # one layer because config validates against train's objective table, data's replay generates
-    # with an eval runner and train's rewards score with eval's metrics
-    ("model stages", ("config", "recipes", "reasoning", "toolcalls", "data", "train", "fuse", "streaming", "eval")),
-    ("gguf", ("export",)),
-    ("from a gguf", ("quant", "ollama")),
-    ("orchestration", ("stageplan", "pipeline", "runfolder", "registry", "publish", "align", "model_import",
-                       "demo_model", "doctor")),
-    ("interfaces", ("serve", "cli", "__main__")),
-)
-
-
+# the layer table lives in edgetune.devdocs (ARCHITECTURE.md prints it): bottom first, by component
 def layer_violations(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
     """``a -> b (lower layer -> higher layer)`` for every import that points up; unplaced components too."""
-    rank = {c: i for i, (_, comps) in enumerate(layers) for c in comps}
-    name = {c: n for n, comps in layers for c in comps}
+    rank = {c: i for i, (_, comps, *_) in enumerate(layers) for c in comps}
+    name = {c: n for n, comps, *_ in layers for c in comps}
 
     def component(mod: str) -> str:
         return mod.split(".")[1] if "." in mod else ""
