@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tool_syntax import SYNTAX_BY_NAME, Syntax
+
 # Training-side Jinja templates (source: each family's reference tokenizer_config.json on the HF
 # hub, without tool-calling preambles), rendered by transformers' apply_chat_template.
 # ChatML (Qwen, SmolLM, OpenHermes, ...)
@@ -308,11 +310,23 @@ class Family:
     # (placeholder, regex over the rendering of [user "@U@"]): fixed text the Jinja template
     # always emits (e.g. Llama 3.1's knowledge-date preamble), copied into the Go template
     probes: tuple[tuple[str, str], ...] = ()
-    # Tool calling: the call syntax the model emits ("" = the family has no tool syntax, the TEMPLATE
-    # renders no tools): "hermes" (<tool_call>{json}</tool_call>), "llama3-json" (the whole turn is
-    # {"name", "parameters"}), "mistral" ([TOOL_CALLS] [{name, arguments, id}]). See README "Tool calling".
+    # Tool calling: the name of the row of edgetune.tool_syntax.SYNTAXES the model's calls follow
+    # ("" = the family has no tool syntax, the TEMPLATE renders no tools): "hermes"
+    # (<tool_call>{json}</tool_call>), "llama3-json" (the whole turn is {"name", "parameters"}),
+    # "mistral" ([TOOL_CALLS] [{name, arguments, id}]). See README "Tool calling". tests/test_tables.py
+    # checks it against what tool_syntax.syntax_for detects in the family's template.
     tools: str = ""
     parallel_calls: bool = False  # several calls in one assistant turn
+
+    def __post_init__(self):
+        if self.tools and self.tools not in SYNTAX_BY_NAME:
+            raise ValueError(f"family {self.name}: tools={self.tools!r} names no row of tool_syntax.SYNTAXES "
+                             f"({', '.join(SYNTAX_BY_NAME)})")
+
+    @property
+    def syntax(self) -> Syntax | None:
+        """The tool-call syntax row this family points at (None: no tool calls)."""
+        return SYNTAX_BY_NAME[self.tools] if self.tools else None
 
 
 FAMILIES: tuple[Family, ...] = (

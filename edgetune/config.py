@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import EdgetuneError
-from .export.qtypes import AUTO, OUTTYPES, QUANTS
+from .qtypes import AUTO, OUTTYPES, QUANTS
 from .train.objectives import OBJECTIVES as _OBJECTIVES
 from .train.objectives import params as _objective_params
 
@@ -102,71 +102,93 @@ class DataConfig:
         _check_range("data", "near_threshold", self.near_threshold, 0.05, 1.0)
 
 
+def flag(default: Any = None, help: str = "", *, name: str | None = None, short: str | None = None,
+         comma: bool = False, multiple: bool = False, default_factory: Any = None) -> Any:
+    """A config field with an ``edgetune train`` flag: its default and help text live here, once;
+    ``edgetune.cli.train`` generates the option (type from the annotation, choices from CHOICES, the
+    default appended to the help). ``name``: the flag when it is not ``--field-name``; ``comma``: a
+    list given as one comma-separated value; ``multiple``: a list given by repeating the flag."""
+    meta = {"help": help, "flag": name, "short": short, "comma": comma, "multiple": multiple}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 def _with_objective_fields(cls):
     """Add every objective's own settings (``Param``s in ``edgetune/train/objectives/*.py``: DPO's
-    beta, GRPO's num_generations...) to the class as fields, before ``@dataclass`` sees it, so a new
-    objective declares its settings in its own module."""
+    beta, GRPO's num_generations...) to the class as fields with their flags, before ``@dataclass``
+    sees it, so a new objective declares its settings in its own module."""
     for p in _objective_params():
         if p.name in cls.__annotations__:
             continue
         cls.__annotations__[p.name] = p.type
-        setattr(cls, p.name, field(default_factory=list) if p.type.startswith("list") and p.default is not None
-                else p.default)
+        lst = p.type.startswith("list") and p.default is not None
+        setattr(cls, p.name, flag(p.default, p.help, multiple=p.multiple, default_factory=list if lst else None,
+                                  name=(p.flag[:-1] if p.multiple and p.flag.endswith("s") else None)))
     return cls
+
+
+_OBJECTIVES_HELP = "What training optimises (torch and MLX): " + "; ".join(f"{n} = {o.summary}" for n, o in _OBJECTIVES.items())
 
 
 @dataclass
 @_with_objective_fields
 class TrainConfig:
-    backend: str = "auto"  # auto|mlx|torch
-    method: str = "lora"  # lora|dora|qlora|full
+    """The ``train:`` section; a field made with :func:`flag` is also an ``edgetune train`` option."""
+
+    backend: str = flag("auto", "Training backend.")
+    method: str = flag("lora", "Fine-tuning method.")
     # what a step optimises: one module each under train/objectives/ (sft = completion-only cross entropy,
     # dpo / orpo = preference pairs, grpo = sampled completions scored by rewards); each objective's own
     # settings (beta, rpo_alpha, orpo_lambda, num_generations, rewards...) are added from its module
-    objective: str = "sft"
-    rank: int = 16
-    alpha: float = 32.0  # scale = alpha / rank
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # None = all attention + MLP linears (edgetune.arch)
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"  # cosine|linear|constant
-    warmup_ratio: float = 0.05  # warmup keeps the first noisy steps from wrecking fresh adapters
-    epochs: float = 1.0
-    iters: int | None = None  # overrides epochs when set
-    batch_size: int = 4
-    grad_accum: int = 1
-    # None = from the data (train/sizing.py): the prepared train split's p99 length rounded up to 64,
-    # capped by the model's context; a fixed 2048 packs ~180 short chats into one row and runs for hours
-    max_seq_len: int | None = None
-    seed: int = 42
+    objective: str = flag("sft", _OBJECTIVES_HELP)
+    rank: int = flag(16, "LoRA rank.", short="-r")
+    alpha: float = flag(32.0, "LoRA alpha (scale = alpha / rank).")
+    dropout: float = flag(0.05, "LoRA dropout.")
+    target_modules: list[str] | None = flag(None, "Comma-separated linear layer names (default: all attention + MLP "
+                                                  "linears of the architecture, edgetune.arch).", comma=True)
+    learning_rate: float = flag(2e-4, "Peak learning rate.", name="--lr")
+    lr_scheduler: str = flag("cosine", "Learning-rate schedule after the warmup.")
+    warmup_ratio: float = flag(0.05, "Share of the steps spent warming the learning rate up (keeps the first "
+                                     "noisy steps from wrecking fresh adapters).")
+    epochs: float = flag(1.0, "Passes over the train split.")
+    iters: int | None = flag(None, "Optimizer steps (overrides --epochs).")
+    batch_size: int = flag(4, "Rows per micro-batch.", short="-b")
+    grad_accum: int = flag(1, "Micro-batches per optimizer step.")
+    # None = from the data (train/sizing.py); a fixed 2048 packs ~180 short chats into one row and runs for hours
+    max_seq_len: int | None = flag(None, "Row length in tokens (default: the train split's p99 rounded up to 64, "
+                                         "capped by the model's context and 2048).")
+    seed: int = 42  # --seed is the option every command shares (cli/options.py)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     # None = the backend's default (train/support.py): torch packs, MLX pads length-grouped batches
     # (its models take no position ids, so packed examples would attend to each other)
-    packing: bool | None = None  # padding-free batches: concatenate examples, no pad compute
-    group_by_length: bool | None = None  # padded batches of similar lengths
-    eval_every: int = 50  # validation loss every N optimizer steps (0 = only at the end)
-    save_every: int = 100  # checkpoint every N steps (resume point)
-    early_stopping_patience: int | None = None  # evals without improvement before stopping
-    precision: str = "auto"  # auto|bf16|fp16|fp32 (auto: bf16 autocast where the CPU/GPU supports it)
-    gradient_checkpointing: bool = False
-    report_to: str = "none"  # none|tensorboard|wandb
-    num_threads: int | None = None  # torch CPU threads (None = all cores); MLX refuses it
+    packing: bool | None = flag(None, "Padding-free packed batches (default: on with torch; MLX pads and refuses --packing).")
+    group_by_length: bool | None = flag(None, "Padded batches of similar lengths (default: on with MLX; needs "
+                                              "--no-packing with torch).")
+    eval_every: int = flag(50, "Validation loss every N steps (0 = at the end only).")
+    save_every: int = flag(100, "Checkpoint every N steps (the resume point).")
+    early_stopping_patience: int | None = flag(None, "Stop after N evaluations without improvement (the best adapter "
+                                                     "is kept).", name="--early-stopping")
+    precision: str = flag("auto", "Compute dtype (auto: edgetune.precision's choice for this device; see edgetune doctor).")
+    gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass: less memory, slower steps.")
+    report_to: str = flag("none", "Where to log metrics beside metrics.jsonl.")
+    num_threads: int | None = flag(None, "torch CPU threads (default: all cores; MLX refuses it).", name="--threads")
     # training health (train/health.py). A non-finite loss or gradient norm always stops the run (the
-    # step is not applied; checkpoints/last keeps the last save). A loss spike: a step's loss above
-    # spike_factor x the median of the previous 20 steps' losses (and at least 0.5 above it), after
-    # 5 steps; warned once per episode, `spike: true` in metrics.jsonl, counted in the result. 0 = off
-    spike_factor: float = 2.0
-    # greedy answers (train/samples.py) to the first sample_prompts prompts of the valid split (train
-    # without one) every sample_every steps and at the last step, into OUT/samples.jsonl; 0 = off
-    sample_every: int = 0
-    sample_prompts: int = 3
-    sample_max_tokens: int = 64  # new tokens per sample answer
-    # the best checkpoint and early stopping follow this task metric (edgetune.eval.metrics names:
-    # exact_match, json_fields, json_valid...) of greedy answers to the first select_by_limit valid
-    # rows instead of the validation loss; needs eval_every > 0 and early_stopping_patience
-    select_by: str | None = None
-    select_by_limit: int = 16
+    # step is not applied; checkpoints/last keeps the last save). A loss spike is warned once per
+    # episode after 5 steps, `spike: true` in metrics.jsonl, counted in the result
+    spike_factor: float = flag(2.0, "Warn when a step's loss exceeds this many times the median of the last 20 steps' "
+                                    "(and is 0.5 above it); 0 = off. A NaN/inf loss or gradient always stops the run.")
+    # train/samples.py; without a valid split the train split's prompts
+    sample_every: int = flag(0, "Every N steps (and at the last), greedy answers to a few valid prompts into "
+                                "OUTPUT/samples.jsonl (0 = off).")
+    sample_prompts: int = flag(3, "Prompts --sample-every answers.")
+    sample_max_tokens: int = flag(64, "New tokens per sample answer.")
+    # edgetune.eval.metrics names; None = the validation loss
+    select_by: str | None = flag(None, "Pick the best checkpoint (and early-stop) by this task metric of greedy answers "
+                                       "to the valid split instead of the validation loss; needs --eval-every and "
+                                       "--early-stopping.")
+    select_by_limit: int = flag(16, "Valid rows --select-by answers per evaluation.")
 
     def __post_init__(self):
         _check_choices("train", self)
@@ -301,7 +323,7 @@ class EvalConfig:
     # or a list of "shipped" and the user's own files (eval/data.py load_regression)
     regression: bool | list[str] = True
     regression_max_tokens: int = 96  # its answers are short; caps time spent on rambling models
-    nll: bool = True  # mean NLL / perplexity of the references (runners with logits: hf, mlx, gguf)
+    nll: bool = True  # mean NLL / perplexity of the references (runners with logits: eval.runners.logit_kinds())
     schema: str | None = None  # JSON-schema file for json_schema (None = inferred from references)
     regex: str | None = None  # pattern for the regex metric
     baseline: str | None = None  # model name deltas and --max-regression compare against (None = first)

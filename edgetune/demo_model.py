@@ -232,7 +232,7 @@ def behaviour_drift(reference, ref_tok, candidate, answers: list[list[int]]) -> 
     """
     import torch
 
-    from .export.verify import combine, drift
+    from .eval.divergence import combine, drift
 
     rows = []
     for prompt, ans in zip(VERIFY_PROMPTS, answers, strict=True):

@@ -68,6 +68,7 @@ def _ollama() -> dict:
 
 
 def collect(check_llama: bool = True) -> dict:
+    from .precision import cpu_bf16
     from .train.select import choose_backend
 
     hw = probe()
@@ -76,7 +77,7 @@ def collect(check_llama: bool = True) -> dict:
         "os": hw.os,
         "machine": hw.machine,
         "python": platform.python_version(),
-        "cpu": {"count": hw.cpu_count, "model": cpu_model_and_flags()[0], "bf16_fast": hw.cpu_bf16},
+        "cpu": {"count": hw.cpu_count, "model": cpu_model_and_flags()[0], "bf16_fast": bool(hw.torch) and cpu_bf16().fast_train},
         "apple_silicon": hw.apple_silicon,
         "mlx": {"mlx": hw.mlx, "mlx_lm": hw.mlx_lm, "device": hw.mlx_device},
         "torch": {"version": hw.torch, "cuda": hw.cuda, "gpus": hw.cuda_devices, "mps": hw.mps, "peft": hw.peft},

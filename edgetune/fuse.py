@@ -1,7 +1,7 @@
 """Merge a LoRA / DoRA adapter (PEFT or MLX format) into its base model: an HF folder out.
 
 Works with numpy only: base and adapter are read from safetensors one tensor at a time
-(:mod:`edgetune.export.tensors`), each adapted weight is merged in float32 and cast back to the
+(:mod:`edgetune.tensors`), each adapted weight is merged in float32 and cast back to the
 base's dtype (bf16 normally). So a Mac user with only ``[mlx]`` and no torch can fuse, and peak
 memory is one weight matrix, not the model.
 
@@ -27,8 +27,8 @@ import numpy as np
 
 from .arch import read_config
 from .errors import EdgetuneError, UnsupportedError
-from .export.tensors import SafetensorsReader, SafetensorsWriter, from_float32
 from .io import atomic_dir, read_json, write_json
+from .tensors import SafetensorsReader, SafetensorsWriter, from_float32
 
 # Files copied from the base folder next to the fused weights (tokenizer, chat template, configs).
 COPY_FILES = (

@@ -9,6 +9,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+GB = 1e9
+FIT_MARGIN = 0.9  # of the memory on offer: the OS, the page cache and the user's other programs need the rest
+
 
 def has_module(name: str) -> bool:
     try:
@@ -31,7 +34,6 @@ class Hardware:
     cuda: bool = False
     cuda_devices: list[dict] = field(default_factory=list)
     mps: bool = False
-    cpu_bf16: bool = False
     bitsandbytes: str | None = None
     mlx: str | None = None
     mlx_lm: str | None = None
@@ -68,13 +70,6 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
-def cpu_supports_bf16() -> bool:
-    """True when bf16 training-size matmuls are fast on this CPU (see :mod:`edgetune.precision`)."""
-    from .precision import cpu_bf16
-
-    return cpu_bf16().fast_train
-
-
 @lru_cache(maxsize=1)
 def probe() -> Hardware:
     hw = Hardware(
@@ -93,7 +88,6 @@ def probe() -> Hardware:
                 p = torch.cuda.get_device_properties(i)
                 hw.cuda_devices.append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
         hw.mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-        hw.cpu_bf16 = cpu_supports_bf16()
     hw.peft = _version("peft")
     if hw.cuda and has_module("bitsandbytes"):
         hw.bitsandbytes = _version("bitsandbytes")

@@ -407,7 +407,9 @@ def llama_cpp_drift(saved_dir: Path, gguf: Path, tok, eot: int | None = None) ->
     :func:`verify_texts` llama.cpp's tokenizer gives ``tok``'s ids)."""
     import numpy as np
 
-    from .export.verify import combine, drift, hf_logits, load_llama
+    from .eval.divergence import combine, drift
+    from .export.verify import hf_logits
+    from .llamacpp import load_llama
 
     prompts = prompt_ids(tok)
     texts = verify_texts(tok)

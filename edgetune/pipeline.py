@@ -1,7 +1,8 @@
 """`edgetune run`: every stage of a recipe in order, skipping what is already done.
 
 The run folder (:class:`edgetune.runfolder.RunFolder`) is the contract between stages. Each stage
-is one row of :data:`PIPELINE` and a thin call to the same function its CLI command uses
+is one row of :data:`edgetune.stages.STAGE_TABLE` (name, order, folder, what it reads, when it is
+enabled); :data:`PIPELINE` attaches its functions here, each a thin call to the same function its CLI command uses
 (``data.prepare``, ``train.train``, ``fuse.fuse``, ``export_model``, the Modelfile writer,
 ``eval.evaluate``, ``registry.register_run``), so a recipe field and the matching flag cannot
 diverge.
@@ -31,6 +32,8 @@ from .config import RunConfig, dump_yaml, to_dict
 from .console import console
 from .errors import EdgetuneError
 from .io import read_json, sha256_file, sha256_json, sha256_path, write_json, write_text
+from .model_dir import model_fingerprint
+from .qtypes import AUTO, normalize_qtype
 from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     DEMO,
     DEMO_DATA,
@@ -42,7 +45,9 @@ from .recipes import (  # noqa: F401  (re-exported: the pipeline's public names)
     resolve_data,
     resolve_model,
 )
-from .runfolder import RunFolder, model_fingerprint, report_metrics
+from .runfolder import RunFolder, report_metrics
+from .stages import STAGE, STAGE_TABLE, STAGES, StageRow, stage_help
+from .tensors import count_parameters
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -206,8 +211,8 @@ def _export_adapter_route(c: Ctx) -> dict:
 def _export_run(c: Ctx, resume: bool) -> dict:
     if c.cfg.export.route == "adapter":
         return _export_adapter_route(c)
-    export_model = _api("edgetune.export.quantize", "export_model", "export")
-    kwargs = _api("edgetune.export.quantize", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
+    export_model = _api("edgetune.quant.build", "export_model", "export")
+    kwargs = _api("edgetune.quant.build", "export_run_kwargs", "export")(c.cfg.export, c.run)  # as `edgetune export RUN`
     res = export_model(c.run.fused_dir, c.run.gguf_dir, c.cfg.export.quants, name=c.run.model_name, **kwargs)
     files = {t: str(p) for t, p in res["files"].items()}
     summary: dict[str, Any] = {"gguf": files, "sizes_mb": {k: round(Path(v).stat().st_size / 2**20, 1) for k, v in files.items()}}
@@ -228,8 +233,8 @@ def _ollama_inputs(c: Ctx) -> dict:
 
 
 def _ollama_run(c: Ctx, resume: bool) -> dict:
-    build_modelfile = _api("edgetune.export.modelfile", "build_modelfile", "ollama")
-    options = _api("edgetune.export.modelfile", "ModelfileOptions", "ollama")
+    build_modelfile = _api("edgetune.ollama.modelfile", "build_modelfile", "ollama")
+    options = _api("edgetune.ollama.modelfile", "ModelfileOptions", "ollama")
     run = c.run
     gguf = run.gguf(run.modelfile_quant)
     extra: dict[str, Any] = {}
@@ -288,9 +293,9 @@ def _eval_inputs(c: Ctx) -> dict:
 
 def _eval_run(c: Ctx, resume: bool) -> dict:
     evaluate = _api("edgetune.eval", "evaluate", "eval")
-    from .eval.fit import run_specs
+    from .runfolder import fitted_eval_specs
 
-    specs, rows = run_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
+    specs, rows = fitted_eval_specs(c.run)  # the hf runner where the model fits in memory, else GGUFs
     pref = c.run.preference_data
     cfg = dataclasses.replace(c.cfg.eval, preference_data=str(pref) if pref else None)
     report = evaluate(c.run.eval_data, [f"{k}={v}" for k, v in specs.items()], c.run.eval_dir, cfg,
@@ -320,7 +325,7 @@ def _eval_run(c: Ctx, resume: bool) -> dict:
 
 
 def _register_inputs(c: Ctx) -> dict:
-    return {s: c.output_hash(s) for s in ("train", "align", "export", "ollama", "eval")} | {"name": c.run.model_name}
+    return {s: c.output_hash(s) for s in STAGE["register"].reads} | {"name": c.run.model_name}
 
 
 def _register_run(c: Ctx, resume: bool) -> dict:
@@ -340,33 +345,34 @@ def _register_outputs(c: Ctx) -> list[Path]:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
-    help: str
+    row: StageRow  # name, what it does, folder, reads, enabled (edgetune/stages.py)
     inputs: Callable[[Ctx], dict]  # what the input hash covers
     outputs: Callable[[Ctx], list[Path]]  # must all exist for the stage to count as done
     run: Callable[[Ctx, bool], dict]  # (ctx, resume) -> summary recorded in the manifest
     hashed: Callable[[Ctx], list[Path]] | None = None  # what the output hash covers (None: the summary)
 
+    @property
+    def name(self) -> str:
+        return self.row.name
 
-PIPELINE: tuple[Stage, ...] = (
-    Stage("data", "validate, clean, dedup and split the data (RUN/data/)", _data_inputs,
-          lambda c: [c.run.split(s) for s in ("train", "valid", "test")], _data_run, lambda c: [c.run.data_dir]),
-    Stage("train", "fine-tune an adapter on the train split (RUN/train/adapter/)", _train_inputs,
-          lambda c: [c.run.adapter_dir / "adapter_config.json"], _train_run, lambda c: [c.run.adapter_dir]),
-    Stage("align", "optional DPO/ORPO/GRPO after SFT (RUN/align/adapter/)", _align_inputs,
-          _align_outputs, _align_run, lambda c: [c.run.align_adapter_dir] if c.run.aligned else []),
-    Stage("fuse", "merge the final adapter into its base model (RUN/fused/)", _fuse_inputs,
-          lambda c: [c.run.fused_dir / "config.json"], _fuse_run, lambda c: [c.run.fused_dir]),
-    Stage("export", "convert to GGUF and quantize (RUN/gguf/)", _export_inputs,
-          lambda c: c.run.ggufs, _export_run, lambda c: c.run.ggufs),
-    Stage("ollama", "write and check the Ollama Modelfile (RUN/ollama/Modelfile)", _ollama_inputs,
-          lambda c: [c.run.modelfile], _ollama_run, lambda c: [c.run.ollama_dir]),
-    Stage("eval", "compare base vs tuned vs quantized on the test split (RUN/eval/)", _eval_inputs,
-          lambda c: [c.run.eval_report("json")], _eval_run, lambda c: [c.run.eval_report("json")]),
-    Stage("register", "add the model to the registry (<home>/<name>/vN/)", _register_inputs,
-          _register_outputs, _register_run),
-)
-STAGES = tuple(s.name for s in PIPELINE)
+    @property
+    def help(self) -> str:
+        return stage_help(self.row)
+
+
+# stage name -> (inputs, outputs, run, hashed); the rows, their order and their columns: STAGE_TABLE
+_FUNCTIONS: dict[str, tuple] = {
+    "data": (_data_inputs, lambda c: [c.run.split(s) for s in ("train", "valid", "test")], _data_run,
+             lambda c: [c.run.data_dir]),
+    "train": (_train_inputs, lambda c: [c.run.adapter_dir / "adapter_config.json"], _train_run, lambda c: [c.run.adapter_dir]),
+    "align": (_align_inputs, _align_outputs, _align_run, lambda c: [c.run.align_adapter_dir] if c.run.aligned else []),
+    "fuse": (_fuse_inputs, lambda c: [c.run.fused_dir / "config.json"], _fuse_run, lambda c: [c.run.fused_dir]),
+    "export": (_export_inputs, lambda c: c.run.ggufs, _export_run, lambda c: c.run.ggufs),
+    "ollama": (_ollama_inputs, lambda c: [c.run.modelfile], _ollama_run, lambda c: [c.run.ollama_dir]),
+    "eval": (_eval_inputs, lambda c: [c.run.eval_report("json")], _eval_run, lambda c: [c.run.eval_report("json")]),
+    "register": (_register_inputs, _register_outputs, _register_run, None),
+}
+PIPELINE: tuple[Stage, ...] = tuple(Stage(row, *_FUNCTIONS[row.name]) for row in STAGE_TABLE)
 STAGE_HELP = {s.name: s.help for s in PIPELINE}
 
 
@@ -431,13 +437,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def check_export_plan(cfg: RunConfig) -> None:
     """Fail before training, not after it, on export settings that cannot work."""
-    with contextlib.suppress(ImportError, AttributeError):
-        from .export.quantize import normalize_qtype
-
-        for q in cfg.export.quants:
-            if q != "auto":
-                normalize_qtype(q)
-    if "auto" in cfg.export.quants and cfg.ollama.quant:
+    for q in cfg.export.quants:
+        if q != AUTO:
+            normalize_qtype(q)
+    if AUTO in cfg.export.quants and cfg.ollama.quant:
         raise EdgetuneError(f"export.quants = [auto] picks the Modelfile's type, but ollama.quant = {cfg.ollama.quant}.",
                             fix="remove ollama.quant, or list the types in export.quants")
     if cfg.ollama.quant and cfg.ollama.quant not in [cfg.export.outtype, *cfg.export.quants]:
@@ -546,25 +549,6 @@ def _now() -> str:
 # plan
 
 
-def count_parameters(model_dir: Path) -> int | None:
-    """Parameter count from safetensors headers (no weights are read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    n = 0
-    for f in files:
-        with safe_open(str(f), framework="np") as st:
-            for k in st.keys():
-                shape = st.get_slice(k).get_shape()
-                size = 1
-                for d in shape:
-                    size *= d
-                n += size
-    return n
-
-
 @dataclass
 class Plan:
     cfg: RunConfig
@@ -612,7 +596,7 @@ def plan(cfg: RunConfig, target=None) -> Plan:
     if params:
         weights_disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         types = [cfg.export.outtype] + [q for q in cfg.export.quants if q != cfg.export.outtype]
-        from .export.qtypes import bits_per_weight
+        from .qtypes import bits_per_weight
 
         gguf = sum(int(params * bits_per_weight(t) / 8) for t in types)
         adapter_and_ckpts = int(params * 0.02 * 4 * 3)  # a rank-16 adapter is ~1% of weights; keep 3 copies with optimizer state
@@ -621,8 +605,8 @@ def plan(cfg: RunConfig, target=None) -> Plan:
     manifest = RunFolder(cfg.run_dir, cfg).manifest()
     for st in PIPELINE:
         status = manifest["stages"].get(st.name, {}).get("status")
-        if st.name == "align" and not cfg.align.enabled:
-            status = "off (no align.data)"
+        if not st.row.enabled(cfg):
+            status = f"off (runs {st.row.when})"
         stages.append((st.name, st.help, {"done": "done (will be skipped if inputs are unchanged)"}.get(status, status or "will run")))
     from . import stageplan
 

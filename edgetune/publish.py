@@ -151,7 +151,7 @@ def _sha256_bytes(data: bytes) -> str:
 def _quant_type(path: Path, fallback: str) -> str:
     """The GGUF's weight type from its own metadata (general.file_type), else ``fallback``."""
     from .export.gguf_info import read_metadata
-    from .export.qtypes import QTYPES
+    from .qtypes import QTYPES
 
     try:
         meta = read_metadata(path, ["general.type", "general.file_type"])
@@ -179,7 +179,7 @@ def _gguf_row(path: Path, fallback: str, own: bool = True) -> GGUFRow:
 def _modelfile_targets(run: RunFolder, text: str, rows: list[GGUFRow]) -> tuple[str, list[GGUFRow]]:
     """The Modelfile with FROM / ADAPTER pointing at ``./<file>`` in the folder, and the rows with any
     file it runs on that is not the run's own (the source GGUF of the adapter route) added."""
-    from .export.modelfile_syntax import parse_modelfile
+    from .ollama.modelfile_syntax import parse_modelfile
     from .registry import rebase_modelfile
 
     mf = parse_modelfile(text, str(run.modelfile))
@@ -226,7 +226,7 @@ def _template_check(run: RunFolder) -> str:
         return str(recorded)
     model_dir = run.fused_dir if run.fused_dir.is_dir() else run.base_model_dir
     try:
-        from .export.ollama_check import check_modelfile
+        from .ollama.check import check_modelfile
 
         res = check_modelfile(run.modelfile, model_dir)
     except (EdgetuneError, ImportError, OSError) as exc:
@@ -418,7 +418,7 @@ def _recipe_description(name: str) -> str | None:
 def model_card(pub: Publication, ollama_name: str | None = None) -> str:
     """README.md: YAML front matter, then what it is, data, eval, template check, files, how to run,
     intended use and limits, gates, license."""
-    from .export.modelfile_syntax import parse_modelfile
+    from .ollama.modelfile_syntax import parse_modelfile
 
     run, cfg, report = pub.run, pub.run.cfg, pub.report
     name = run.model_name
@@ -576,8 +576,8 @@ def _edgetune_version() -> str:
 
 def build_folder(dest: Path, pub: Publication, card: str, *, hub: bool = False) -> dict[str, str]:
     """Write the folder atomically (a sibling temp folder renamed onto ``dest``); returns file -> sha256."""
-    from .export.modelfile_syntax import parse_modelfile
     from .io import atomic_dir
+    from .ollama.modelfile_syntax import parse_modelfile
     from .registry import place_file
 
     with atomic_dir(dest) as tmp:

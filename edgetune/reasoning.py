@@ -90,7 +90,7 @@ def probe_tokenizer(tokenizer) -> Thinking:
 
 def probe_jinja(template: str | None, bos_token: str = "", eos_token: str = "") -> Thinking:
     """:func:`probe` for a Jinja template text (rendered as transformers does)."""
-    from .export.ollama_template import render_jinja
+    from .jinja import render_jinja
 
     def render(msgs, agp, **kw):
         return render_jinja(template, msgs, add_generation_prompt=agp, bos_token=bos_token, eos_token=eos_token, **kw)

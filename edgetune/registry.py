@@ -320,7 +320,7 @@ def register_run(run, *, metrics: dict | None = None, root: Path | None = None, 
 
     from .config import to_dict
     from .io import sha256_file, sha256_json, sha256_path, size_of
-    from .runfolder import model_fingerprint
+    from .model_dir import model_fingerprint
 
     cfg = run.cfg
     ran = run.manifest()

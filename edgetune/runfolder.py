@@ -1,6 +1,6 @@
 """The run folder: one object that knows where every stage's output lives.
 
-The run folder is the contract between stages (see DESIGN.md)::
+The run folder is the contract between stages (README, "Where outputs go")::
 
     RUN/run.yaml          every effective setting, written before anything else
     RUN/manifest.json     what each stage did: status, input hash, output hash, time, summary
@@ -13,8 +13,9 @@ The run folder is the contract between stages (see DESIGN.md)::
     RUN/ollama/Modelfile
     RUN/eval/             report.json / report.md / report.html
 
-The pipeline writes it; standalone commands (``edgetune export RUN``, ``edgetune ollama RUN``,
-``edgetune eval RUN``) read it to find their inputs, so nobody computes these paths twice.
+Each stage's folder is its ``folder`` column in :data:`edgetune.stages.STAGE_TABLE`
+(:meth:`RunFolder.stage_dir`). The pipeline writes it; standalone commands (``edgetune export RUN``,
+``edgetune ollama RUN``, ``edgetune eval RUN``) read it to find their inputs, so nobody computes these paths twice.
 """
 
 from __future__ import annotations
@@ -24,28 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgetuneError
+from .stages import STAGE
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .eval.fit import RowRunner
 
 RUN_YAML = "run.yaml"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
-SMALL_FILE = 64 << 20  # model files up to this size are fingerprinted by content, larger ones by size
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identity of a base model folder without reading gigabytes: config/tokenizer files by content,
-    weight files by name and size (re-hashing a 16 GB base on every run would dominate a short run)."""
-    from .io import sha256_file, sha256_json
-
-    model_dir = Path(model_dir)
-    parts = []
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = f.stat().st_size
-        digest = sha256_file(f) if size <= SMALL_FILE else f"size:{size}"
-        parts.append((str(f.relative_to(model_dir)), digest))
-    return sha256_json(parts)
 
 
 def report_metrics(report: dict) -> dict[str, dict[str, float]]:
@@ -107,9 +95,13 @@ class RunFolder:
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
+    def stage_dir(self, stage: str) -> Path:
+        """``RUN/<folder>``: where ``stage`` writes (its row of :data:`edgetune.stages.STAGE_TABLE`)."""
+        return self.root / STAGE[stage].folder
+
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.stage_dir("data")
 
     def split(self, name: str) -> Path:
         """``train`` / ``valid`` / ``test`` JSONL written by the data stage."""
@@ -121,7 +113,7 @@ class RunFolder:
 
     @property
     def train_dir(self) -> Path:
-        return self.root / "train"
+        return self.stage_dir("train")
 
     @property
     def adapter_dir(self) -> Path:
@@ -130,11 +122,11 @@ class RunFolder:
     @property
     def aligned(self) -> bool:
         """Whether this run has an align stage (preference training after SFT)."""
-        return self.cfg.align.enabled
+        return STAGE["align"].enabled(self.cfg)
 
     @property
     def align_dir(self) -> Path:
-        return self.root / "align"
+        return self.stage_dir("align")
 
     @property
     def align_data_dir(self) -> Path:
@@ -177,11 +169,11 @@ class RunFolder:
 
     @property
     def fused_dir(self) -> Path:
-        return self.root / "fused"
+        return self.stage_dir("fuse")
 
     @property
     def gguf_dir(self) -> Path:
-        return self.root / "gguf"
+        return self.stage_dir("export")
 
     def gguf(self, qtype: str) -> Path:
         """``RUN/gguf/<model name>-<type>.gguf``."""
@@ -189,7 +181,7 @@ class RunFolder:
 
     @property
     def ollama_dir(self) -> Path:
-        return self.root / "ollama"
+        return self.stage_dir("ollama")
 
     @property
     def modelfile(self) -> Path:
@@ -197,7 +189,7 @@ class RunFolder:
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self.stage_dir("eval")
 
     def eval_report(self, ext: str = "json") -> Path:
         return self.eval_dir / f"report.{ext}"
@@ -230,9 +222,10 @@ class RunFolder:
     @property
     def quant_types(self) -> list[str]:
         """export.quants, with ``auto`` replaced by the type it chose (``auto`` until it has run)."""
-        from .export.autoquant import chosen_type
+        from .qtypes import AUTO
+        from .quant.autoquant import chosen_type
 
-        return [chosen_type(self.gguf_dir) or q if q == "auto" else q for q in self.cfg.export.quants]
+        return [chosen_type(self.gguf_dir) or q if q == AUTO else q for q in self.cfg.export.quants]
 
     @property
     def ggufs(self) -> list[Path]:
@@ -266,7 +259,7 @@ class RunFolder:
             specs["sft"] = f"hf:{self.sft_model_dir}"  # SFT alone, so the report shows what align added
         specs["tuned"] = f"hf:{self.fused_dir}"
         if self.adapter_route:  # what Ollama serves: the source quant with the adapter on it
-            from .export.source_route import read_source
+            from .model_dir import read_source
 
             src = read_source(self.base_model_dir)
             if src is not None and src.path.is_file() and self.adapter_gguf.is_file():
@@ -316,3 +309,27 @@ class RunFolder:
             raise EdgetuneError(f"{path} is missing: the run's '{stage}' stage has not run.", where=str(self.root),
                                 fix=f"run `edgetune run {self.root} --to {stage}` first")
         return path
+
+
+def fitted_eval_specs(run: RunFolder, *, show_progress: bool = True) -> tuple[dict[str, str], RowRunner]:
+    """(label -> spec, the choice) for a run folder's eval: :meth:`RunFolder.eval_specs` with the
+    base/SFT/tuned rows moved to GGUFs when the hf runner does not fit (converted here, once)."""
+    from .eval.fit import choose
+    from .export.gguf import convert
+
+    choice = choose(run.cfg, run.base_model_dir)
+    specs = run.eval_specs()
+    if choice.kind == "hf":
+        return specs, choice
+    t = choice.gguf_type
+    sources = {"base": run.base_model_dir, "sft": run.sft_model_dir, "tuned": run.fused_dir}
+    for label, src in sources.items():
+        if label not in specs:
+            continue
+        path = run.gguf(t) if label == "tuned" and run.gguf(t).is_file() else run.eval_dir / f"{label}-{t}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the converter itself is verified on the tuned model's export; these are eval inputs
+            convert(src, path, t, verify=False, show_progress=show_progress)
+        specs[label] = f"gguf:{path}"
+    return specs, choice

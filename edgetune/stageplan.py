@@ -1,8 +1,8 @@
 """What each stage of a run will cost before anything loads: peak memory, disk, time, and whether it fits.
 
-One row per stage in :data:`STAGE_COSTS`, each a small function of the model's shape and the run
-config returning a :class:`Cost` (peak bytes, disk bytes, seconds, and the fixes that make it
-smaller). ``edgetune plan``, ``edgetune train --dry-run`` and the refusal in ``edgetune run`` /
+One row per stage of :data:`edgetune.stages.STAGE_TABLE` in :data:`STAGE_COSTS`, each a small
+function of the model's shape and the run config returning a :class:`Cost` (peak bytes, disk
+bytes, seconds, and the fixes that make it smaller). ``edgetune plan``, ``edgetune train --dry-run`` and the refusal in ``edgetune run`` /
 ``edgetune train`` all read :func:`plan_stages`; the CLI only prints.
 
 Memory is what must be resident: anonymous memory (heap, tensors) plus the weights a stage reads
@@ -13,7 +13,7 @@ CPU, but evicting it thrashes the disk). Sources of the figures:
 * export verification, imatrix, eval drift against an hf reference: streamed fp32 passes, sized by
   :func:`edgetune.streaming.estimate_peak`;
 * fuse and the GGUF conversion without verification stream tensor by tensor: the runtime plus about
-  a tenth of the model's bf16 bytes (measured 0.30 and 0.47 GB at 1.17B parameters, DESIGN.md);
+  a tenth of the model's bf16 bytes (measured 0.30 and 0.47 GB at 1.17B parameters; README, "Real model sizes");
 * llama.cpp stages (quantize, quant auto, the gguf eval runner) mmap the GGUF, but on CPU llama.cpp
   may repack quantized weights into anonymous buffers: counted as the whole file, conservatively.
 
@@ -33,19 +33,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GB = 1e9
-RUNTIME = 0.30e9  # python + torch + transformers + peft imported (peakmem, 2026-12-06)
+from .hardware import FIT_MARGIN, GB
+from .qtypes import AUTO, LADDER, QTYPES
+from .stages import STAGES
+from .train.memory import RUNTIME, count_params
+
 STREAMED_FRACTION = 0.1  # fuse / export without verification: of the model's bf16 bytes, beside RUNTIME
 LLAMA_CTX = 0.25e9  # a llama.cpp context's compute buffers beside its KV cache (n_ctx 2048, 1-8B models)
 # effective GFLOP/s of LoRA training on 2 cores (4·params·tokens / wall), measured with
 # scripts/bench_train_memory.py on an Intel Xeon with AMX: 1.17B, batch 4 x 512, bf16 473 and
-# batch 2 x 256 fp32 95. An AVX2-only CPU emulates bf16 (DESIGN.md) and trains in fp32.
+# batch 2 x 256 fp32 95. An AVX2-only CPU emulates bf16 (README, "Precision is chosen from your hardware") and trains in fp32.
 CPU_TRAIN_GFLOPS = {"bf16": 400.0, "fp16": 400.0, "fp32": 95.0}
 DEFAULT_MEM_GBPS = 10.0  # decode: weights streamed per token (2 cores; measured 8 GB/s on an AVX2 EPYC)
 DISK_GBPS = 0.5  # reading / writing model files (a laptop SSD does more; shared cloud disks less)
 QUANT_PARAMS_PER_S = 1.5e8  # llama.cpp quantize throughput (parameters/s, 2 threads, k-quants)
 FORWARD_EFFICIENCY = 1.0  # streamed fp32 forwards (verification, imatrix) vs training's rate in fp32
-FIT_MARGIN = 0.9  # of the memory on offer: the OS, the page cache and the user's other programs need the rest
 
 # ---------------------------------------------------------------------------------------------
 # targets: one row per machine kind a plan can be checked against
@@ -393,8 +395,6 @@ def _forward_seconds(i: Inputs, tokens: float, dtype: str = "fp32") -> float:
 
 
 def _gguf_bytes(i: Inputs, qtype: str) -> float:
-    from .export.qtypes import QTYPES
-
     return i.params * QTYPES[qtype].bits / 8
 
 
@@ -412,10 +412,8 @@ def _cost_export(i: Inputs) -> Cost:
             peak, how = v, f"verification: streamed fp32 reference over ~{vt} tokens + a llama.cpp context on the mmapped GGUF"
         fixes.append("export.verify: false (skip the HF-vs-GGUF logit check)")
     quants = [q for q in e.quants if q != e.outtype]
-    auto = quants == ["auto"]
+    auto = quants == [AUTO]
     if auto:
-        from .export.qtypes import LADDER
-
         ladder = e.ladder or list(LADDER)
         disk = out + sum(_gguf_bytes(i, q) for q in ladder)
         # each candidate is quantized, then run by llama.cpp beside the f16 file on held-out texts; both
@@ -440,8 +438,6 @@ def _cost_export(i: Inputs) -> Cost:
 def _cost_imatrix(i: Inputs) -> Cost | None:
     """The importance matrix (export.imatrix: auto and a quant type that reads one): its own row, it
     runs inside the export stage first."""
-    from .export.qtypes import AUTO, LADDER, QTYPES
-
     e = i.cfg.export
     types = list(LADDER) if AUTO in e.quants else e.quants
     if e.route == "adapter":  # the adapter ships on the source GGUF: nothing is quantized
@@ -481,7 +477,7 @@ def _cost_eval(i: Inputs) -> Cost:
     from .eval.fit import hf_runner_bytes
 
     hf = hf_runner_bytes(i.model_dir, dtype, batch, i.params)  # what the run's eval stage decides on (eval/fit.py)
-    quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != "auto"), "q4_k_m")
+    quant = i.cfg.ollama.quant or next((q for q in i.cfg.export.quants if q != AUTO), "q4_k_m")
     resident = i.target.device != "cpu"  # Metal / CUDA hold the file in GPU memory; CPU llama.cpp mmaps it
 
     def gguf(qtype: str) -> float:
@@ -540,18 +536,20 @@ def _cost_register(i: Inputs) -> Cost:
     return Cost("register", RUNTIME / 3, 1e6, 1.0, "copies the manifest and metrics (the GGUFs are linked, not copied)")
 
 
-# one row per stage, in pipeline order; None from a row: the stage does nothing in this config
-STAGE_COSTS: tuple[tuple[str, Callable[[Inputs], Cost | None]], ...] = (
-    ("data", _cost_data),
-    ("train", _cost_train),
-    ("align", _cost_align),
-    ("fuse", _cost_fuse),
-    ("imatrix", _cost_imatrix),  # runs inside the export stage, before the conversion's quantization
-    ("export", _cost_export),
-    ("ollama", _cost_ollama),
-    ("eval", _cost_eval),
-    ("register", _cost_register),
-)
+# one cost per stage of edgetune.stages.STAGE_TABLE; None from one: the stage does nothing in this config.
+# "imatrix" is sized as its own row: it runs inside the export stage, before the conversion's quantization
+STAGE_COSTS: dict[str, Callable[[Inputs], Cost | None]] = {
+    "data": _cost_data,
+    "train": _cost_train,
+    "align": _cost_align,
+    "fuse": _cost_fuse,
+    "imatrix": _cost_imatrix,
+    "export": _cost_export,
+    "ollama": _cost_ollama,
+    "eval": _cost_eval,
+    "register": _cost_register,
+}
+COST_ROWS = tuple(n for s in STAGES for n in (("imatrix", s) if s == "export" else (s,)))  # the table's order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,20 +577,6 @@ class StagePlan:
                            "usable_gb": round(t.usable_gb, 2), "host_usable_gb": round(t.host_usable_gb, 2), "note": t.note},
                 "shape_source": self.shape_source, "params": self.params, "fits": self.fits,
                 "train_tokens": self.train_tokens, "stages": [c.as_dict() for c in self.costs], "notes": self.notes}
-
-
-def _count_params(model_dir: Path) -> int:
-    """From the safetensors headers when the weights are here, else from the shape."""
-    with contextlib.suppress(Exception):
-        from .pipeline import count_parameters
-
-        n = count_parameters(model_dir)
-        if n:
-            return n
-    from .config import TrainConfig
-    from .train.memory import estimate_memory
-
-    return int(estimate_memory(model_dir, TrainConfig(), precision="bf16")["params_b"] * 1e9)
 
 
 def _data_tokens(cfg) -> tuple[float | None, int, float | None]:
@@ -630,17 +614,17 @@ def plan_stages(cfg, model_dir: Path | None, target: Target, *, train_tokens: fl
     with shape_dir(model_dir, cfg.model) as (sdir, source):
         if sdir is None:
             return None
-        params = _count_params(sdir)
+        params = count_params(sdir)
         tokens, test, split_tokens = _data_tokens(cfg)
         if train_tokens is not None:
             tokens = train_tokens
         calib = min(100_000.0, split_tokens or 100_000.0)  # export/imatrix.py MAX_TOKENS: 100k at most
         inp = Inputs(sdir, cfg, target, params, tokens, calib, test or 100)
         costs = []
-        for name, row in STAGE_COSTS:
+        for name in COST_ROWS:
             if stages is not None and name not in stages:
                 continue
-            c = row(inp)
+            c = STAGE_COSTS[name](inp)
             if c is None:
                 continue
             limit = target.usable_gb if c.device == "train" else target.host_usable_gb
@@ -658,7 +642,7 @@ def train_cost(model_dir: Path, tcfg, target: Target, tokens: float | None) -> C
     from .config import RunConfig
 
     cfg = RunConfig(model=str(model_dir), train=tcfg)
-    inp = Inputs(Path(model_dir), cfg, target, _count_params(Path(model_dir)), tokens, 0.0, 0)
+    inp = Inputs(Path(model_dir), cfg, target, count_params(Path(model_dir)), tokens, 0.0, 0)
     c = _train_cost(inp, tcfg, "train")
     c.limit_bytes = target.usable_gb * GB
     c.fits = c.peak_bytes <= c.limit_bytes

@@ -92,7 +92,7 @@ class StreamedModel:
             from .errors import MissingDependencyError
 
             raise MissingDependencyError("torch", "torch", "Computing fp32 reference activations") from None
-        from .export.tensors import SafetensorsReader
+        from .tensors import SafetensorsReader
 
         _return_freed_memory()
         self.torch = torch
@@ -139,7 +139,7 @@ class StreamedModel:
 
     def _weight(self, name: str) -> np.ndarray:
         """fp32 value of parameter ``name`` (adapter merged)."""
-        from .export.tensors import to_float32
+        from .tensors import to_float32
 
         if self.adapter is not None and name in self.adapter.replaced:
             arr, dt = self.adapter.replaced[name]
@@ -171,7 +171,7 @@ class StreamedModel:
         torch = self.torch
         uniq, inverse = torch.unique(ids, return_inverse=True)
         name = self._checkpoint_name(self._prefix(self.embed) + "weight")
-        from .export.tensors import to_float32
+        from .tensors import to_float32
 
         rows = to_float32(self.reader.take(name, uniq.numpy()), self.reader.refs[name].dtype)
         _set_param(self.embed, "weight", torch.from_numpy(rows))
@@ -220,7 +220,7 @@ class StreamedModel:
     def _head(self, h):
         """Logits [positions, vocab] of final hidden states ``h`` [positions, hidden], in row chunks."""
         torch = self.torch
-        from .export.tensors import to_float32
+        from .tensors import to_float32
 
         pname = self._prefix(self.head) + "weight"
         bias = None

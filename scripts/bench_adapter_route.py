@@ -43,8 +43,8 @@ def source_file(kind: str, work: Path) -> Path:
     if kind == "q4_1":
         return q41
     from edgetune.export.gguf import convert
-    from edgetune.export.quantize import quantize
     from edgetune.paths import demo_model_dir
+    from edgetune.quant.quantize import quantize
 
     f16 = convert(demo_model_dir(), work / "demo-f16.gguf", "f16", verify=False, show_progress=False)
     return quantize(f16, work / f"demo-{kind}.gguf", kind)
@@ -53,7 +53,7 @@ def source_file(kind: str, work: Path) -> Path:
 def one(kind: str, work: Path, args) -> dict:
     from edgetune.config import EvalConfig
     from edgetune.eval.core import evaluate
-    from edgetune.export.quantize import export_model
+    from edgetune.quant.build import export_model
     from edgetune.runfolder import RunFolder
 
     src = source_file(kind, work)

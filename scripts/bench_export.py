@@ -26,7 +26,7 @@ t_imp = time.perf_counter()
 if step == "convert":
     from edgetune.export.gguf import convert
 else:
-    from edgetune.export.quantize import quantize
+    from edgetune.quant.quantize import quantize
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 if step == "convert":
@@ -50,8 +50,8 @@ def run(step: str, src: Path, dst: Path, verify: bool) -> dict:
 
 
 def main() -> None:
-    from edgetune.export.tensors import SafetensorsReader
     from edgetune.paths import demo_model_dir
+    from edgetune.tensors import SafetensorsReader
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", nargs="?", default=None, help="HF model folder (default: the demo model)")

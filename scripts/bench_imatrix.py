@@ -39,11 +39,11 @@ def main() -> None:
 
     from edgetune import pipeline
     from edgetune.data.template import load_tokenizer
-    from edgetune.export.autoquant import heldout_token_lists, measure
     from edgetune.export.gguf import convert
     from edgetune.export.imatrix import calibration_texts, make_imatrix
-    from edgetune.export.quantize import quantize
-    from edgetune.export.verify import load_llama
+    from edgetune.llamacpp import load_llama
+    from edgetune.quant.autoquant import heldout_token_lists, measure
+    from edgetune.quant.quantize import quantize
 
     out = Path(a.out or tempfile.mkdtemp(prefix="bench-imatrix-"))
     out.mkdir(parents=True, exist_ok=True)

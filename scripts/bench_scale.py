@@ -57,7 +57,7 @@ def edgetune(*args) -> list[str]:
 
 def write_random_model(out: Path, shape: dict, demo: Path, seed: int = 0) -> int:
     """A random-weight bf16 LlamaForCausalLM folder written one tensor at a time; returns parameters."""
-    from edgetune.export.tensors import SafetensorsWriter, f32_to_bf16_bits
+    from edgetune.tensors import SafetensorsWriter, f32_to_bf16_bits
 
     if (out / "config.json").is_file():
         return json.loads((out / "edgetune-bench.json").read_text())["params"]
@@ -113,7 +113,7 @@ def write_random_model(out: Path, shape: dict, demo: Path, seed: int = 0) -> int
 
 def write_random_adapter(out: Path, model_dir: Path, shape: dict, rank: int = 16) -> Path:
     """A PEFT LoRA adapter with random A and B on every attention and MLP projection."""
-    from edgetune.export.tensors import SafetensorsWriter
+    from edgetune.tensors import SafetensorsWriter
 
     if (out / "adapter_config.json").is_file():
         return out

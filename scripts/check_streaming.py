@@ -78,7 +78,7 @@ def whole_imatrix(model_dir, texts, max_tokens):
 
 REPACK_PROBE = r"""
 import sys, time, numpy as np
-from edgetune.export.verify import load_llama
+from edgetune.llamacpp import load_llama
 def anon():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1e6
 llm = load_llama(sys.argv[1], repack=sys.argv[2] == "on")
@@ -98,8 +98,9 @@ def main() -> int:
     args = ap.parse_args()
     from edgetune import streaming
     from edgetune.data.template import load_tokenizer
+    from edgetune.eval.divergence import combine, drift
     from edgetune.export.imatrix import calibration_texts, compute_imatrix
-    from edgetune.export.verify import REL_NEAR_TIE, combine, corpus_token_lists, drift
+    from edgetune.export.verify import REL_NEAR_TIE, corpus_token_lists
     from edgetune.paths import demo_model_dir
 
     model = Path(args.model) if args.model else demo_model_dir()
@@ -116,7 +117,7 @@ def main() -> int:
     import tempfile
 
     from edgetune.export.gguf import convert
-    from edgetune.export.verify import gguf_logits, load_llama
+    from edgetune.llamacpp import gguf_logits, load_llama
 
     with tempfile.TemporaryDirectory() as tmp:  # the f16 verification's figures with either reference
         f16 = convert(model, Path(tmp) / "m-f16.gguf", "f16", verify=False, show_progress=False)

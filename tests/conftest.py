@@ -147,8 +147,8 @@ def _write_mlx_adapter(peft_dir, out_dir, *, dora=False):
     """The same adapter in mlx-lm's format: lora_a in×r, lora_b r×out, scale in lora_parameters."""
     import numpy as np
 
-    from edgetune.export.tensors import SafetensorsWriter
     from edgetune.fuse import load_adapter
+    from edgetune.tensors import SafetensorsWriter
 
     ad = load_adapter(peft_dir)
     out_dir.mkdir()
@@ -340,6 +340,14 @@ def tiny_recipe():
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random LlamaForCausalLM (2 layers, hidden 64) with the real SmolLM2 tokenizer."""
     return _build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny256(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny llama 256 columns wide: llama.cpp's k-/i-quants (super-blocks of 256) apply instead of
+    the fallbacks it uses for narrower rows (quantization and importance-matrix tests)."""
+    return _build_tiny_model(tmp_path_factory.mktemp("tiny256") / "tiny", tokenizer_dir, seed=7,
+                             hidden_size=256, intermediate_size=512, head_dim=64)
 
 
 @pytest.fixture(scope="session")

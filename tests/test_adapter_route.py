@@ -18,7 +18,8 @@ def _record(d, src, kind="gguf", name=None):
 
 
 def test_source_record_and_refusals(tmp_path):
-    from edgetune.export.source_route import read_source, require_source
+    from edgetune.export.source_route import require_source
+    from edgetune.model_dir import read_source
 
     assert read_source(tmp_path) is None
     with pytest.raises(EdgetuneError, match="was not imported") as ei:
@@ -50,7 +51,7 @@ def test_registry_keeps_from_and_rebases_the_adapter():
 
 def test_modelfile_from_an_ollama_name(tiny_llama_dir, tmp_path, make_lora_gguf):
     from edgetune.export.gguf import convert
-    from edgetune.export.modelfile import build_modelfile
+    from edgetune.ollama.modelfile import build_modelfile
 
     base = convert(tiny_llama_dir, tmp_path / "base.gguf", "f16", verify=False, show_progress=False)
     lora = make_lora_gguf(tmp_path / "a.gguf", layers=2, seed=1, hidden=64)

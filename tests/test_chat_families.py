@@ -11,8 +11,8 @@ import pytest
 from edgetune.chat_families import FAMILIES, detect_family, training_templates
 from edgetune.data.template import KNOWN_TEMPLATES, resolve_chat_template
 from edgetune.export.model_info import ModelInfo
-from edgetune.export.ollama_check import compare
-from edgetune.export.ollama_template import go_template_for
+from edgetune.ollama.check import compare
+from edgetune.ollama.template import go_template_for
 
 WITH_JINJA = [f for f in FAMILIES if f.jinja is not None]
 

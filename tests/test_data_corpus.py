@@ -131,8 +131,8 @@ def test_seeded_garbage_never_raises_anything_but_edgetune_errors(tmp_path):
     rep = validate(tmp_path / "fuzz.jsonl", DataConfig())
     assert rep.exit_code in (1, 2) and rep.rows >= 290
     assert rep.usable + len(rep.problems) + rep.duplicates["exact"] == rep.rows
-    try:
+    # nothing in the fuzz is usable: prepare refuses with the reasons and keeps every rejected line
+    with pytest.raises(EdgetuneError, match=r"No usable records in .*fuzz\.jsonl \(300 rows read; top reasons: ") as exc:
         prepare(tmp_path / "fuzz.jsonl", tmp_path / "o", DataConfig())
-    except EdgetuneError:
-        pass
-    assert (tmp_path / "o" / "rejects.jsonl").exists()
+    assert exc.value.where == str(tmp_path / "o" / "rejects.jsonl")
+    assert len((tmp_path / "o" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()) == len(rep.problems)

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from edgetune.config import DataConfig
-from edgetune.data.formats import Problem, normalise
+from edgetune.data.formats import normalise
 from edgetune.data.preparation import prepare, validate
+from edgetune.data.problems import Problem
 from edgetune.data.template import encode_example, load_tokenizer
 from edgetune.data.tools import ollama_differences
 
@@ -196,7 +197,7 @@ def test_every_assistant_turn_is_located_in_tool_templates(tokenizer_dir, templa
     from pathlib import Path
 
     from edgetune.errors import EdgetuneError
-    from edgetune.export.ollama_check import _tool_conversations
+    from edgetune.ollama.check import _tool_conversations
 
     tok = load_tokenizer(tokenizer_dir, str(Path(__file__).parent / "templates" / f"{template}.jinja"))
     for name, msgs, tools in _tool_conversations(parallel=True):

@@ -187,8 +187,8 @@ def test_demo_tuned_beats_base_on_the_task(demo_model_dir, tmp_path):
     specs = [f"base=hf:{demo_model_dir}", f"tuned=hf:{demo_model_dir}+adapter:{adapter}"]
     try:
         from edgetune.export.gguf import convert
-        from edgetune.export.quantize import quantize
         from edgetune.fuse import fuse
+        from edgetune.quant.quantize import quantize
 
         fused = fuse(demo_model_dir, adapter, tmp_path / "fused")
         f16 = convert(fused, tmp_path / "m-f16.gguf", "f16", verify=False, show_progress=False)

@@ -226,7 +226,7 @@ def test_hf_batched_generation_matches_one_by_one(tiny_llama_dir):
     assert all(0 < g.completion_tokens <= 5 and g.batch == 2 for g in batched)
     # left padding changes nothing: the next-token distributions of the padded batch and of each
     # prompt alone agree (a batch of two is another GEMM shape, so compared as distributions)
-    from edgetune.export.verify import drift
+    from edgetune.eval.divergence import drift
 
     prompts = [r.tokenize(r.render(c)) for c in convs]
     inp, mask, _ = r.left_pad(prompts)

@@ -9,8 +9,9 @@ import pytest
 from edgetune.errors import UnsupportedError
 from edgetune.export.adapter import export_adapter
 from edgetune.export.gguf import convert
-from edgetune.export.verify import load_llama, verify_adapter
+from edgetune.export.verify import verify_adapter
 from edgetune.fuse import fuse
+from edgetune.llamacpp import load_llama
 
 
 @pytest.fixture(scope="module")

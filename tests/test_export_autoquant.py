@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from edgetune import pipeline, registry
 from edgetune.cli import cli
-from edgetune.export.autoquant import LadderRow, choose
 from edgetune.io import read_json
+from edgetune.quant.autoquant import LadderRow, choose
 from edgetune.runfolder import RunFolder
 
 SHORT = "q8_0,q4_k_m,q3_k_m,iq3_m"
@@ -31,13 +31,6 @@ def test_choose_takes_the_smallest_file_inside_the_gate():
     assert [r.passed for r in rows] == [True, True, False, False]
     assert choose(rows, 1.0, 0.0).qtype == "iq3_m"
     assert choose(rows, 1e-5, 0.999) is None
-
-
-@pytest.fixture(scope="module")
-def tiny256(build_tiny_model, tokenizer_dir, tmp_path_factory):
-    # 256 columns: the k-/i-quants apply instead of llama.cpp's fallbacks for narrow rows
-    return build_tiny_model(tmp_path_factory.mktemp("aq") / "tiny", tokenizer_dir, seed=7,
-                            hidden_size=256, intermediate_size=512, head_dim=64)
 
 
 @pytest.fixture(scope="module")

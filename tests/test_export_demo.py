@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from edgetune.eval.divergence import drift_text
 from edgetune.export.adapter import export_adapter
-from edgetune.export.quantize import export_model
-from edgetune.export.verify import drift_text, verify_adapter
+from edgetune.export.verify import verify_adapter
 from edgetune.fuse import fuse
+from edgetune.quant.build import export_model
 
 pytestmark = pytest.mark.slow
 

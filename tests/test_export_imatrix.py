@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgetune.export.imatrix import calibration_texts, compute_imatrix, make_imatrix, write_imatrix
-from edgetune.export.quantize import load_imatrix
+from edgetune.quant.quantize import load_imatrix
 
 # HF module -> llama.cpp tensor, written out here from llama.cpp's llama-arch.cpp (LLM_TENSOR_NAMES)
 # rather than taken from gguf-py's map, so that the naming is checked too.
@@ -150,18 +150,11 @@ def test_written_gguf_has_llama_cpp_layout_and_round_trips(tiny, tmp_path):
         np.testing.assert_allclose(back[k], imp[k], rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny256(build_tiny_model, tokenizer_dir, tmp_path_factory):
-    # 256 columns: llama.cpp's k-quants (super-blocks of 256) apply instead of their fallbacks
-    return build_tiny_model(tmp_path_factory.mktemp("im256") / "tiny", tokenizer_dir, seed=5,
-                            hidden_size=256, intermediate_size=512, head_dim=64)
-
-
 def test_llama_cpp_quantizes_with_our_imatrix(tiny256, tmp_path):
     from edgetune import pipeline
     from edgetune.export.gguf import convert
-    from edgetune.export.quantize import quantize
-    from edgetune.export.verify import load_llama
+    from edgetune.llamacpp import load_llama
+    from edgetune.quant.quantize import quantize
 
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(pipeline.demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:20]))
@@ -177,6 +170,7 @@ def test_llama_cpp_quantizes_with_our_imatrix(tiny256, tmp_path):
     for p in (with_im, iq):
         llm = load_llama(p, logits_all=False)
         try:
-            assert llm("Hello", max_tokens=3, temperature=0.0)["choices"][0]["text"] is not None
+            out = llm("Hello", max_tokens=3, temperature=0.0)
+            assert (out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"]) == (3, "length")
         finally:
             llm.close()

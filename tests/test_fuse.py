@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgetune.errors import EdgetuneError, UnsupportedError
-from edgetune.export.tensors import SafetensorsReader
 from edgetune.fuse import fuse, load_adapter
+from edgetune.tensors import SafetensorsReader
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

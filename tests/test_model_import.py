@@ -45,7 +45,7 @@ def q8_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def q4km_gguf(build_tiny_model, tokenizer_dir, tmp_path_factory) -> Path:
     from edgetune.export.gguf import convert
-    from edgetune.export.quantize import quantize
+    from edgetune.quant.quantize import quantize
 
     d = tmp_path_factory.mktemp("q4km")
     hf = build_tiny_model(d / "hf", tokenizer_dir, hidden_size=256, intermediate_size=512, head_dim=64)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgetune.cli import main
-from edgetune.export.modelfile_syntax import read_modelfile
+from edgetune.ollama.modelfile_syntax import read_modelfile
 from edgetune.ollama_client import ollama_create
 
 
@@ -89,7 +89,7 @@ class _FakeOllamaAPI(BaseHTTPRequestHandler):
 def test_create_runs_ollama_create_then_smoke_chat(tmp_path, monkeypatch, smollm2_meta_gguf):
     """No Ollama binary exists on CI: a stand-in executable records its argv and a stand-in HTTP
     endpoint answers /api/chat, so the --create path (command line, request, tokens/s) is exercised."""
-    from edgetune.export.modelfile import write_modelfile
+    from edgetune.ollama.modelfile import write_modelfile
 
     mf_path = write_modelfile(smollm2_meta_gguf, tmp_path, "smol")
     bindir = tmp_path / "bin"

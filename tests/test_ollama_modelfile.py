@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from edgetune import gotemplate
 from edgetune.errors import EdgetuneError
-from edgetune.export import gotemplate
-from edgetune.export.modelfile_syntax import format_modelfile, parse_modelfile, quote_value
+from edgetune.ollama.modelfile_syntax import format_modelfile, parse_modelfile, quote_value
 
 # --------------------------------------------------------------------------- parser (Ollama grammar)
 # Expected values follow Ollama's parser/parser.go semantics (cases in the style of its parser_test.go).

@@ -11,10 +11,11 @@ import pytest
 
 from edgetune.chat_families import FAMILY_BY_NAME
 from edgetune.errors import EdgetuneError
-from edgetune.export.modelfile import build_modelfile, write_modelfile
-from edgetune.export.modelfile_syntax import parse_modelfile, read_modelfile
-from edgetune.export.ollama_check import check_modelfile
-from edgetune.export.ollama_template import render_jinja, render_ollama
+from edgetune.jinja import render_jinja
+from edgetune.ollama.check import check_modelfile
+from edgetune.ollama.modelfile import build_modelfile, write_modelfile
+from edgetune.ollama.modelfile_syntax import parse_modelfile, read_modelfile
+from edgetune.ollama.template import render_ollama
 
 TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
@@ -172,7 +173,7 @@ def test_system_defaults_to_training_data_dominant_prompt(tmp_path, family_meta_
 def test_ollama_message_handling():
     """SYSTEM is prepended only when the chat has no system message; consecutive same-role
     messages are merged with a blank line (Ollama's collate), tool results are not."""
-    from edgetune.export.ollama_template import ollama_messages
+    from edgetune.ollama.template import ollama_messages
 
     system, msgs = ollama_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                     {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"}], "S")
@@ -230,7 +231,7 @@ def test_demo_model_modelfile_passes_check(tmp_path, demo_model_dir, demo_gguf_p
 def test_modelfile_options_object_and_keywords(tmp_path, family_meta_gguf):
     """One options dataclass for build/write_modelfile and the CLI; keyword fields override it."""
     from edgetune.config import OllamaConfig
-    from edgetune.export.modelfile import ModelfileOptions
+    from edgetune.ollama.modelfile import ModelfileOptions
 
     gguf = family_meta_gguf(tmp_path / "model.gguf", "chatml")
     hf = make_hf_dir(tmp_path / "hf", "chatml")

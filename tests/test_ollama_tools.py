@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from edgetune import gotemplate
 from edgetune.chat_families import FAMILY_BY_NAME
 from edgetune.data.formats import normalise
-from edgetune.export import gotemplate
-from edgetune.export.gomodel import go_fmt_float, go_json, go_json_float, strconv_quote, template_tools
 from edgetune.export.model_info import ModelInfo
-from edgetune.export.modelfile import build_modelfile
-from edgetune.export.ollama_check import compare
-from edgetune.export.ollama_template import go_template_for, render_jinja, render_ollama
+from edgetune.gotemplate.values import go_fmt_float, go_json, go_json_float, strconv_quote, template_tools
+from edgetune.jinja import render_jinja
+from edgetune.ollama.check import compare
+from edgetune.ollama.modelfile import build_modelfile
+from edgetune.ollama.template import go_template_for, render_ollama
 
 TEMPLATES = Path(__file__).parent / "templates"
 META = {k: v for k, v in json.loads((TEMPLATES / "families.json").read_text()).items() if not k.startswith("_")}
@@ -169,7 +170,7 @@ def test_go_values_print_like_go():
     ('{{ if .X }}{{ define "x" }}{{ end }}{{ end }}', "top level"),
 ])
 def test_unsupported_or_wrong_uses_are_refused(src, msg):
-    from edgetune.export.gomodel import GoStruct
+    from edgetune.gotemplate.values import GoStruct
 
     with pytest.raises(gotemplate.GoTemplateError, match=msg):
         gotemplate.render(src, {"T": GoStruct("api.Thing", {"A": 1}), "X": True})

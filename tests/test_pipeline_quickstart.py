@@ -58,7 +58,7 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch, demo_model_dir):
         llm.close()
 
     # the Modelfile passes the template check against the fused model's chat template
-    from edgetune.export.ollama_check import check_modelfile
+    from edgetune.ollama.check import check_modelfile
 
     assert check_modelfile(run_dir / "ollama" / "Modelfile", run_dir / "fused").ok
 

@@ -19,8 +19,8 @@ from safetensors.numpy import load_file
 
 from edgetune import pipeline, registry
 from edgetune.cli import cli
-from edgetune.export.quantize import quantize
 from edgetune.io import read_json
+from edgetune.quant.quantize import quantize
 from edgetune.runfolder import RunFolder
 
 TIMING = ("tokens_per_s", "ttft_s", "_s", "seconds")  # wall-clock metrics differ between two runs
@@ -150,7 +150,7 @@ def test_register_stage_equals_models_register_and_registers_once(done_run, monk
 def test_ollama_stage_equals_ollama_command(done_run, tmp_path):
     run, _ = done_run
     _cli("ollama", run.root, "-o", tmp_path)
-    from edgetune.export.modelfile_syntax import read_modelfile
+    from edgetune.ollama.modelfile_syntax import read_modelfile
 
     ours, theirs = read_modelfile(tmp_path / "Modelfile"), read_modelfile(run.modelfile)
     strip = [(c.name, c.args) for c in theirs.commands if c.name != "model"]

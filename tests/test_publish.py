@@ -23,8 +23,8 @@ from edgetune import pipeline, registry
 from edgetune.cli import cli
 from edgetune.errors import EdgetuneError
 from edgetune.eval.gates import check_gates
-from edgetune.export.modelfile_syntax import read_modelfile
 from edgetune.io import read_json, sha256_file, write_json
+from edgetune.ollama.modelfile_syntax import read_modelfile
 from edgetune.publish import base_model_id, find_license, publish
 from edgetune.runfolder import RunFolder
 

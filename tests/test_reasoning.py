@@ -91,7 +91,8 @@ ROWS = [
 
 
 def test_reasoning_fields_normalise_to_reasoning_content():
-    from edgetune.data.formats import Problem, normalise
+    from edgetune.data.formats import normalise
+    from edgetune.data.problems import Problem
 
     assert normalise(ROWS[0]).messages[1] == {"role": "assistant", "content": "7", "reasoning_content": "3 plus 4 is 7."}
     assert normalise(ROWS[1]).messages[1] == {"role": "assistant", "content": "9", "reasoning_content": "5 plus 4 is 9."}
@@ -173,8 +174,8 @@ def test_loss_covers_reasoning_and_answer_with_thinking_on_and_the_answer_alone_
 # ------------------------------------------------------------------------------ Ollama TEMPLATE
 def test_ollama_check_renders_thinking_on_and_off_token_for_token(tiny_thinking_model):
     from edgetune.export.model_info import model_info
-    from edgetune.export.ollama_check import compare
-    from edgetune.export.ollama_template import go_template_for
+    from edgetune.ollama.check import compare
+    from edgetune.ollama.template import go_template_for
 
     info = model_info(None, tiny_thinking_model[0])
     fam, go = go_template_for(info)

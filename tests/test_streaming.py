@@ -86,7 +86,7 @@ def test_streamed_adapter_equals_peft(tiny_llama_dir, tmp_path, make_peft_adapte
 
 
 def test_reader_rows_and_take(tiny_llama_dir):
-    from edgetune.export.tensors import SafetensorsReader
+    from edgetune.tensors import SafetensorsReader
 
     rd = SafetensorsReader(tiny_llama_dir)
     name = "model.embed_tokens.weight"
@@ -107,7 +107,7 @@ def test_measuring_llama_contexts_do_not_repack(monkeypatch):
     """Verification and drift load llama.cpp without its repacked weight copy, unless asked."""
     import llama_cpp.llama_cpp as C
 
-    from edgetune.export.verify import measure_repack, model_params
+    from edgetune.llamacpp import measure_repack, model_params
 
     assert C.llama_model_default_params().use_extra_bufts  # llama.cpp's default: repack
     with model_params(False):

@@ -1,5 +1,5 @@
-"""Properties of the code base itself: every flag a fix or hint names exists, the eval modules
-import no circle, test modules share helpers through conftest.py only."""
+"""Properties of the code base itself: every flag a fix or hint names exists, the package imports no
+circle and no layer imports a higher one, test modules share helpers through conftest.py only."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import click
 import pytest
 
 from edgetune.cli import cli
+from edgetune.devdocs import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgetune"
@@ -92,38 +93,102 @@ def test_every_flag_in_a_fix_or_hint_exists():
     assert not stale, "\n".join(stale)
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` that ``path`` imports anywhere (top level or inside a function)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and path.parent.name == package.rsplit(".", 1)[-1]:
-            if node.module:
-                names.add(node.module.split(".")[0])
-            else:
-                names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package + "."):
-            names.add(node.module[len(package) + 1:].split(".")[0])
-    return names
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_eval_modules_import_no_circle():
-    """edgetune/eval: the module import graph (lazy imports included) has no cycle."""
-    eval_dir = PACKAGE / "eval"
-    graph = {p.stem: _imports(p, "edgetune.eval") for p in eval_dir.glob("*.py") if p.stem != "__init__"}
-    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
-    assert graph["drift"] and "runner_args" in graph["drift"]
+def import_graph() -> dict[str, set[str]]:
+    """edgetune module -> the edgetune modules it imports anywhere (top level or inside a function).
 
-    def cycle_from(node, stack):
+    ``from PKG import name`` counts as importing the module ``PKG.name`` when there is one, else ``PKG``."""
+    files = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, path in files.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".") \
+                    if node.level else node.module or ""
+                if base == "edgetune" or base.startswith("edgetune."):
+                    deps.update(known(f"{base}.{a.name}") if f"{base}.{a.name}" in files else known(base)
+                                for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(known(a.name) for a in node.names if a.name.startswith("edgetune"))
+        graph[mod] = {d for d in deps if d and d != mod}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (``[a, b, ..., a]``), or None."""
+    done: set[str] = set()
+
+    def visit(node, stack):
         if node in stack:
             return stack[stack.index(node):] + [node]
-        for dep in sorted(graph[node]):
-            found = cycle_from(dep, stack + [node])
+        if node in done:
+            return None
+        for dep in sorted(graph.get(node, ())):
+            found = visit(dep, stack + [node])
             if found:
                 return found
+        done.add(node)
         return None
 
-    cycles = [c for m in sorted(graph) if (c := cycle_from(m, []))]
-    assert not cycles, " -> ".join(cycles[0])
+    return next((c for m in sorted(graph) if (c := visit(m, []))), None)
+
+
+def test_find_cycle_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a", "c"}}) is None
+
+
+def test_package_imports_no_circle():
+    """No import circle anywhere in edgetune (lazy imports inside functions included)."""
+    graph = import_graph()
+    assert "edgetune.eval.runner_args" in graph["edgetune.eval.drift"]  # relative imports are resolved
+    assert "edgetune.export.gguf" in graph["edgetune.runfolder"]  # and so are lazy ones
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+# the layer table lives in edgetune.devdocs (ARCHITECTURE.md prints it): bottom first, by component
+def layer_violations(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """``a -> b (lower layer -> higher layer)`` for every import that points up; unplaced components too."""
+    rank = {c: i for i, (_, comps, *_) in enumerate(layers) for c in comps}
+    name = {c: n for n, comps, *_ in layers for c in comps}
+
+    def component(mod: str) -> str:
+        return mod.split(".")[1] if "." in mod else ""
+
+    bad = sorted({f"edgetune.{c} has no row in LAYERS" for m in graph if (c := component(m)) not in rank})
+    for mod, deps in sorted(graph.items()):
+        a = component(mod)
+        bad += [f"{mod} -> {d} ({name[a]} imports {name[b]})" for d in sorted(deps)
+                if a in rank and (b := component(d)) in rank and rank[b] > rank[a]]
+    return bad
+
+
+def test_layer_check_finds_an_upward_import():
+    graph = {"edgetune.data.tools": {"edgetune.ollama.template"}, "edgetune.ollama.template": {"edgetune.data.tools"},
+             "edgetune.newthing": set()}
+    assert layer_violations(graph) == [
+        "edgetune.newthing has no row in LAYERS",
+        "edgetune.data.tools -> edgetune.ollama.template (model stages imports from a gguf)",
+    ]
+
+
+def test_lower_layers_import_nothing_from_higher_ones():
+    """data, fuse and eval never import GGUF, quantization, Ollama or orchestration code; nothing imports the CLI."""
+    bad = layer_violations(import_graph())
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "tests").glob("test_*.py")), ids=lambda p: p.name)

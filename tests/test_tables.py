@@ -1,7 +1,8 @@
-"""The one-row-per-concept tables (architectures, GGUF types) against what reads them."""
+"""The one-row-per-concept tables (architectures, GGUF types, stages, tool syntaxes, train flags) against what reads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -65,7 +66,7 @@ def test_lora_targets_and_memory_shapes_match_the_hf_model(tmp_path, model_type)
 def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
     import gguf
 
-    from edgetune.export.qtypes import OUTTYPES, QTYPES, QUANTS
+    from edgetune.qtypes import OUTTYPES, QTYPES, QUANTS
 
     for q in QTYPES.values():
         assert hasattr(gguf.LlamaFileType, q.ftype), q.name
@@ -82,7 +83,7 @@ def test_gguf_types_table_matches_llama_cpp_and_gguf_py():
 
 def test_quant_type_names_are_normalized_and_unknown_ones_refused():
     from edgetune.errors import EdgetuneError
-    from edgetune.export.qtypes import normalize_qtype
+    from edgetune.qtypes import normalize_qtype
 
     assert normalize_qtype(" Q4_K-M ") == "q4_k_m"
     with pytest.raises(EdgetuneError) as ei:
@@ -93,7 +94,7 @@ def test_quant_type_names_are_normalized_and_unknown_ones_refused():
 def test_low_bit_iquants_need_an_imatrix(tmp_path):
     pytest.importorskip("llama_cpp")
     from edgetune.errors import EdgetuneError
-    from edgetune.export.quantize import quantize
+    from edgetune.quant.quantize import quantize
 
     src = tmp_path / "m-f16.gguf"
     src.write_bytes(b"GGUF")
@@ -162,6 +163,133 @@ def test_config_refuses_a_value_outside_its_choices(key):
     cls = SECTIONS[section]
     # settings a choice needs beside it (select_by picks among several evaluations)
     needs = {"train.select_by": {"eval_every": 10, "early_stopping_patience": 2}}.get(key, {})
-    assert cls(**{name: CHOICES[key][-1]}, **needs)  # every listed value is accepted
+    assert getattr(cls(**{name: CHOICES[key][-1]}, **needs), name) == CHOICES[key][-1]  # every listed value is accepted
     with pytest.raises(EdgetuneError, match=f"{key} = 'nope' is not one of"):
         cls(**{name: "nope"}, **needs)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def test_every_stage_has_its_functions_and_its_cost_row():
+    from edgetune import pipeline, stageplan
+    from edgetune.stages import STAGES
+
+    assert tuple(s.name for s in pipeline.PIPELINE) == STAGES and "align" in STAGES
+    assert set(stageplan.STAGE_COSTS) == {*STAGES, "imatrix"}
+    assert stageplan.COST_ROWS.index("imatrix") == stageplan.COST_ROWS.index("export") - 1
+
+
+def test_each_stage_input_hash_reads_exactly_the_stages_of_its_reads_column(tmp_path):
+    """The ``reads`` column is what a stage's input hash covers: each input function asks for the output
+    hashes of those stages and no others (a stage reading an upstream stage it does not declare is caught)."""
+    from edgetune import pipeline
+    from edgetune.config import AlignConfig, DataConfig, RunConfig
+    from edgetune.runfolder import RunFolder
+    from edgetune.stages import STAGE
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    cfg = RunConfig(model=str(tmp_path), output=str(tmp_path / "runs"), data=DataConfig(path=str(data)),
+                    align=AlignConfig(data=str(data)))
+    asked: list[str] = []
+
+    class Recording(pipeline.Ctx):
+        def output_hash(self, stage):
+            asked.append(stage)
+            return "h"
+
+    c = Recording(cfg, RunFolder(tmp_path / "run", cfg), tmp_path, data, {"stages": {}, "model_fingerprint": "m"})
+    for st in pipeline.PIPELINE:
+        asked.clear()
+        st.inputs(c)
+        assert sorted(set(asked)) == sorted(STAGE[st.name].reads), st.name
+
+
+def test_stage_folders_and_the_align_switch_come_from_the_table(tmp_path):
+    from edgetune.config import AlignConfig, RunConfig
+    from edgetune.runfolder import RunFolder
+    from edgetune.stages import STAGE_TABLE, flow
+
+    run = RunFolder(tmp_path, RunConfig())
+    assert [run.stage_dir(s.name).name for s in STAGE_TABLE if s.folder] == \
+        [p.name for p in (run.data_dir, run.train_dir, run.align_dir, run.fused_dir, run.gguf_dir, run.ollama_dir, run.eval_dir)]
+    assert not run.aligned and RunFolder(tmp_path, RunConfig(align=AlignConfig(data="x"))).aligned
+    assert flow() == "data → train → align → fuse → export → ollama → eval → register"
+
+
+def test_run_help_and_readme_list_every_stage():
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+    from edgetune.stages import flow
+
+    out = CliRunner().invoke(cli, ["run", "--help"], terminal_width=200).output
+    assert flow() in " ".join(out.split())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(ln for ln in readme.splitlines() if ln.startswith("edgetune run my-recipe.yaml --set"))
+    assert line.endswith("# " + flow())
+
+
+# --- tool-call syntaxes ------------------------------------------------------------------------------
+
+
+def _family_templates():
+    """(family, a real Jinja template of it): the training templates and tests/templates' reference ones."""
+    from edgetune.chat_families import FAMILIES, FAMILY_BY_NAME
+
+    out = [(f, f.jinja) for f in FAMILIES if f.jinja]
+    meta = json.loads((ROOT / "tests" / "templates" / "families.json").read_text())
+    out += [(FAMILY_BY_NAME[v["family"]], (ROOT / "tests" / "templates" / f"{k}.jinja").read_text(encoding="utf-8"))
+            for k, v in meta.items() if not k.startswith("_")]
+    return out
+
+
+@pytest.mark.parametrize("fam,template", _family_templates(), ids=lambda v: getattr(v, "name", ""))
+def test_family_tool_syntax_pointer_agrees_with_the_detected_syntax(fam, template):
+    from edgetune.tool_syntax import syntax_for
+
+    detected = syntax_for(template)
+    assert (detected.name if detected else "") == fam.tools
+    assert fam.syntax is detected
+
+
+def test_every_tool_syntax_has_a_family_and_a_family_cannot_point_nowhere():
+    from edgetune.chat_families import FAMILIES, Family
+    from edgetune.tool_syntax import SYNTAXES
+
+    assert {s.name for s in SYNTAXES} == {f.tools for f in FAMILIES if f.tools}
+    with pytest.raises(ValueError, match="names no row"):
+        Family("x", lambda j: False, "", (), tools="hermes2")
+
+
+# --- train flags from TrainConfig ----------------------------------------------------------------------
+
+
+def test_train_flags_are_generated_from_the_config_fields():
+    import click
+
+    from edgetune.cli.train import train
+    from edgetune.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    opts = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    flagged = {n for n, f in fields.items() if "help" in f.metadata}
+    assert flagged <= set(opts) and {"rank", "learning_rate", "beta", "rewards", "select_by"} <= flagged
+    assert opts["learning_rate"].opts == ["--lr"] and set(opts["rank"].opts) == {"--rank", "-r"}
+    assert opts["rank"].help == "LoRA rank (default 16)."  # the field's help and default, once
+    assert opts["packing"].secondary_opts == ["--no-packing"] and opts["rewards"].opts == ["--reward"]
+    assert isinstance(opts["select_by"].type, click.Choice) and opts["iters"].type is click.INT
+    assert all(opts[n].default is None for n in flagged)  # unset flags leave the recipe's values
+
+
+def test_train_flags_parse_into_the_config():
+    from edgetune.cli.train import train
+
+    ctx = train.make_context("train", ["-d", "x", "-o", "y", "--lr", "1e-3", "-r", "8", "--no-packing",
+                                       "--target-modules", "q_proj, v_proj", "--reward", "a", "--reward", "b",
+                                       "--early-stopping", "2", "--threads", "3"])
+    p = ctx.params
+    assert (p["learning_rate"], p["rank"], p["packing"], p["early_stopping_patience"], p["num_threads"]) == (1e-3, 8, False, 2, 3)
+    assert p["target_modules"] == ["q_proj", "v_proj"] and p["rewards"] == ["a", "b"]
+    assert p["iters"] is None and p["beta"] is None

@@ -26,7 +26,7 @@ def test_auto_dispatch_order():
     assert choose_backend("auto", "lora", apple).backend == "mlx"
     cuda = hw(cuda=True, cuda_devices=[{"name": "H100", "memory_gb": 80}], bitsandbytes="0.45")
     assert choose_backend("auto", "qlora", cuda).device == "cuda"
-    assert choose_backend("auto", "lora", hw(cpu_bf16=True)).device == "cpu"
+    assert choose_backend("auto", "lora", hw()).device == "cpu"
     assert choose_backend("auto", "qlora", hw(mlx="0.30", mlx_lm="0.30")).backend == "mlx"
 
 

@@ -15,6 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import EdgetuneError
+from ..stages import flow
 
 # command name -> (module, attribute, one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -61,13 +62,11 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             help=f"edgetune: from a dataset to a fine-tuned model you can run offline.\n\n{flow()} → serve")
 @click.version_option(__version__, prog_name="edgetune")
 def cli():
-    """edgetune: from a dataset to a fine-tuned model you can run offline.
-
-    data → train → fuse → export (GGUF) → ollama → eval → serve
-    """
+    pass
 
 
 def main(argv=None):

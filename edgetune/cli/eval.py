@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..config import CHOICES
+from ..eval.runners import logit_kinds
 from .options import json_option
 
 
@@ -71,7 +72,7 @@ class _RunArgument(click.Group):
                    "when the template can switch), on, off, both. Metrics score the final answer.")
 @click.option("--preference-data", type=click.Path(), default=None,
               help="Preference pairs (prompt/chosen/rejected): report each model's preference accuracy (chosen log-prob > "
-                   "rejected); runners with logits only (hf, mlx, gguf). Default with a run folder: its align test split.")
+                   f"rejected); runners with logits only ({', '.join(logit_kinds())}). Default with a run folder: its align test split.")
 @click.option("--allow-overlap", is_flag=True, default=None,
               help="With a run folder and your own --data: evaluate even when rows duplicate the run's training split "
                    "(the overlap is reported); refused otherwise.")
@@ -112,9 +113,9 @@ def eval_group(ctx, run_dir, data_path, models, out_dir, baseline, metrics, max_
             train_data = run.split("train")
         if not models:
             run.require(run.fused_dir, "fuse")
-            from ..eval.fit import run_specs
+            from ..runfolder import fitted_eval_specs
 
-            specs, rows = run_specs(run)
+            specs, rows = fitted_eval_specs(run)
             models = tuple(f"{k}={v}" for k, v in specs.items())
             runner_choice = rows.as_dict()
             baseline = baseline or cfg.baseline or "base"  # what the run's eval stage compares against

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ..config import CHOICES
+from ..qtypes import QUANTS
 from .options import output_option
 
-QUANT_HELP = "llama.cpp quant types, comma-separated or repeated (q4_k_m, q5_k_m, q6_k, q8_0, …)."
+QUANT_HELP = f"llama.cpp quant types, comma-separated or repeated: {', '.join(QUANTS)}."
 
 
 def _split(values) -> list[str]:
@@ -33,7 +34,7 @@ def _print_verify(report) -> None:
 
 def _print_drift(rows, title) -> None:
     from ..console import console
-    from ..export.verify import drift_table
+    from ..eval.divergence import drift_table
 
     if rows:
         console.print(drift_table(rows, title=title))
@@ -110,7 +111,7 @@ def export_one_shot(model_dir, quants, outtype, imatrix, calib, heldout, max_kl,
     """Convert MODEL_DIR (an HF folder, or a run folder) to GGUF and quantize it (the one-shot form)."""
     from ..config import ExportConfig, load_config, override
     from ..console import console, out
-    from ..export.quantize import export_model, export_run_kwargs
+    from ..quant.build import export_model, export_run_kwargs
     from ..runfolder import RunFolder
 
     run = RunFolder.open(model_dir) if RunFolder.is_run_folder(model_dir) else None
@@ -172,7 +173,7 @@ def gguf_cmd(model_dir, output, outtype, verify):
     """Convert an HF model folder to a GGUF file."""
     from ..console import console, out
     from ..export.gguf import convert
-    from ..export.quantize import output_name
+    from ..quant.build import output_name
 
     dst = Path(output) if output else Path(model_dir).parent / "gguf" / f"{output_name(Path(model_dir))}-{outtype}.gguf"
     p = convert(model_dir, dst, outtype, verify=verify is not False)
@@ -191,7 +192,8 @@ def quantize_cmd(in_gguf, qtypes, output, imatrix, verify):
     """Quantize a GGUF with llama.cpp; report top-1 agreement and mean KL against IN_GGUF."""
     from ..console import console, out
     from ..errors import EdgetuneError
-    from ..export.quantize import normalize_qtype, quant_drift, quantize
+    from ..quant.build import quant_drift
+    from ..quant.quantize import normalize_qtype, quantize
 
     types = [normalize_qtype(q) for q in _split(qtypes)]
     src = Path(in_gguf)
@@ -228,7 +230,7 @@ def adapter_cmd(base_dir, adapter_dir, output, base_gguf, verify):
 
     p = export_adapter(base_dir, adapter_dir, output)
     if verify is not False:
-        from ..export.verify import drift_table
+        from ..eval.divergence import drift_table
 
         rep = verify_adapter_export(base_dir, adapter_dir, p, base_gguf=base_gguf)
         console.print(drift_table([rep.row], title="base GGUF + adapter GGUF vs fused GGUF"))

@@ -94,8 +94,8 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
     """
     from ..config import OllamaConfig, override
     from ..console import console, out
-    from ..export.modelfile import ModelfileOptions, build_modelfile
     from ..io import write_text
+    from ..ollama.modelfile import ModelfileOptions, build_modelfile
     from ..ollama_client import check_model_name, create_command, ollama_create
     from ..runfolder import RunFolder
 
@@ -155,7 +155,7 @@ def write_cmd(model, name, adapter, output, model_dir, system, train_data, templ
 @json_option
 def check_cmd(modelfile, model_dir, as_json):
     """Render the Modelfile's TEMPLATE for a set of chats and compare with the chat template (exit 1 if they differ)."""
-    from ..export.ollama_check import check_modelfile
+    from ..ollama.check import check_modelfile
     from ..runfolder import RunFolder
 
     if modelfile.is_dir():  # a run folder: RUN/ollama/Modelfile against RUN/fused

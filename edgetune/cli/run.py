@@ -7,7 +7,7 @@ import time
 import click
 
 from ..console import console, out
-from ..pipeline import STAGES
+from ..stages import STAGES, flow
 from .options import force_option, json_option, target_options
 
 STAGE_CHOICE = click.Choice(STAGES)
@@ -20,20 +20,18 @@ def _set_option(f):
     )(f)
 
 
-@click.command("run")
+@click.command("run", help=f"""Run every stage of RECIPE (a YAML file or a shipped recipe name), skipping what is done.
+
+{flow()} (what each does: `edgetune plan RECIPE`).
+An interrupted run continues where it stopped when you run the same command again.
+A run whose stages cannot fit in this machine's memory is refused before it starts
+(see `edgetune plan RECIPE`; --force starts anyway).""")
 @click.argument("recipe")
 @_set_option
 @click.option("--from", "from_stage", type=STAGE_CHOICE, default=None, help="Re-run this stage and every stage after it.")
 @click.option("--to", "to_stage", type=STAGE_CHOICE, default=None, help="Stop after this stage.")
 @force_option
 def run(recipe, overrides, from_stage, to_stage, force):
-    """Run every stage of RECIPE (a YAML file or a shipped recipe name), skipping what is done.
-
-    data → train → fuse → export (f16 + quants) → Modelfile + check → eval → registry.
-    An interrupted run continues where it stopped when you run the same command again.
-    A run whose stages cannot fit in this machine's memory is refused before it starts
-    (see `edgetune plan RECIPE`; --force starts anyway).
-    """
     from .. import pipeline
 
     cfg = pipeline.load_recipe(recipe, list(overrides))

@@ -4,28 +4,56 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING, fields
+from typing import get_args, get_type_hints
 
 import click
 
-from ..config import CHOICES
-from ..train.objectives import OBJECTIVES
-from ..train.objectives import params as objective_params
-from ..train.samples import SELECT_METRICS
+from ..config import CHOICES, TrainConfig
 from .options import force_option, json_option, model_option, output_option, seed_option, target_options
 
 
-def objective_options(fn):
-    """A flag for every objective setting, from the objective modules (train/objectives/*.py)."""
-    for p in reversed(objective_params()):
-        kind = {"int": int, "float": float}.get(p.type.split(" ")[0])
-        if p.choices:
-            kind = click.Choice(p.choices)
-        default = "" if p.default is None else f" (default {p.default})"
-        if p.multiple:
-            flag = p.flag.rstrip("s") if p.flag.endswith("s") else p.flag
-            fn = click.option(flag, p.name, multiple=True, default=None, help=p.help)(fn)
+def _comma_list(ctx, param, value):
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _repeated(ctx, param, value):
+    return list(value) or None  # given no times: leave the recipe's list alone
+
+
+def train_config_options(fn):
+    """One option per ``TrainConfig`` field made with :func:`edgetune.config.flag` (objective settings
+    included), in field order: the flag, help text and default come from the field; the type from its
+    annotation; choices from ``CHOICES``. Every default is None so an unset flag leaves the recipe's value."""
+    hints = get_type_hints(TrainConfig)
+    opts = []
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        name = meta["flag"] or "--" + f.name.replace("_", "-")
+        decls = [name, *([meta["short"]] if meta["short"] else []), f.name]
+        base = {a for a in get_args(hints[f.name]) if a is not type(None)} or {hints[f.name]}
+        kind = next(iter(base))
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_ = meta["help"]
+        if default not in (None, []) and "(default" not in help_:
+            shown = ("on" if default else "off") if kind is bool else f"{default:g}" if isinstance(default, float) else default
+            help_ = help_.rstrip(".") + f" (default {shown})."
+        kw: dict = {"default": None, "help": help_}
+        if kind is bool:
+            decls[0] = f"{name}/--no-{name[2:]}"
+        elif meta["comma"]:
+            kw["callback"] = _comma_list
+        elif meta["multiple"]:
+            kw.update(multiple=True, callback=_repeated)
+        elif f"train.{f.name}" in CHOICES:
+            kw["type"] = click.Choice(CHOICES[f"train.{f.name}"])
         else:
-            fn = click.option(p.flag, p.name, type=kind, default=None, help=p.help + default)(fn)
+            kw["type"] = {int: int, float: float}.get(kind, str)
+        opts.append(click.option(*decls, **kw))
+    for opt in reversed(opts):
+        fn = opt(fn)
     return fn
 
 
@@ -39,50 +67,7 @@ def objective_options(fn):
 @click.option("--section", default="train", show_default=True, metavar="train|align",
               help="Which training section of --config: `align` is the DPO/ORPO stage after SFT (train it on RUN/align/sft_model "
                    "with -d RUN/align/data, as `edgetune run` does).")
-@click.option("--backend", type=click.Choice(CHOICES["train.backend"]), default=None, help="Training backend.")
-@click.option("--method", type=click.Choice(CHOICES["train.method"]), default=None, help="Fine-tuning method.")
-@click.option("--objective", type=click.Choice(CHOICES["train.objective"]), default=None,
-              help="What training optimises (torch and MLX): "
-                   + "; ".join(f"{n} = {o.summary}" for n, o in OBJECTIVES.items()) + ".")
-@objective_options
-@click.option("--rank", "-r", type=int, default=None, help="LoRA rank.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank).")
-@click.option("--dropout", type=float, default=None, help="LoRA dropout.")
-@click.option("--target-modules", default=None, help="Comma-separated linear layer names (default: all attention + MLP).")
-@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate.")
-@click.option("--lr-scheduler", type=click.Choice(CHOICES["train.lr_scheduler"]), default=None)
-@click.option("--warmup-ratio", type=float, default=None)
-@click.option("--epochs", type=float, default=None)
-@click.option("--iters", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--batch-size", "-b", type=int, default=None)
-@click.option("--grad-accum", type=int, default=None)
-@click.option("--max-seq-len", type=int, default=None,
-              help="Row length in tokens (default: the train split's p99 rounded up to 64, capped by the model's context and 2048).")
-@click.option("--packing/--no-packing", default=None,
-              help="Padding-free packed batches (default: on with torch; MLX pads and refuses --packing).")
-@click.option("--group-by-length/--no-group-by-length", default=None,
-              help="Padded batches of similar lengths (default: on with MLX; needs --no-packing with torch).")
-@click.option("--eval-every", type=int, default=None, help="Validation loss every N steps (0 = at the end only).")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps.")
-@click.option("--early-stopping", "early_stopping_patience", type=int, default=None,
-              help="Stop after N evaluations without improvement (the best adapter is kept).")
-@click.option("--spike-factor", type=float, default=None,
-              help="Warn when a step's loss exceeds this many times the median of the last 20 steps' (and is "
-                   "0.5 above it); 0 = off (default 2). A NaN/inf loss or gradient always stops the run.")
-@click.option("--sample-every", type=int, default=None,
-              help="Every N steps (and at the last), greedy answers to a few valid prompts into OUTPUT/samples.jsonl "
-                   "(default 0 = off).")
-@click.option("--sample-prompts", type=int, default=None, help="Prompts --sample-every answers (default 3).")
-@click.option("--sample-max-tokens", type=int, default=None, help="New tokens per sample answer (default 64).")
-@click.option("--select-by", type=click.Choice(SELECT_METRICS), default=None,
-              help="Pick the best checkpoint (and early-stop) by this task metric of greedy answers to the valid "
-                   "split instead of the validation loss; needs --eval-every and --early-stopping.")
-@click.option("--select-by-limit", type=int, default=None, help="Valid rows --select-by answers per evaluation (default 16).")
-@click.option("--precision", type=click.Choice(CHOICES["train.precision"]), default=None,
-              help="Compute dtype (default auto: edgetune.precision's choice for this device; see edgetune doctor).")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--report-to", type=click.Choice(CHOICES["train.report_to"]), default=None)
-@click.option("--threads", "num_threads", type=int, default=None, help="torch CPU threads (MLX refuses it).")
+@train_config_options
 @click.option("--chat-template", default=None, help="Template file or family name for models without one.")
 @seed_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
@@ -91,15 +76,15 @@ def objective_options(fn):
 @target_options
 @force_option
 @json_option
-def train(model, data_dir, output, recipe, section, chat_template, resume, dry_run, as_json, target_modules,
-          target, target_memory, force, **flags):
+def train(model, data_dir, output, recipe, section, chat_template, resume, dry_run, as_json, target, target_memory,
+          force, **flags):
     """Fine-tune MODEL on prepared DATA; writes OUTPUT/adapter (PEFT format) and friends.
 
     \b
     Example:
       edgetune train -m models/base/smollm2-135m-instruct -d data/prepared -o runs/demo --iters 200
     """
-    from ..config import TrainConfig, load_config, override
+    from ..config import load_config, override
     from ..console import out
     from ..paths import demo_model_dir
 
@@ -113,11 +98,6 @@ def train(model, data_dir, output, recipe, section, chat_template, resume, dry_r
         model = str(resolve_model(rc.model))
     if rc and not chat_template:
         chat_template = rc.data.chat_template  # the template the data stage rendered with
-    for p in objective_params():
-        if p.multiple:  # a repeatable flag given no times leaves the recipe's list alone
-            flags[p.name] = list(flags.get(p.name) or ()) or None
-    if target_modules:
-        flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = override(cfg, **flags)
     cfg.__post_init__()
     model = model or str(demo_model_dir())

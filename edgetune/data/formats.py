@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .problems import Problem
+
 FORMATS = ("chat", "instruction", "sharegpt", "completion", "preference")
 KINDS = ("chat", "completion", "text", "preference")
 
@@ -30,16 +32,6 @@ ROLE_ALIASES = {
     "ipython": "tool",
     "observation": "tool",
 }
-
-
-class Problem(Exception):
-    """One record-level problem: ``code`` (machine-readable reason), ``field`` and a message."""
-
-    def __init__(self, code: str, message: str, field: str | None = None):
-        self.code = code
-        self.message = message
-        self.field = field
-        super().__init__(message)
 
 
 @dataclass(slots=True)

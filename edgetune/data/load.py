@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgetuneError
-from .formats import Problem
+from .problems import Problem
 
 JSONL_EXT = (".jsonl", ".ndjson")
 JSON_EXT = (".json",)

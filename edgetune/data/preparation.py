@@ -26,8 +26,9 @@ from ..errors import EdgetuneError
 from ..io import atomic_path, sha256_dir, sha256_file, write_json
 from . import dedup as dd
 from .clean import PII_KINDS, clean_text, redact_pii
-from .formats import Problem, Record, normalise
+from .formats import Record, normalise
 from .load import RawLine, is_hub_id, iter_hub, iter_source, list_sources
+from .problems import Problem
 
 # Reasons that are a problem with the record itself (validate exits 1); the others are policy.
 RECORD_PROBLEMS = {

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgetuneError
-from .formats import Problem, Record, normalise
+from .formats import Record, normalise
+from .problems import Problem
 
 PROMPTS = Path(__file__).resolve().parents[1] / "resources" / "replay" / "general_prompts.jsonl"
 REPLAY_MAX_TOKENS = 160  # a general answer in a few sentences; longer ones are cut and not used
@@ -84,8 +85,8 @@ def load_prompts(path: Path = PROMPTS) -> list[dict]:
 
 
 def cache_path(model_dir, chat_template: str | None, prompts_sha: str) -> Path:
+    from ..model_dir import model_fingerprint
     from ..paths import home
-    from ..runfolder import model_fingerprint
 
     key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), chat_template or "", prompts_sha,
                                      REPLAY_MAX_TOKENS]).encode()).hexdigest()[:20]
@@ -97,8 +98,8 @@ def replay_runner_spec(model_dir) -> tuple[str, str]:
 
     An imported base (``models import``) runs on llama.cpp over the very GGUF it came from; on Apple
     Silicon with mlx-lm, MLX; otherwise the hf runner (batched, at the precision policy's dtype)."""
-    from ..export.source_route import read_source
     from ..hardware import has_module
+    from ..model_dir import read_source
 
     src = read_source(model_dir)
     if src is not None and src.path and Path(src.path).is_file():

@@ -26,8 +26,8 @@ import re
 from collections import Counter
 from typing import Any
 
-from ..export.gomodel import go_json_float, strconv_quote
-from .formats import Problem
+from ..gotemplate.values import go_json_float, strconv_quote
+from .problems import Problem
 
 PROPERTY_KEYS = ("anyOf", "type", "items", "description", "enum", "properties", "required")
 PARAMETER_KEYS = ("type", "$defs", "items", "required", "properties")

@@ -85,8 +85,9 @@ def load_examples(path: str | Path, limit: int | None = None, *, require_check: 
     """Read eval examples from a file/folder (JSONL, JSON, CSV, Parquet, saved dataset).
 
     ``require_check``: every row must carry a ``check`` (regression files)."""
-    from ..data.formats import Problem, normalise
+    from ..data.formats import normalise
     from ..data.load import iter_source, list_sources
+    from ..data.problems import Problem
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -419,8 +420,9 @@ class Pair:
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     """Preference rows (``prompt`` as a string or turns, ``chosen``, ``rejected``) from a file/folder."""
-    from ..data.formats import Problem, normalise
+    from ..data.formats import normalise
     from ..data.load import iter_source, list_sources
+    from ..data.problems import Problem
 
     p = Path(path).expanduser()
     if not p.exists():

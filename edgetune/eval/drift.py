@@ -19,19 +19,19 @@ from ..console import progress
 from ..errors import EdgetuneError
 from .data import Example
 from .runner_args import runner_options
-from .runners import Runner, Spec, make_runner, parse_spec
+from .runners import Runner, Spec, logit_kinds, make_runner, parse_spec
 
 LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits held at once (reference + candidate)
 
 
 def drift_pair(reference: Runner, candidate: Runner, examples: list[Example], label: str) -> dict[str, Any]:
     """KL(reference || candidate) and top-1 agreement over every reference-answer token."""
-    from ..export.verify import combine, drift
+    from .divergence import combine, drift
 
     for r in (reference, candidate):
         if not r.supports_logits:
             raise EdgetuneError(f"{r.spec}: the {r.kind} runner has no logits, so drift cannot be measured.",
-                                fix="compare runners with logits: hf, mlx or gguf")
+                                fix=f"compare runners with logits: {', '.join(logit_kinds())}")
     rows = []
     per_example = []
     todo = []
@@ -94,12 +94,9 @@ def run_drift(reference_spec: str, candidate_specs: list[str], examples: list[Ex
 
 def drift_many(specs: list[Spec], reference_name: str, examples: list[Example], cfg: EvalConfig) -> dict:
     """Drift of every evaluated model with logits against the one named ``reference_name``."""
-    from .runners import KINDS
-
     ref = next((s for s in specs if reference_name in (s.name, s.raw)), None)
     if ref is None:
         raise EdgetuneError(f"drift reference {reference_name!r} is not one of the evaluated models.",
                             fix=f"use one of: {', '.join(s.name for s in specs)}")
-    logit_kinds = {k for k in KINDS if k in ("hf", "mlx", "gguf")}
-    cands = [s.raw for s in specs if s is not ref and s.kind in logit_kinds]
+    cands = [s.raw for s in specs if s is not ref and s.kind in logit_kinds()]
     return run_drift(ref.raw, cands, examples, cfg)

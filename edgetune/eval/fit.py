@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..stageplan import FIT_MARGIN, GB, RUNTIME, _count_params
+from ..hardware import FIT_MARGIN, GB
+from ..train.memory import RUNTIME, count_params
 
 PROMPT_TOKENS = 1024  # per generated row: prompt + answer the KV cache holds (a generous eval prompt)
 
@@ -42,7 +43,7 @@ def hf_runner_bytes(model_dir, dtype: str, batch: int, params: int | None = None
     s = _model_shapes(model_dir)
     per = 4.0 if dtype in ("fp32", "float32") else 2.0
     kv = 2.0 * s["layers"] * s["kv_heads"] * s["head_dim"] * batch * PROMPT_TOKENS * per
-    params = params if params is not None else _count_params(Path(model_dir))
+    params = params if params is not None else count_params(Path(model_dir))
     return RUNTIME + params * per + kv + batch * s["vocab"] * 4.0 * 2
 
 
@@ -52,7 +53,7 @@ def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
 
     ev = cfg.eval
     dec = decide("generate", "cpu", ev.dtype)
-    params = _count_params(Path(model_dir))
+    params = count_params(Path(model_dir))
     hf = hf_runner_bytes(model_dir, dec.dtype, ev.batch_size or dec.batch_size or 1, params)
     if ev.runner == "hf":
         return RowRunner("hf", None, "eval.runner: hf", hf)
@@ -65,33 +66,10 @@ def choose(cfg, model_dir, available_bytes: float | None = None) -> RowRunner:
     limit = available_bytes * FIT_MARGIN
     if ev.runner == "auto" and hf <= limit:
         return RowRunner("hf", None, f"hf runner ({dec.dtype}) needs ~{hf / GB:.1f} GB of {limit / GB:.1f} GB usable", hf)
-    from ..export.qtypes import bits_per_weight
+    from ..qtypes import bits_per_weight
 
     outtype = cfg.export.outtype
     gtype = next((t for t in (outtype, "q8_0") if params * bits_per_weight(t) / 8 <= limit), "q8_0")
     why = ("eval.runner: gguf" if ev.runner == "gguf" else
            f"the hf runner ({dec.dtype}) would need ~{hf / GB:.1f} GB, {limit / GB:.1f} GB usable")
     return RowRunner("gguf", gtype, f"{why}: base/tuned rows on llama.cpp over the {gtype} GGUF (mmapped)", hf)
-
-
-def run_specs(run, *, show_progress: bool = True) -> tuple[dict[str, str], RowRunner]:
-    """(label -> spec, the choice) for a run folder's eval: :meth:`RunFolder.eval_specs` with the
-    base/SFT/tuned rows moved to GGUFs when the hf runner does not fit (converted here, once)."""
-    from ..export.gguf import convert
-
-    choice = choose(run.cfg, run.base_model_dir)
-    specs = run.eval_specs()
-    if choice.kind == "hf":
-        return specs, choice
-    t = choice.gguf_type
-    sources = {"base": run.base_model_dir, "sft": run.sft_model_dir, "tuned": run.fused_dir}
-    for label, src in sources.items():
-        if label not in specs:
-            continue
-        path = run.gguf(t) if label == "tuned" and run.gguf(t).is_file() else run.eval_dir / f"{label}-{t}.gguf"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # the converter itself is verified on the tuned model's export; these are eval inputs
-            convert(src, path, t, verify=False, show_progress=show_progress)
-        specs[label] = f"gguf:{path}"
-    return specs, choice

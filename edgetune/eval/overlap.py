@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import dedup as dd
-from ..data.formats import Problem, Record, normalise
+from ..data.formats import Record, normalise
 from ..data.load import iter_source, list_sources
+from ..data.problems import Problem
 from ..errors import EdgetuneError
 
 SHOWN = 5  # overlapping rows named in the error / warning

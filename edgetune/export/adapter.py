@@ -17,9 +17,8 @@ from ..arch import gguf_names
 from ..errors import UnsupportedError
 from ..fuse import load_adapter
 from ..io import atomic_path
+from ..qtypes import ADAPTER_OUTTYPES
 from .gguf import gguf_arch_for, transform_tensor
-
-ADAPTER_OUTTYPES = ("f16", "f32")
 
 
 def export_adapter(base_dir, adapter_dir, out_path, *, outtype: str = "f16") -> Path:

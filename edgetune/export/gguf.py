@@ -23,9 +23,9 @@ import numpy as np
 from ..arch import ARCHITECTURES, Arch, arch_of_config, gguf_names, read_config
 from ..errors import EdgetuneError, UnsupportedError
 from ..io import atomic_path
+from ..qtypes import OUTTYPES, QTYPES
+from ..tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 from .gguf_vocab import PRE_TOKENIZERS, add_tokenizer, gguf_model_name  # noqa: F401  (PRE_TOKENIZERS: re-exported)
-from .qtypes import OUTTYPES, QTYPES
-from .tensors import SafetensorsReader, f32_to_bf16_bits, to_float32
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +220,11 @@ def _tensor_qtype(outtype: str, shape: tuple[int, ...]):
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2 or outtype == "f32":
+    if len(shape) < 2:
         return Q.F32  # norms/biases stay f32 as in every llama.cpp conversion
-    if outtype == "f16":
-        return Q.F16
-    if outtype == "bf16":
-        return Q.BF16
-    if outtype == "q8_0":
-        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
-    raise ValueError(outtype)
+    qtype = Q[QTYPES[outtype].ggml]  # the ggml column of edgetune.qtypes
+    block = gguf.GGML_QUANT_SIZES[qtype][0]  # values per block: 1 for float types, 32 for q8_0
+    return qtype if shape[-1] % block == 0 else Q.F16
 
 
 def _nbytes(shape, qtype) -> int:

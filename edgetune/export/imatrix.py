@@ -15,7 +15,7 @@ rows, not input columns), padded positions excluded, names mapped to GGUF names 
 converter's table (:func:`edgetune.arch.gguf_names`). Written in llama.cpp's current imatrix GGUF format
 (``<name>.in_sum2``, ``<name>.counts``, ``<name>.in_sum``; ``general.type = imatrix``,
 ``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``); read back by
-:func:`edgetune.export.quantize.load_imatrix`.
+:func:`edgetune.quant.quantize.load_imatrix`.
 """
 
 from __future__ import annotations

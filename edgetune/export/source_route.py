@@ -15,49 +15,14 @@ comparison without the adapter, so a drift the adapter adds stands out from the 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgetuneError
+from ..model_dir import Source, read_source
 
 MIN_TOP1 = 0.90  # teacher-forced argmax agreement, source GGUF + adapter vs imported HF + adapter
 MAX_KL = 0.05  # mean KL(HF || llama.cpp) in nats over the compared positions
 ROWS = 8  # held-out rows compared
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where an imported base came from (``import.json``'s ``source``)."""
-
-    kind: str  # gguf | ollama
-    path: Path  # the GGUF file (for Ollama: the model blob)
-    name: str | None  # the Ollama name, e.g. qwen2.5:0.5b
-    sha256: str | None
-    file_type: str | None  # the quant type, e.g. Q4_K_M
-
-    @property
-    def ollama_name(self) -> str | None:
-        """The Ollama name the Modelfile's FROM says (the model the user already runs); None for a file."""
-        return self.name if self.kind == "ollama" and self.name else None
-
-    @property
-    def from_line(self) -> str:
-        """What the Modelfile's FROM says: the Ollama name or the file."""
-        return self.ollama_name or str(self.path)
-
-
-def read_source(model_dir) -> Source | None:
-    """The import record of ``model_dir``; None when it was not imported (an HF folder)."""
-    p = Path(model_dir) / "import.json"
-    if not p.is_file():
-        return None
-    try:
-        src = json.loads(p.read_text(encoding="utf-8"))["source"]
-        return Source(src["kind"], Path(src["path"]), src.get("name"), src.get("sha256"), src.get("file_type"))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EdgetuneError(f"{p} is not an import record edgetune can read ({exc}).", where=str(p),
-                            fix="re-import the model with `edgetune models import SOURCE`") from None
 
 
 def require_source(model_dir) -> Source:
@@ -97,8 +62,9 @@ def verify_on_source(imported_dir, adapter_dir, source_gguf, adapter_gguf, token
     """llama.cpp on the source GGUF (+ the adapter GGUF) vs the imported HF model (+ the PEFT adapter),
     fp32 streamed, teacher-forced on ``token_lists``. Returns both comparisons; raises when the
     adapter one is outside the thresholds."""
+    from ..eval.divergence import combine, drift
+    from ..llamacpp import gguf_logits, load_llama
     from ..streaming import logits
-    from .verify import combine, drift, gguf_logits, load_llama
 
     rows = {}
     for label, lora, adapter in (("source vs imported", None, None),

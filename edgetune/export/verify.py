@@ -5,8 +5,8 @@ digits, special tokens, a rendered chat):
 
 * **tokenizer**: llama.cpp's tokenizer (from the GGUF metadata) gives the same ids as the HF
   tokenizer, with and without BOS/EOS, special tokens parsed; the GGUF chat template is the HF one.
-* **logits**: next-token logits at every position. :func:`drift` returns top-1 agreement, mean KL
-  divergence and max |Δlogit|; :func:`drift_table` prints them. f32/f16/bf16 exports must agree
+* **logits**: next-token logits at every position. :func:`~edgetune.eval.divergence.drift` returns top-1 agreement, mean KL
+  divergence and max |Δlogit|; :func:`~edgetune.eval.divergence.drift_table` prints them. f32/f16/bf16 exports must agree
   (top-1 100% outside near-ties, small max |Δlogit|): a disagreement is a converter bug. Quantized
   exports are reported against the f16 export.
 
@@ -18,14 +18,15 @@ with a note.
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgetuneError, MissingDependencyError
+from ..eval.divergence import DriftRow, combine, drift, drift_table
+from ..llamacpp import gguf_logits, load_llama
+from ..qtypes import QTYPES
 
 PROMPTS: list[str] = [
     "The capital of France is",
@@ -43,26 +44,9 @@ CHAT = [
     {"role": "user", "content": "And alpacas?"},
 ]
 
-# f32/f16/bf16 against HF float32, as fractions of the reference logits' standard deviation (so
-# a tiny random model with logits near 0 and a real model with logits in the tens get the same
-# strictness): max |Δlogit| allowed, and how close the HF top-2 may be for a top-1 flip to count
-# as a near-tie rather than a bug. bf16 rounds weights to 8 mantissa bits, f16 to 11.
-REL_TOLERANCE = {"f32": 0.005, "f16": 0.1, "bf16": 0.25}
-REL_NEAR_TIE = {"f32": 0.002, "f16": 0.05, "bf16": 0.1}
-TOLERANCE = REL_TOLERANCE  # kept for callers that import the table
-
-
-@dataclass
-class DriftRow:
-    label: str
-    positions: int
-    top1: float  # fraction of positions whose argmax agrees
-    mean_kl: float  # mean KL(ref || test) over positions, nats
-    max_abs: float  # max |Δlogit| over all positions and vocab
-    flips_outside_ties: int = 0  # top-1 disagreements where the reference margin is not a near-tie
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+# f32/f16/bf16 against HF float32: the verify_tolerance / near_tie columns of edgetune.qtypes
+REL_TOLERANCE = {q.name: q.verify_tolerance for q in QTYPES.values() if q.verify_tolerance is not None}
+REL_NEAR_TIE = {q.name: q.near_tie for q in QTYPES.values() if q.verify_tolerance is not None}
 
 
 @dataclass
@@ -106,120 +90,6 @@ class VerifyReport:
             where=str(path),
             fix="this is a converter bug for this architecture; please report it (use --no-verify to keep the file anyway)",
         )
-
-
-def drift(ref: np.ndarray, test: np.ndarray, label: str, near_tie: float = 0.0) -> DriftRow:
-    """Compare two [positions, vocab] logit arrays."""
-    ref = ref.astype(np.float64)
-    test = test.astype(np.float64)
-    lp = ref - ref.max(-1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = test - test.max(-1, keepdims=True)
-    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    a, b = ref.argmax(-1), test.argmax(-1)
-    agree = a == b
-    idx = np.arange(len(a))
-    margin = ref[idx, a] - ref[idx, b]
-    flips = int(((~agree) & (margin > near_tie)).sum())
-    return DriftRow(label, len(a), float(agree.mean()), float(kl.mean()), float(np.abs(ref - test).max()), flips)
-
-
-def combine(rows: list[DriftRow], label: str) -> DriftRow:
-    n = sum(r.positions for r in rows)
-    return DriftRow(
-        label,
-        n,
-        sum(r.top1 * r.positions for r in rows) / n,
-        sum(r.mean_kl * r.positions for r in rows) / n,
-        max(r.max_abs for r in rows),
-        sum(r.flips_outside_ties for r in rows),
-    )
-
-
-def drift_table(rows: list[DriftRow], title: str = "drift"):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("model", "positions", "top-1 agree", "mean KL", "max |Δlogit|"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        t.add_row(r.label, str(r.positions), f"{r.top1:.1%}", f"{r.mean_kl:.5f}", f"{r.max_abs:.4f}")
-    return t
-
-
-def drift_text(rows: list[DriftRow]) -> str:
-    lines = [f"{'model':<28} {'positions':>9} {'top-1':>7} {'mean KL':>10} {'max|Δlogit|':>12}"]
-    for r in rows:
-        lines.append(f"{r.label:<28} {r.positions:>9} {r.top1:>7.1%} {r.mean_kl:>10.5f} {r.max_abs:>12.4f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model runners
-# ---------------------------------------------------------------------------------------------
-
-
-# llama.cpp's CPU backend may copy quantized weights (q4_0, q4_K, iq4_nl) into "repacked" buffers
-# for faster kernels: a second, anonymous copy of the model beside the mmapped file (0.45 GB for a
-# 1.2B q4_k_m; 4+ GB at 8B) that bought no prefill speed where measured (1.2B q4_k_m, 200 tokens,
-# 2.43 s vs 2.45 s). The contexts that *measure* (verification, drift, --quant auto, scoring) load
-# without it so the weights stay page cache; generation and serving keep llama.cpp's default.
-# EDGETUNE_LLAMA_REPACK=1 measures with it (logits then come from the repacked kernels).
-def measure_repack() -> bool:
-    return os.environ.get("EDGETUNE_LLAMA_REPACK", "0") == "1"
-
-
-@contextmanager
-def model_params(repack: bool):
-    """llama-cpp-python's ``Llama`` takes no ``use_extra_bufts``: while the context is open, the
-    default model parameters it starts from carry ``repack``."""
-    import llama_cpp.llama_cpp as C
-
-    orig = C.llama_model_default_params
-    if repack:
-        yield
-        return
-
-    def params():
-        p = orig()
-        if hasattr(p, "use_extra_bufts"):
-            p.use_extra_bufts = False
-        return p
-
-    C.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        C.llama_model_default_params = orig
-
-
-def load_llama(gguf_path, *, lora_path=None, n_ctx: int = 512, logits_all: bool = True, repack: bool | None = None):
-    """A llama.cpp model for measuring (``repack`` None: :func:`measure_repack`)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise MissingDependencyError("llama-cpp-python", "llama", "Verifying a GGUF with llama.cpp") from None
-
-    kw = {"lora_path": str(lora_path)} if lora_path else {}
-    try:
-        with model_params(measure_repack() if repack is None else repack):
-            return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, **kw)
-    except ValueError as exc:
-        raise EdgetuneError(
-            f"llama.cpp could not load {Path(gguf_path).name}{' with adapter ' + Path(lora_path).name if lora_path else ''}: {exc}",
-            where=str(gguf_path),
-            fix="run with verbose llama.cpp logs to see why (the file may target an architecture this llama.cpp build lacks)",
-        ) from None
-
-
-def gguf_logits(llm, token_lists: list[list[int]]) -> list[np.ndarray]:
-    out = []
-    for ids in token_lists:
-        llm.reset()
-        llm.eval(ids)
-        out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    return out
 
 
 def hf_logits(model_dir, token_lists: list[list[int]]) -> list[np.ndarray]:

@@ -68,6 +68,22 @@ def _model_shapes(model_dir) -> dict:
     }
 
 
+def count_params(model_dir) -> int:
+    """Parameter count of ``model_dir``: from the safetensors headers when the weights are here, else
+    from the architecture's shape (a folder with only config.json)."""
+    import contextlib
+
+    from ..tensors import count_parameters
+
+    with contextlib.suppress(Exception):
+        n = count_parameters(model_dir)
+        if n:
+            return n
+    from ..config import TrainConfig
+
+    return int(estimate_memory(model_dir, TrainConfig(), precision="bf16")["params_b"] * 1e9)
+
+
 def _linear_shapes(s: dict, arch) -> dict[str, tuple[int, int]]:
     """(in, out) of each per-layer linear of ``arch`` (its row in edgetune.arch) for these sizes."""
     d = Dims(h=s["hidden"], i=s["inter"], q=s["heads"] * s["head_dim"], kv=s["kv_heads"] * s["head_dim"])

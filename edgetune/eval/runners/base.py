@@ -56,8 +56,12 @@ class Generation:
 class Runner:
     """Base class; subclasses implement :meth:`generate` and, when they can, the logit methods."""
 
-    kind = "base"
-    supports_logits = False
+    # the runner table (edgetune.eval.runners.runner_table) is read from these class attributes
+    kind = "base"  # the SPEC prefix (``kind:target``)
+    spec = ""  # the SPEC grammar after [NAME=], for the docs
+    supports_logits = False  # next-token logits: NLL, drift, preference accuracy
+    local = False  # the target is a local path (its file or folder name labels the model)
+    label_prefix = ""  # prepended to that label (``mlx:``), so two runners of one folder differ
     batch_size = 1  # conversations per generate_batch call when eval.batch_size is auto
     vocab_size: int | None = None  # width of the logits, where the runner knows it (sizes drift's chunks)
 

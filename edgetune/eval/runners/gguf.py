@@ -29,6 +29,8 @@ from .base import (
 
 class GGUFRunner(Runner):
     kind = "gguf"
+    spec = "gguf:FILE.gguf[+adapter:LORA.gguf]"
+    local = True
     supports_logits = True
 
     def __init__(self, target: str, adapter: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
@@ -66,12 +68,11 @@ class GGUFRunner(Runner):
     def _load(self, logits_all: bool, vocab_only: bool = False):
         from llama_cpp import Llama
 
-        from ...export.quantize import _quiet
-        from ...export.verify import measure_repack, model_params
+        from ...llamacpp import measure_repack, model_params, quiet
 
         kw = {"lora_path": str(self.adapter)} if self.adapter and not vocab_only else {}
         try:
-            with model_params(measure_repack() or not logits_all), _quiet(verbose=False):
+            with model_params(measure_repack() or not logits_all), quiet(verbose=False):
                 return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False,
                              logits_all=logits_all, vocab_only=vocab_only, **kw)
         except (ValueError, RuntimeError) as exc:
@@ -165,7 +166,7 @@ class GGUFRunner(Runner):
             raise EdgetuneError(f"Sequence of {len(ids)} tokens does not fit n_ctx={self.n_ctx}.", fix="raise eval n_ctx")
         if self._scorer is None:
             self._scorer = self._load(logits_all=True)
-        from ...export.verify import gguf_logits
+        from ...llamacpp import gguf_logits
 
         return gguf_logits(self._scorer, [list(ids)])[0]
 

@@ -29,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 class HFRunner(Runner):
     kind = "hf"
+    spec = "hf:MODEL_DIR[+adapter:PEFT_ADAPTER_DIR]"
+    local = True
     supports_logits = True
 
     def __init__(self, target: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None,

@@ -18,6 +18,7 @@ from .base import Generation, GenParams, Runner, Timer, cut_at_stop
 
 class OllamaRunner(Runner):
     kind = "ollama"
+    spec = "ollama:MODEL_NAME  (server at $OLLAMA_HOST, default 127.0.0.1:11434)"
 
     def __init__(self, target: str, adapter: str | None = None, host: str | None = None, timeout: float = 600.0):
         super().__init__(f"ollama:{target}")
@@ -85,6 +86,7 @@ class OpenAIRunner(Runner):
     ``openai:MODEL`` (base URL from ``$OPENAI_BASE_URL``). Key: ``$OPENAI_API_KEY`` (or none)."""
 
     kind = "openai"
+    spec = "openai:MODEL@BASE_URL | openai:BASE_URL | openai:MODEL  (base URL from $OPENAI_BASE_URL)"
 
     def __init__(self, target: str, adapter: str | None = None, api_key: str | None = None, timeout: float = 600.0):
         super().__init__(f"openai:{target}")

@@ -27,6 +27,9 @@ from .base import (
 
 class MLXRunner(Runner):
     kind = "mlx"
+    spec = "mlx:MODEL_DIR[+adapter:MLX_ADAPTER_DIR]"
+    local = True
+    label_prefix = "mlx:"
     supports_logits = True
 
     def __init__(self, target: str, adapter: str | None = None, chat_template: str | None = None):

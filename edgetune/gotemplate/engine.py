@@ -7,7 +7,7 @@ Supported: text, ``{{- … -}}`` trim markers, comments, ``if``/``else if``/``el
 ``$x := …``, ``$x = …``), field chains (``.Role``, ``$.Messages``, ``(index .Messages 0).Role``),
 pipelines with ``|``, string / raw string / number / bool literals, ``define``/``template`` (with
 recursion), the builtins ``eq ne lt le gt ge and or not len index slice print printf`` (verbs
-``%s %d %v %c %q %T %%``) and Ollama's ``json``. Values follow Go's rules (:mod:`.gomodel`: Ollama's
+``%s %d %v %c %q %T %%``) and Ollama's ``json``. Values follow Go's rules (:mod:`.values`: Ollama's
 tool types, ``%q`` = strconv.Quote, float64 printing). Anything else raises :class:`GoTemplateError`
 naming the construct, so an unsupported template is reported, never silently mis-rendered.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .gomodel import GoStruct, go_fmt_float, go_json, go_type, strconv_quote
-from .gotemplate_parse import GoTemplateError, Node, Tree, go_quote, go_unquote, parse, uses_field
+from .parse import GoTemplateError, Node, Tree, go_quote, go_unquote, parse, uses_field
+from .values import GoStruct, go_fmt_float, go_json, go_type, strconv_quote
 
 __all__ = ["GoTemplateError", "Node", "go_quote", "go_unquote", "parse", "uses_field", "render", "render_tree", "cut_after"]
 

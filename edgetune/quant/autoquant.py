@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import EdgetuneError
 from ..io import atomic_path, write_json, write_text
-from .qtypes import LADDER, QTYPES, normalize_qtype
+from ..qtypes import LADDER, QTYPES, normalize_qtype
 
 N_CTX = 512  # each held-out text is cut to this many tokens
 MAX_TEXTS = 32  # held-out texts measured (enough positions for a stable mean KL, seconds per type)
@@ -41,7 +41,7 @@ class LadderRow:
 def heldout_token_lists(llm, texts: list[str] | None) -> list[list[int]]:
     """Tokens of the held-out texts as llama.cpp reads them (BOS per the GGUF, special tokens
     parsed); without texts, the fixed verification corpus of export/verify.py."""
-    from .verify import PROMPTS
+    from ..export.verify import PROMPTS
 
     texts = texts or list(PROMPTS)
     lists = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)[:N_CTX] for t in texts[:MAX_TEXTS]]
@@ -63,8 +63,9 @@ def generation_speed(llm, prompt: list[int], n: int = 16) -> float:
 
 def measure(ref_gguf, files: dict[str, Path], token_lists: list[list[int]], imatrix_used: dict[str, bool]) -> list[LadderRow]:
     """One row per quantized file: size, bits/weight, drift vs ``ref_gguf``, llama.cpp tokens/s."""
-    from .gguf_info import read_tensor_infos
-    from .verify import combine, drift, gguf_logits, load_llama
+    from ..eval.divergence import combine, drift
+    from ..export.gguf_info import read_tensor_infos
+    from ..llamacpp import gguf_logits, load_llama
 
     n_params = sum(t.n_elements for t in read_tensor_infos(ref_gguf))
     llm = load_llama(ref_gguf, n_ctx=N_CTX)
@@ -154,8 +155,8 @@ def auto_quantize(base_gguf, out_dir, name: str, *, imatrix=None, ladder: list[s
     Returns ``{"chosen", "file", "rows", "reason", "report", "positions"}``; raises when no type passes (the
     table is written first, so the user sees how far each type was)."""
     from ..console import console
+    from ..llamacpp import load_llama
     from .quantize import quantize
-    from .verify import load_llama
 
     out_dir = Path(out_dir)
     types = [normalize_qtype(q) for q in (ladder or LADDER)]

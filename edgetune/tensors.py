@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgetuneError
+from .errors import EdgetuneError
 
 # safetensors dtype name -> numpy storage dtype (bf16 is stored as its raw uint16 bits)
 ST_DTYPES: dict[str, np.dtype] = {
@@ -213,3 +213,22 @@ class SafetensorsWriter:
 def iter_tensors(reader: SafetensorsReader) -> Iterator[tuple[str, np.ndarray]]:
     for name in reader.names():
         yield name, reader.load(name)
+
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Parameter count from safetensors headers (no weights are read)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="np") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += size
+    return n

@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import gotemplate
 from ..chat_families import FAMILY_BY_NAME, detect_family
 from ..errors import EdgetuneError
-from . import gotemplate
-from .model_info import ModelInfo, cached_tokenizer, model_info
+from ..export.model_info import ModelInfo, cached_tokenizer, model_info
+from ..jinja import render_jinja
 from .modelfile_syntax import read_modelfile
-from .ollama_template import render_jinja, render_ollama
+from .template import render_ollama
 
 # Conversations the check renders: single and multi-turn, with and without a system prompt,
 # ending on a user turn (generation prompt) or on an assistant turn (a training example).

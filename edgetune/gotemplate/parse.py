@@ -1,4 +1,4 @@
-"""Lexing and parsing for :mod:`edgetune.export.gotemplate` (the Go ``text/template`` subset Ollama
+"""Lexing and parsing for :mod:`edgetune.gotemplate` (the Go ``text/template`` subset Ollama
 TEMPLATEs use): text and actions with trim markers, pipelines, block structure, and ``define``d
 templates. Anything outside the subset raises :class:`GoTemplateError` naming the construct."""
 

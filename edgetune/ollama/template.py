@@ -1,6 +1,6 @@
 """The Ollama side of a chat template: the Go TEMPLATE for a model's Jinja chat template, and
 a chat rendered both ways — the Jinja template as transformers renders it, the TEMPLATE as Ollama
-renders it (our Go-template subset in :mod:`edgetune.export.gotemplate`, Ollama's message handling
+renders it (our Go-template subset in :mod:`edgetune.gotemplate`, Ollama's message handling
 here).
 
 The Go TEMPLATE comes from the family table (:mod:`edgetune.chat_families`), with the details a
@@ -10,49 +10,17 @@ probed from the model's own Jinja template.
 
 from __future__ import annotations
 
-import json
 import re
-import time
 
+from .. import gotemplate
 from ..chat_families import FAMILIES, Family, detect_family
 from ..errors import EdgetuneError
-from . import gotemplate
-from .gomodel import template_message, template_tools
-from .model_info import ModelInfo
+from ..export.model_info import ModelInfo
+from ..gotemplate.values import template_message, template_tools
+from ..jinja import TemplateRejected, render_jinja
 
 
 # ---------------------------------------------------------------- rendering a chat both ways
-class TemplateRejected(Exception):
-    """The Jinja chat template raised (e.g. 'System role not supported')."""
-
-
-def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str | None,
-                 eos_token: str | None, tools: list[dict] | None = None, **extra) -> str:
-    """Render a chat template the way transformers does (sandboxed, trim_blocks, lstrip_blocks);
-    ``extra``: template kwargs such as ``enable_thinking``."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateRejected(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None, documents=None,
-            bos_token=bos_token or "", eos_token=eos_token or "", **extra,
-        )
-    except TemplateError as exc:
-        raise EdgetuneError(f"The chat template does not render: {exc}", fix="fix the chat template") from None
-
-
 def ollama_messages(messages: list[dict], system: str | None) -> tuple[str, list[dict]]:
     """Messages as Ollama hands them to a template: SYSTEM prepended when the chat has none,
     then ``collate`` (consecutive same-role messages, tool results excepted, merged with a blank

@@ -6,11 +6,13 @@ CLI and the disk estimate of ``edgetune plan``.
 ``bits`` is the approximate bits per weight from llama.cpp's quantize table
 (tools/quantize/quantize.cpp); it is used for disk estimates only. ``convert``: our HF -> GGUF
 converter writes this type directly (export/gguf.py); ``quantize``: llama.cpp's
-``llama_model_quantize`` produces it from an f32/f16/bf16 GGUF (export/quantize.py).
-``ladder``: tried by ``export --quant auto`` (export/autoquant.py), which ships the smallest type
+``llama_model_quantize`` produces it from an f32/f16/bf16 GGUF (quant/quantize.py).
+``ladder``: tried by ``export --quant auto`` (quant/autoquant.py), which ships the smallest type
 that passes the quality gate. ``imatrix``: llama.cpp's quantizer reads an importance matrix for
 this type (every k-/i-quant and legacy 4/5-bit type; q8_0 and float types ignore it), so
 ``export.imatrix: auto`` computes one (export/imatrix.py) when a requested type has this flag.
+``ggml``, ``verify_tolerance``/``near_tie`` and ``adapter``: how the converter writes a ``convert``
+type, how strictly its export is checked and whether an adapter GGUF may hold it.
 Adding a type llama.cpp knows is one row. This module imports nothing heavy (the config and the
 CLI read it).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import EdgetuneError
+from .errors import EdgetuneError
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,27 @@ class QType:
     needs_imatrix: bool = False
     ladder: bool = False  # one of the types `--quant auto` measures
     imatrix: bool = True  # llama.cpp's quantizer uses an importance matrix for it
+    # convert: the gguf.GGMLQuantizationType member the converter writes 2-D weights as (norms and
+    # biases stay F32; q8_0 falls back to F16 for a row length not a multiple of its 32-value block)
+    ggml: str | None = None
+    # the HF-vs-GGUF check of a conversion (export/verify.py): max |Δlogit| allowed and how close the
+    # HF top-2 may be for a top-1 flip to count as a near-tie, as fractions of the reference logits'
+    # standard deviation (a tiny random model and a real one get the same strictness); None: the
+    # type is reported, not gated. bf16 rounds weights to 8 mantissa bits, f16 to 11
+    verify_tolerance: float | None = None
+    near_tie: float = 0.0
+    adapter: bool = False  # a LoRA adapter GGUF may hold this type (export/adapter.py)
 
 
 QTYPES: dict[str, QType] = {
     q.name: q
     for q in [
-        QType("f32", "ALL_F32", 32.0, convert=True, quantize=False, imatrix=False),
-        QType("f16", "MOSTLY_F16", 16.0, convert=True, imatrix=False),
-        QType("bf16", "MOSTLY_BF16", 16.0, convert=True, imatrix=False),
-        QType("q8_0", "MOSTLY_Q8_0", 8.5, convert=True, ladder=True, imatrix=False),
+        QType("f32", "ALL_F32", 32.0, convert=True, quantize=False, imatrix=False, ggml="F32",
+              verify_tolerance=0.005, near_tie=0.002, adapter=True),
+        QType("f16", "MOSTLY_F16", 16.0, convert=True, imatrix=False, ggml="F16", verify_tolerance=0.1, near_tie=0.05,
+              adapter=True),
+        QType("bf16", "MOSTLY_BF16", 16.0, convert=True, imatrix=False, ggml="BF16", verify_tolerance=0.25, near_tie=0.1),
+        QType("q8_0", "MOSTLY_Q8_0", 8.5, convert=True, ladder=True, imatrix=False, ggml="Q8_0"),
         QType("q6_k", "MOSTLY_Q6_K", 6.56, ladder=True),
         QType("q5_k_m", "MOSTLY_Q5_K_M", 5.69, ladder=True),
         QType("q5_k_s", "MOSTLY_Q5_K_S", 5.54),
@@ -66,6 +80,7 @@ OUTTYPES = tuple(q.name for q in QTYPES.values() if q.convert)  # choices of exp
 QUANTS = tuple(q.name for q in QTYPES.values() if q.quantize)  # choices of export.quants / --quant
 AUTO = "auto"  # export.quants: [auto] / --quant auto: measure LADDER, ship the smallest that passes the gate
 LADDER = tuple(q.name for q in QTYPES.values() if q.ladder)  # largest first, as in the table
+ADAPTER_OUTTYPES = tuple(q.name for q in QTYPES.values() if q.adapter)  # export_adapter(outtype=...)
 
 
 def normalize_qtype(qtype: str) -> str:

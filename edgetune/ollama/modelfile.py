@@ -1,11 +1,11 @@
 """Writing an Ollama Modelfile whose TEMPLATE is the training template.
 
 The TEMPLATE comes from the chat-template family table (:mod:`edgetune.chat_families`, filled in
-by :mod:`edgetune.export.ollama_template`), stop tokens from the family and the model's end
+by :mod:`edgetune.ollama.template`), stop tokens from the family and the model's end
 tokens, SYSTEM from the caller or the training data, generation defaults and license from the
-model. Every Modelfile is checked (:mod:`edgetune.export.ollama_check`) before it is written, and
+model. Every Modelfile is checked (:mod:`edgetune.ollama.check`) before it is written, and
 written so that Ollama's parser reads back exactly what was meant
-(:mod:`edgetune.export.modelfile_syntax`).
+(:mod:`edgetune.ollama.modelfile_syntax`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import gotemplate
 from ..chat_families import Family, detect_family
 from ..errors import EdgetuneError
+from ..export.model_info import ModelInfo, model_info
 from ..io import write_text
-from . import gotemplate
-from .model_info import ModelInfo, model_info
+from .check import CheckResult, compare
 from .modelfile_syntax import format_modelfile, quote_value
-from .ollama_check import CheckResult, compare
-from .ollama_template import go_template_for
+from .template import go_template_for
 
 if TYPE_CHECKING:
     from ..config import OllamaConfig

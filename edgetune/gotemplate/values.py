@@ -6,7 +6,7 @@ Ollama does not give a template the request's JSON: it decodes it into Go struct
 ``PropertyType``, ``ToolCall``). What a template prints then follows Go's rules: ``range`` over a map
 visits keys sorted, ``json`` is ``encoding/json.Marshal`` (compact, ``<>&`` escaped, map keys sorted,
 struct fields in declaration order), ``printf "%q"`` is ``strconv.Quote``, ``{{ . }}`` on a float64 is
-``%v``. This module reproduces those rules so that :mod:`edgetune.export.gotemplate` renders a TEMPLATE
+``%v``. This module reproduces those rules so that :mod:`edgetune.gotemplate` renders a TEMPLATE
 the way Ollama does, and so the data stage can tell which strings and numbers Ollama can print the way
 the training template did. Hand-written: no Python library models Go's text/template values.
 """
