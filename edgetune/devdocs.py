@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
      "the typed config and the stages that work on HF models: data, training, fuse, eval"),
     ("gguf", ("export",), "HF -> GGUF conversion, vocabulary, adapter and importance-matrix GGUFs, verification"),
     ("from a gguf", ("quant", "ollama"), "quantization (`edgetune export`), Ollama Modelfile, TEMPLATE and check"),
-    ("orchestration", ("stageplan", "pipeline", "runfolder", "registry", "publish", "align", "model_import",
+    ("orchestration", ("stageplan", "pipeline", "runfolder", "registry", "aliases", "publish", "align", "model_import",
                        "demo_model", "doctor", "devdocs"), "`edgetune run`, the run folder, the registry, plans"),
     ("interfaces", ("serve", "cli", "__main__"), "the command line and the OpenAI-compatible server"),
 )

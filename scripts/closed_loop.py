@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     os.environ.update({k: env[k] for k in ("EDGETUNE_HOME", "HF_HUB_OFFLINE", "EDGETUNE_DEMO_MODEL")})
     from edgetune import aliases, registry
     from edgetune.data.from_logs import from_logs
+    from edgetune.runfolder import RunFolder
 
     rng = random.Random(0)
     prompts = [json.loads(x)["prompt"] for x in (REPO / "edgetune" / "resources" / "replay" / "general_prompts.jsonl")
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         with serve(work, {"prod": "registry:loop@prod"}, None, f"c{c}-collect") as srv:
             collected = users(srv, "prod", traffic, rng, limit=args.traffic)
         card = from_logs(sorted((work / "logs").glob("*-feedback.jsonl")), work / "data" / f"c{c}",
-                         run_dir=work / "runs" / "loop-v1")
+                         held_out=[RunFolder(work / "runs" / "loop-v1").split(s) for s in ("valid", "test")])
         print(f"  {collected['up']} up, {collected['down']} down → {card['sft_rows']} SFT rows ({card['by_signal']})", flush=True)
         cand = run(work, f"loop-c{c}", work / "data" / f"c{c}" / "sft.jsonl", args.iters, env)
         print(f"  trained {cand}; canary …", flush=True)

@@ -169,7 +169,8 @@ def test_logs_become_rows_and_pairs(tmp_path):
     (run / "data").mkdir(parents=True)
     (run / "data" / "test.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Held  OUT?"},
                                                                       {"role": "assistant", "content": "x"}]}) + "\n")
-    card = from_logs([tmp_path / "feedback.jsonl", tmp_path / "shadow.jsonl"], tmp_path / "out", run_dir=run)
+    card = from_logs([tmp_path / "feedback.jsonl", tmp_path / "shadow.jsonl"], tmp_path / "out",
+                     held_out=[run / "data" / "valid.jsonl", run / "data" / "test.jsonl"])
     assert card["by_signal"] == {"correction": 1, "correction_over_original": 1, "judge_preferred": 1,
                                  "reference_check": 1, "thumbs_up": 1}
     assert card["dropped"] == {"duplicate": 1, "feedback_without_text": 1, "overlaps_held_out": 1,

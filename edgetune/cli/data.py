@@ -204,8 +204,10 @@ def from_logs_cmd(logs, output, run_dir, as_json):
 
     from ..console import out
     from ..data.from_logs import from_logs
+    from ..runfolder import RunFolder
 
-    card = from_logs([Path(p) for p in logs], Path(output), run_dir=Path(run_dir) if run_dir else None)
+    held = [RunFolder(Path(run_dir)).split(s) for s in ("valid", "test")] if run_dir else None
+    card = from_logs([Path(p) for p in logs], Path(output), held_out=held)
     if as_json:
         out.print_json(data=card)
         return

@@ -12,7 +12,8 @@ lines that carry text, i.e. written with ``log_text`` on — and writes
 On the way: PII is redacted as ``data prepare --redact-pii`` does it (:func:`edgetune.data.clean.redact_pii`:
 e-mails, phones, cards, SSNs, IPs become typed placeholders), exact duplicates are dropped, and with
 ``--run RUN`` every row whose prompt is also a prompt of that run's held-out splits (valid/test) is
-dropped, so the next training cannot learn the evaluation. A line that does not parse is skipped,
+dropped, so the next training cannot learn the evaluation (the CLI finds those split files; this module
+takes them as paths). A line that does not parse is skipped,
 counted, and named by file and line.
 """
 
@@ -50,13 +51,9 @@ def _prompt_key(msgs: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _held_out_prompts(run_dir: Path) -> set[str]:
-    from ..runfolder import RunFolder
-
-    run = RunFolder(run_dir)
+def _held_out_prompts(files: list[Path]) -> set[str]:
     keys: set[str] = set()
-    for split in ("valid", "test"):
-        p = run.split(split)
+    for p in files:
         if not p.is_file():
             continue
         for line in Path(p).read_text(encoding="utf-8").splitlines():
@@ -69,17 +66,18 @@ def _held_out_prompts(run_dir: Path) -> set[str]:
             if msgs:
                 keys.add(_prompt_key(msgs))
     if not keys:
-        raise EdgetuneError(f"{run_dir} has no held-out split to check against.", where=str(run.data_dir),
+        raise EdgetuneError("No held-out split to check against.", where=", ".join(str(p) for p in files),
                             fix="point --run at a run folder whose data stage ran (RUN/data/valid.jsonl, test.jsonl)")
     return keys
 
 
-def from_logs(logs: list[Path], out_dir: Path, *, run_dir: Path | None = None) -> dict:
-    """Build the SFT rows, preference pairs and data card from ``logs``; returns the card."""
+def from_logs(logs: list[Path], out_dir: Path, *, held_out: list[Path] | None = None) -> dict:
+    """Build the SFT rows, preference pairs and data card from ``logs``; ``held_out``: split files
+    (JSONL) whose prompts must not come back as training rows. Returns the card."""
+    from ..eval.metrics import passes_reference
     from ..io import write_json, write_jsonl
-    from ..serve.canary import task_success
 
-    held = _held_out_prompts(Path(run_dir)) if run_dir else set()
+    held = _held_out_prompts([Path(p) for p in held_out]) if held_out else set()
     signals: Counter = Counter()
     dropped: Counter = Counter()
     pii: Counter = Counter()
@@ -144,7 +142,7 @@ def from_logs(logs: list[Path], out_dir: Path, *, run_dir: Path | None = None) -
                     winner = rec.get("preferred") if rec.get("preferred") in texts else None
                     signal = "judge_preferred"
                     if winner is None and isinstance(rec.get("reference"), str):
-                        ok = {s: task_success(t, rec["reference"]) for s, t in texts.items()}
+                        ok = {s: passes_reference(t, rec["reference"]) for s, t in texts.items()}
                         winner = next((s for s in ok if ok[s] and not ok[_other(s)]), None)
                         signal = "reference_check"
                     if winner is None or texts[winner].strip() == texts[_other(winner)].strip():
@@ -160,7 +158,7 @@ def from_logs(logs: list[Path], out_dir: Path, *, run_dir: Path | None = None) -
     card = {"logs": [str(p) for p in logs], "lines_read": read, "sft_rows": len(sft), "preference_pairs": len(pairs),
             "by_signal": dict(sorted(signals.items())), "dropped": dict(sorted(dropped.items())),
             "pii_redacted": dict(sorted(pii.items())), "unreadable_lines": len(bad), "unreadable": bad[:SHOWN_BAD],
-            "held_out_checked": str(run_dir) if run_dir else None,
+            "held_out_checked": [str(p) for p in held_out or []],
             "outputs": {"sft": str(out_dir / "sft.jsonl"), "pairs": str(out_dir / "pairs.jsonl")}}
     write_json(out_dir / "data_card.json", card)
     return card

@@ -368,3 +368,12 @@ def nll_summary(pairs: list[tuple[float, int]]) -> dict[str, float | None]:
 
 def label_counts(labels: Iterable[str]) -> Counter:
     return Counter(labels)
+
+
+def passes_reference(output: str, reference: str) -> bool:
+    """A pass/fail check of one answer against its reference: the metrics the reference calls for
+    (:func:`choose_metrics`), mean score at least 0.5 (the team server's canary and ``data from-logs``)."""
+    mets = [m for m in choose_metrics([reference]) if m in SCORERS or m in ("json_valid", "json_fields")]
+    scores = score_example(output, reference, mets)
+    vals = [v for v in scores.values() if isinstance(v, int | float)]
+    return bool(vals) and sum(vals) / len(vals) >= 0.5

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 
-from .canary import Canary, task_success
+from ..eval.metrics import passes_reference
+from .canary import Canary
 from .engine import BadRequest, Completion, Overloaded, Pool, response_schema
 from .feedback import Answered, FeedbackError, RecentRequests, parse_feedback
 from .metrics import Metrics
@@ -268,7 +269,7 @@ def make_team_app(cfg: TeamConfig, *, api_key: str | None = None, n_threads: int
                    **{k: v for k, v in _answer_record(model, c, latency).items() if k != "text"}}
             traffic.write(rec)
         if side and isinstance(reference, str) and not c.cancelled:  # a task check is an outcome too
-            outcome(route, side, task_success(c.text, reference))
+            outcome(route, side, passes_reference(c.text, reference))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
