@@ -29,10 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
-from ..eval.metrics import passes_reference
 from .team_config import CanarySpec
-
-task_success = passes_reference  # the name scripts/closed_loop.py's running process imports; removed after it
 
 SIDES = ("stable", "candidate")
 
