@@ -175,7 +175,7 @@ def stream(url: str, body: dict, timeout: float) -> tuple[int, str, float | None
 
 def _common(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -106,7 +106,7 @@ def users(srv, model: str, prompts: list[str], rng: random.Random, *, until_deci
     """Simulated users: ask, rate by the hidden rule, correct what they rate down."""
     base = f"http://{srv.host}:{srv.port}"
     seen = {"up": 0, "down": 0, "requests": 0, "by_model": {}}
-    for i in range(limit):
+    for _ in range(limit):
         p = rng.choice(prompts)
         status, out, headers = post(base + "/v1/chat/completions", {"model": model, "user": f"user{rng.randrange(10**6)}",
                                                                    "messages": [{"role": "user", "content": p}],
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     res["held_out"] = {}
     for ref, ans in answers.items():
         ok = [rule(a) for a in ans]
-        wins = sum(a and not b for a, b in zip(ok, v1_ok))
-        ties = sum(a == b for a, b in zip(ok, v1_ok))
+        wins = sum(a and not b for a, b in zip(ok, v1_ok, strict=True))
+        ties = sum(a == b for a, b in zip(ok, v1_ok, strict=True))
         res["held_out"][ref] = {"rule_pass_rate": round(sum(ok) / len(ok), 3),
                                 "win_rate_vs_v1": round((wins + ties / 2) / len(ok), 3), "example": ans[0][:160]}
     res["prod_final"] = aliases.resolve("loop", "prod").ref

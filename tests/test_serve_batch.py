@@ -101,7 +101,7 @@ def _answer(srv, model: str, prompt: str, max_tokens: int = 24, **kw) -> str:
 
 def _common(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -177,7 +177,7 @@ def test_prefix_cache_off_reuses_nothing(files, serial):
     with _team(files, parallel=4, prefix_cache=False) as srv:
         got = [_answer(srv, *j) for j in jobs]
         assert _stats(srv)["batch"]["reused_tokens"] == 0
-    assert all(_close(g, _answer(serial, *j)) for g, j in zip(got, jobs))
+    assert all(_close(g, _answer(serial, *j)) for g, j in zip(got, jobs, strict=True))
 
 
 def _same_requests(srv):

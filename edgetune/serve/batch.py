@@ -215,7 +215,7 @@ class BatchEngine:
             if adapter != s.adapter:
                 continue
             n = 0
-            for a, b in zip(tokens, s.prompt[:limit]):
+            for a, b in zip(tokens, s.prompt[:limit], strict=False):
                 if a != b:
                     break
                 n += 1

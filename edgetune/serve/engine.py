@@ -116,7 +116,6 @@ def _generate(llm, cancel, on_delta, *, chat: dict | None = None, text: dict | N
 
     from .batch import BatchLlama
 
-    body = chat if chat is not None else text
     batched = isinstance(llm, BatchLlama)
     probe = None if batched else _TokenProbe(llm.token_eos(), cancel)
     extra = {} if batched else {"logits_processor": LogitsProcessorList([probe])}
