@@ -28,6 +28,7 @@ import yaml
 
 from .errors import EdgetuneError
 from .paths import home
+from .qtypes import QTYPES
 from .registry import Entry, check_name, get
 
 ALIASES = "aliases.yaml"
@@ -155,7 +156,8 @@ def serving_gguf(entry: Entry) -> Path:
     ggufs = sorted(k for k in arts if k.endswith(".gguf") and (entry.path / k).is_file())
     quant = ((entry.manifest.get("ollama") or {}).get("quant") or "").lower()
     pick = next((g for g in ggufs if quant and g.lower().endswith(f"-{quant}.gguf")), None)
-    pick = pick or next((g for g in ggufs if not g.lower().endswith(("-f16.gguf", "-f32.gguf", "-bf16.gguf"))), None)
+    unquantized = tuple(f"-{q.name}.gguf" for q in QTYPES.values() if q.bits >= 16)  # f32, f16, bf16
+    pick = pick or next((g for g in ggufs if not g.lower().endswith(unquantized)), None)
     pick = pick or (ggufs[0] if ggufs else None)
     if pick is None:
         raise EdgetuneError(f"{entry.ref} holds no GGUF to serve.", where=str(entry.path))

@@ -197,6 +197,23 @@ def test_the_canary_test_states_its_numbers():
     assert verdict(100, 200, 95, 200, **kw)[0] == "rollback"  # inconclusive at max_outcomes: stable stays
 
 
+def _rate_until_decided(srv, route: str, liked: str, limit: int = 60) -> tuple[dict, set[str]]:
+    """Users on ``route`` rate answers from model id ``liked`` up and the others down, until the
+    canary decides: (its last state, the model ids that answered)."""
+    sides: set[str] = set()
+    state: dict = {}
+    for i in range(limit):
+        _status, out, headers = _chat(srv, route, user=f"{route}{i}")
+        sides.add(headers["x-edgetune-model"])
+        rating = "up" if headers["x-edgetune-model"] == liked else "down"
+        _post(srv, "/v1/feedback", {"request_id": out["id"], "rating": rating})
+        req = urllib.request.Request(f"http://{srv.host}:{srv.port}/v1/canary/{route}", headers={"Authorization": f"Bearer {KEY}"})
+        state = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        if state["status"] != "running":
+            break
+    return state, sides
+
+
 def test_canary_promotes_a_good_candidate_and_rolls_back_a_bad_one(versions, monkeypatch, tmp_path):
     """Users (simulated) rate the candidate's answers up and the stable's down: the canary promotes,
     the prod alias moves to the candidate's version and the stable base follows it. A second canary
@@ -213,30 +230,14 @@ def test_canary_promotes_a_good_candidate_and_rolls_back_a_bad_one(versions, mon
                                 "bad": {"canary": {"stable": "prod", "candidate": "v2", **canary}}},
                      "log": {"shadow_log": "traffic.jsonl"}}, tmp_path)
     with make_team_server(cfg, port=None, api_key=KEY, n_threads=2) as srv:
-        sides = set()
-        for i in range(60):
-            status, out, headers = _chat(srv, "release", user=f"u{i}")
-            sides.add(headers["x-edgetune-model"])
-            good = headers["x-edgetune-model"] == "v2"
-            _post(srv, "/v1/feedback", {"request_id": out["id"], "rating": "up" if good else "down"})
-            req = urllib.request.Request(f"http://{srv.host}:{srv.port}/v1/canary/release", headers={"Authorization": f"Bearer {KEY}"})
-            state = json.loads(urllib.request.urlopen(req, timeout=30).read())
-            if state["status"] != "running":
-                break
+        state, sides = _rate_until_decided(srv, "release", liked="v2")
         assert sides == {"prod", "v2"}
         assert state["status"] == "promoted" and state["decision"]["action"] == "promote" and state["decision"]["by"] == "test"
         assert aliases.resolve("tiny", "prod").version == 2
         time.sleep(1.1)
         assert _chat(srv, "release")[2]["x-edgetune-version"] == "tiny:v2"  # the stable base followed the alias
         # the bad canary: the candidate's answers are rated down
-        for i in range(60):
-            status, out, headers = _chat(srv, "bad", user=f"b{i}")
-            good = headers["x-edgetune-model"] == "prod"
-            _post(srv, "/v1/feedback", {"request_id": out["id"], "rating": "up" if good else "down"})
-            req = urllib.request.Request(f"http://{srv.host}:{srv.port}/v1/canary/bad", headers={"Authorization": f"Bearer {KEY}"})
-            state = json.loads(urllib.request.urlopen(req, timeout=30).read())
-            if state["status"] != "running":
-                break
+        state, _sides = _rate_until_decided(srv, "bad", liked="prod")
         assert state["status"] == "rolled_back" and state["decision"]["upper"] < 0
         assert all(_chat(srv, "bad", user=f"z{i}")[2]["x-edgetune-model"] == "prod" for i in range(4))
         # manual override

@@ -92,12 +92,10 @@ def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, thread
         for k, v in limits.items():  # flags override the file
             if v is not None:
                 setattr(cfg, k, v)
-        for b in cfg.bases.values():
-            b.parallel = parallel or b.parallel
     else:
-        cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048,
-                         parallel=parallel, **limits)
-    for b in cfg.bases.values():
+        cfg = from_flags(model, alias=alias, loras=loras, splits=splits, shadows=shadows, n_ctx=n_ctx or 2048, **limits)
+    for b in cfg.bases.values():  # the batching flags override every base, from a file or from flags
+        b.parallel = parallel or b.parallel
         b.prefix_cache = b.prefix_cache if prefix_cache is None else prefix_cache
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ids = cfg.model_ids() + list(cfg.routes)

@@ -279,12 +279,11 @@ def parse_pair(item: str, flag: str) -> tuple[str, str]:
 
 
 def from_flags(model: str | Path | None, *, alias: str | None = None, loras: tuple[str, ...] = (), splits: tuple[str, ...] = (),
-               shadows: tuple[str, ...] = (), n_ctx: int = 2048, parallel: int | None = None, **limits) -> TeamConfig:
+               shadows: tuple[str, ...] = (), n_ctx: int = 2048, **limits) -> TeamConfig:
     """The same config from flags: ``MODEL --lora NAME=FILE … --split ROUTE=A:90,B:10 --shadow ROUTE=PRIMARY:CANDIDATE``."""
     if model is None:
         raise EdgetuneError("No model to serve.", fix="edgetune serve MODEL.gguf [--lora NAME=FILE]…  or  --config team.yaml")
     raw: dict = {"bases": {alias or Path(model).stem: {"path": str(model), "n_ctx": n_ctx,
-                                                       "parallel": DEFAULT_PARALLEL if parallel is None else parallel,
                                                        "adapters": dict(parse_pair(x, "--lora") for x in loras)}}}
     routes: dict = {}
     for item in splits:
