@@ -174,12 +174,7 @@ def stream(url: str, body: dict, timeout: float) -> tuple[int, str, float | None
 
 
 def _common(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 def classify(answer: str, mid: str, p: str, ref: dict, ids: list[str]) -> str:

@@ -6,6 +6,7 @@ are reused; bad requests get a 400 and leave the batch alone."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -100,12 +101,7 @@ def _answer(srv, model: str, prompt: str, max_tokens: int = 24, **kw) -> str:
 
 
 def _common(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 def _close(got: str, want: str) -> bool:
