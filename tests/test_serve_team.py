@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import pytest
 
@@ -203,23 +204,24 @@ def _wait(cond, timeout=60):
 
 def test_overload_is_a_fast_503_and_disconnect_cancels(server):
     auth = {"Authorization": f"Bearer {KEY}"}
-    long_body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "temperature": 0}
+    long_body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "temperature": 0}
     results = {}
-
-    def long_request():  # gives up after 2 s: the server must stop generating
-        try:
-            http("POST", root(server) + "/v1/chat/completions", json_body=long_body, headers=auth, timeout=2.0)
-        except TimeoutError:
-            results["long"] = "timed out"
 
     def waiter():
         r = http("POST", root(server) + "/v1/chat/completions", headers=auth,
                  json_body={"model": "a1", "messages": Q, "max_tokens": 2, "temperature": 0})
-        results["waiter"] = (r.status_code, time.time())
+        results["waiter"] = r.status_code
 
-    long_ones = [threading.Thread(target=long_request) for _ in range(2)]  # parallel 2: both places taken
-    for t in long_ones:
-        t.start()
+    def metrics():
+        return http("GET", root(server) + "/metrics", headers=auth).text
+
+    # Two long requests take both places (parallel 2). They are sent on raw connections that this test
+    # closes itself, so they are abandoned mid-generation however fast this CPU generates (4000 tokens
+    # take about 3 s here); a client-side timeout raced the generation and could lose.
+    long_ones = [HTTPConnection(server.host, server.port, timeout=60) for _ in range(2)]
+    for conn in long_ones:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(long_body),
+                     headers={**auth, "Content-Type": "application/json"})
     assert _wait(lambda: _health(server)["running"] == 2)
     t2 = threading.Thread(target=waiter)
     t2.start()
@@ -229,16 +231,14 @@ def test_overload_is_a_fast_503_and_disconnect_cancels(server):
     elapsed = time.perf_counter() - t0
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "overloaded"
     assert elapsed < 0.1, elapsed
-    for t in long_ones:
-        t.join()
-    gave_up = time.time()
-    assert results["long"] == "timed out"
+    assert _health(server)["running"] == 2  # the long ones were still generating when their clients left
+    for conn in long_ones:
+        conn.close()
     t2.join(60)
-    assert results["waiter"][0] == 200
-    assert results["waiter"][1] - gave_up < 20  # the abandoned 3000-token generation did not run on
-    metrics = http("GET", root(server) + "/metrics", headers=auth).text
-    assert 'edgetune_requests_total{model="tiny",status="499"} 2' in metrics
-    assert 'edgetune_requests_total{model="a2",status="503"} 1' in metrics
+    assert results["waiter"] == 200  # a freed place went to the waiter
+    # 499 is recorded only for a generation stopped before its end: the server noticed both disconnects
+    assert _wait(lambda: 'edgetune_requests_total{model="tiny",status="499"} 2' in metrics(), timeout=20), metrics()
+    assert 'edgetune_requests_total{model="a2",status="503"} 1' in metrics()
 
 
 def test_metrics_are_prometheus_text(server):
@@ -308,19 +308,17 @@ def test_config_errors_name_the_field(files, tmp_path):
 
 
 def test_streaming_client_that_leaves_stops_generation(server):
-    from http.client import HTTPConnection
-
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     before = http("GET", root(server) + "/metrics", headers=auth).text.count('model="a0",status="499"')
     conn = HTTPConnection(server.host, server.port, timeout=60)
-    body = {"model": "a0", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "temperature": 0, "stream": True}
+    body = {"model": "a0", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "temperature": 0, "stream": True}
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=auth)
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
     assert _health(server)["running"] == 1
     conn.sock.close()  # leave mid-stream
     conn.close()
-    assert _wait(lambda: _health(server)["running"] == 0, 30)  # far sooner than 3000 tokens
+    assert _wait(lambda: _health(server)["running"] == 0, 30)  # far sooner than 4000 tokens
     text = http("GET", root(server) + "/metrics", headers=auth).text
     assert 'edgetune_requests_total{model="a0",status="499"} 1' in text and before == 0
 
