@@ -1,6 +1,7 @@
 """Load test for the team server (`edgetune serve --lora …`): one-at-a-time vs continuous batching, side by side.
 
     python scripts/bench_serve.py                       # demo GGUF + 3 generated LoRA adapters
+    python scripts/bench_serve.py --quant q4_k_m        # the demo model as edgetune ships it (Q4_K_M)
     python scripts/bench_serve.py --base B.gguf --lora a=A.gguf --lora b=B.gguf --seconds 20 --out bench.json
 
 On 127.0.0.1 only, bounded in time. In order:
@@ -70,13 +71,24 @@ def make_loras(base: Path, out: Path, n: int) -> dict[str, Path]:
     return res
 
 
-def references(base: Path, loras: dict[str, Path], max_tokens: int, threads: int) -> dict[tuple[str, str], str]:
+def demo_gguf(qtype: str, out: Path) -> Path:
+    """The demo base model (``edgetune models fetch-demo``) as a ``qtype`` GGUF, made by edgetune."""
+    from edgetune.export.gguf import convert
+    from edgetune.paths import demo_model_dir
+    from edgetune.quant.quantize import quantize
+
+    f16 = convert(demo_model_dir(), out / "demo-f16.gguf", "f16", verify=False, show_progress=False)
+    return quantize(f16, out / f"SmolLM2-135M-Instruct.{qtype.upper()}.gguf", qtype)
+
+
+def references(base: Path, loras: dict[str, Path], max_tokens: int, threads: int,
+               flash_attn: bool = False) -> dict[tuple[str, str], str]:
     from llama_cpp import Llama
 
     ref = {}
     for mid, lp in [(base.stem, None), *loras.items()]:
         llm = Llama(model_path=str(base), lora_path=str(lp) if lp else None, n_ctx=512, n_threads=threads,
-                    chat_format="chat_template.default", verbose=False)
+                    n_threads_batch=threads, flash_attn=flash_attn, chat_format="chat_template.default", verbose=False)
         for p in PROMPTS:
             r = llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0)
             ref[(mid, p)] = r["choices"][0]["message"]["content"]
@@ -101,7 +113,7 @@ class Server:
     def __init__(self, base: Path, loras: dict[str, Path], args, port: int, parallel: int, extra: tuple[str, ...] = ()):
         cmd = [sys.executable, "-m", "edgetune", "serve", str(base), "--port", str(port), "--api-key", KEY,
                "--threads", str(args.threads), "--queue-depth", str(args.queue_depth), "--queue-timeout", str(args.queue_timeout),
-               "--n-ctx", "512", "--parallel", str(parallel), *extra]
+               "--n-ctx", "512", "--parallel", str(parallel), *(("--flash-attn",) if args.flash_attn else ()), *extra]
         for k, v in loras.items():
             cmd += ["--lora", f"{k}={v}"]
         self.url = f"http://127.0.0.1:{port}"
@@ -240,15 +252,19 @@ def phase(srv: Server, ids: list[str], ref: dict, clients: int, seconds: float, 
             "connection_errors": stats["errors"], "server_alive": srv.alive()}
 
 
-def kernel_ceiling(base: Path, threads: int, steps: int = 40) -> dict:
+def kernel_ceiling(base: Path, threads: int, steps: int = 40, flash_attn: bool = False) -> dict:
     """What llama.cpp itself gains from batching on this machine, no server: ms per decode step for
     1, 4 and 8 sequences (one token each) in one context, and the tokens/s ratio to 1 sequence."""
     import llama_cpp
     from llama_cpp import Llama, _internals
 
-    llm = Llama(model_path=str(base), n_ctx=256, n_threads=threads, verbose=False)
+    # n_threads_batch too: llama.cpp runs any step of more than one token on it, and Llama's default is
+    # every core, which would compare 8 sequences on all cores with 1 sequence on ``threads``
+    llm = Llama(model_path=str(base), n_ctx=256, n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
+                verbose=False)
     p = type(llm.context_params).from_buffer_copy(llm.context_params)
     p.n_ctx, p.n_seq_max, p.kv_unified = 2048, 8, True
+    p.n_threads = p.n_threads_batch = threads
     ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
     b = llama_cpp.llama_batch_init(64, 0, 1)
     out, pos = {}, [0] * 8
@@ -281,6 +297,10 @@ def warm(srv: Server, ids: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="Base GGUF (default: the demo SmolLM2-135M Q4_1 GGUF).")
+    ap.add_argument("--quant", default=None, metavar="TYPE",
+                    help="Instead of --base: the demo model converted by edgetune and quantized to TYPE (e.g. q4_k_m, "
+                         "the type edgetune ships by default); llama.cpp batches some types far better than others.")
+    ap.add_argument("--flash-attn", action="store_true", help="Serve (and compute references) with flash attention.")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE", help="Adapter (default: 3 generated).")
     ap.add_argument("--seconds", type=float, default=15, help="Length of each load phase.")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -299,21 +319,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    if args.base is None:
+    if args.base is None and args.quant:
+        args.base = demo_gguf(args.quant, tmp)
+    elif args.base is None:
         from edgetune.demo_model import locate_gguf
 
         args.base = locate_gguf(download=False)
     loras = {k: Path(v) for k, v in (x.split("=", 1) for x in args.lora)} or make_loras(args.base, tmp, 3)
     ids = [args.base.stem, *loras]
     print(f"reference answers from llama.cpp for {ids} …", flush=True)
-    ref = references(args.base, loras, args.max_tokens, args.threads)
+    ref = references(args.base, loras, args.max_tokens, args.threads, args.flash_attn)
     distinct = len({tuple(ref[(m, p)] for p in PROMPTS) for m in ids})
     print(f"  {distinct} distinct answer sets for {len(ids)} models", flush=True)
 
     res: dict = {"base": str(args.base), "models": ids, "max_tokens": args.max_tokens, "queue_depth": args.queue_depth,
-                 "parallel": args.parallel, "threads": args.threads, "distinct_reference_sets": distinct, "cpu": _cpu(),
+                 "parallel": args.parallel, "threads": args.threads, "flash_attn": args.flash_attn,
+                 "distinct_reference_sets": distinct, "cpu": _cpu(),
                  "load_average_before": os.getloadavg()[0]}
-    res["llama_cpp_batching_ceiling"] = kernel_ceiling(args.base, args.threads)
+    res["llama_cpp_batching_ceiling"] = kernel_ceiling(args.base, args.threads, flash_attn=args.flash_attn)
     print(f"llama.cpp alone, tokens/s vs 1 sequence: {res['llama_cpp_batching_ceiling']['tokens_per_s_vs_1']}", flush=True)
     first = dict(list(loras.items())[:1])
     srv = Server(args.base, first, args, args.port, args.parallel)

@@ -50,11 +50,12 @@ def files(tmp_path_factory, tokenizer_dir, build_tiny_model, make_lora_gguf):
     return d, base, ads
 
 
-def _team(files, parallel: int, n_ctx: int = 1024, prefix_cache: bool = True):
+def _team(files, parallel: int, n_ctx: int = 1024, prefix_cache: bool = True, flash_attn: bool = False):
     from edgetune.serve.team import make_team_server
 
     d, base, ads = files
     raw = {"bases": {"tiny": {"path": str(base), "n_ctx": n_ctx, "parallel": parallel, "prefix_cache": prefix_cache,
+                              "flash_attn": flash_attn,
                               "adapters": {k: {"path": str(v), "scale": SCALE} for k, v in ads.items()}}},
            "limits": {"queue_depth": 16, "queue_timeout": 120}}
     return make_team_server(from_dict(raw, d), port=None, api_key=KEY, n_threads=2)
@@ -174,6 +175,37 @@ def test_prefix_cache_off_reuses_nothing(files, serial):
         got = [_answer(srv, *j) for j in jobs]
         assert _stats(srv)["batch"]["reused_tokens"] == 0
     assert all(_close(g, _answer(serial, *j)) for g, j in zip(got, jobs, strict=True))
+
+
+def test_flash_attention_switch_reaches_both_contexts_and_answers_stay_close(files):
+    """``flash_attn: true`` turns llama.cpp's flash attention on for the base's Llama and for the batch
+    engine's context (it copies the Llama's settings). Its kernel rounds the queries to f16, so on this
+    random model with many near-ties some answers part early from the default path's: batched answers
+    are compared with a flash-attention server's one-at-a-time answers, with the stated threshold."""
+    import llama_cpp
+
+    from edgetune.errors import EdgetuneError
+    from edgetune.serve.engine import LoadedBase
+
+    d, base, _ = files
+    with pytest.raises(EdgetuneError, match=r"flash_attn: expected true or false, got 'yes'"):
+        from_dict({"bases": {"tiny": {"path": str(base), "flash_attn": "yes"}}}, d)
+    on = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    for flag, want in ((True, on), (False, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)):
+        lb = LoadedBase(from_dict({"bases": {"tiny": {"path": str(base), "n_ctx": 256, "parallel": 2, "flash_attn": flag}}},
+                                  d).bases["tiny"], 1)
+        lb.load()
+        try:
+            assert lb.llm.context_params.flash_attn_type == want
+            assert lb.engine.ctx.params.flash_attn_type == want
+        finally:
+            lb.unload()
+    jobs = [(m, p) for p in PROMPTS[:2] for m in ("a0", "tiny")]
+    with _team(files, parallel=4, flash_attn=True) as srv:
+        got = [_answer(srv, *j) for j in jobs]
+    with _team(files, parallel=1, flash_attn=True) as srv:  # flash attention one at a time: the same attention kernel
+        want = [_answer(srv, *j) for j in jobs]
+    assert all(_close(g, w) for g, w in zip(got, want, strict=True)), (got, want)
 
 
 def _same_requests(srv):

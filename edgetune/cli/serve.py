@@ -27,6 +27,8 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
               help="Team server: requests decoded together per base (continuous batching; default 8, 1 = one at a time).")
 @click.option("--prefix-cache/--no-prefix-cache", default=None,
               help="Team server: reuse the KV of a prompt prefix an earlier request computed (default on).")
+@click.option("--flash-attn/--no-flash-attn", default=None,
+              help="Team server: llama.cpp's flash attention (default off; faster batches on most quant types).")
 @click.option("--queue-depth", type=int, default=None, help="Requests that may wait per base (default 8); more get 503.")
 @click.option("--queue-timeout", type=float, default=None, help="Seconds a request may wait for its turn (default 30).")
 @click.option("--memory-cap-mb", type=float, default=None, help="Unload least recently used bases above this (default: no cap).")
@@ -39,7 +41,7 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--alias", default=None, help="Model id reported by /v1/models (default: the file name).")
 @_ctx_opt
 @_threads_opt
-def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_cache, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
+def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_cache, flash_attn, queue_depth, queue_timeout, memory_cap_mb, shadow_log,
           log_text, host, port, api_key, alias, n_ctx, threads):
     """Serve MODEL.gguf over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -65,7 +67,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_
     try:
         if team:
             _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, prefix_cache,
-                        queue_depth=queue_depth, queue_timeout=queue_timeout, memory_cap_mb=memory_cap_mb,
+                        flash_attn, queue_depth=queue_depth, queue_timeout=queue_timeout, memory_cap_mb=memory_cap_mb,
                         shadow_log=shadow_log, log_text=log_text)
         else:
             from ..serve import serve as run_server
@@ -80,7 +82,7 @@ def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_
 
 
 def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, threads, host, port, api_key, parallel, prefix_cache,
-                **limits):
+                flash_attn, **limits):
     import logging
 
     from ..console import console
@@ -97,6 +99,7 @@ def _serve_team(model, team_config, loras, splits, shadows, alias, n_ctx, thread
     for b in cfg.bases.values():  # the batching flags override every base, from a file or from flags
         b.parallel = parallel or b.parallel
         b.prefix_cache = b.prefix_cache if prefix_cache is None else prefix_cache
+        b.flash_attn = b.flash_attn if flash_attn is None else flash_attn
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ids = cfg.model_ids() + list(cfg.routes)
     console.print(f"serving {', '.join(ids)} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
