@@ -113,7 +113,7 @@ class Server:
     def __init__(self, base: Path, loras: dict[str, Path], args, port: int, parallel: int, extra: tuple[str, ...] = ()):
         cmd = [sys.executable, "-m", "edgetune", "serve", str(base), "--port", str(port), "--api-key", KEY,
                "--threads", str(args.threads), "--queue-depth", str(args.queue_depth), "--queue-timeout", str(args.queue_timeout),
-               "--n-ctx", "512", "--parallel", str(parallel), *(("--flash-attn",) if args.flash_attn else ()), *extra]
+               "--n-ctx", "512", "--parallel", str(parallel), "--flash-attn" if args.flash_attn else "--no-flash-attn", *extra]
         for k, v in loras.items():
             cmd += ["--lora", f"{k}={v}"]
         self.url = f"http://127.0.0.1:{port}"
@@ -300,7 +300,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default=None, metavar="TYPE",
                     help="Instead of --base: the demo model converted by edgetune and quantized to TYPE (e.g. q4_k_m, "
                          "the type edgetune ships by default); llama.cpp batches some types far better than others.")
-    ap.add_argument("--flash-attn", action="store_true", help="Serve (and compute references) with flash attention.")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="Both modes (and the references) with flash attention; without it both run without (the "
+                         "server's own default turns it on only for batching bases, which would compare two kernels).")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE", help="Adapter (default: 3 generated).")
     ap.add_argument("--seconds", type=float, default=15, help="Length of each load phase.")
     ap.add_argument("--max-tokens", type=int, default=32)

@@ -50,7 +50,7 @@ def files(tmp_path_factory, tokenizer_dir, build_tiny_model, make_lora_gguf):
     return d, base, ads
 
 
-def _team(files, parallel: int, n_ctx: int = 1024, prefix_cache: bool = True, flash_attn: bool = False):
+def _team(files, parallel: int, n_ctx: int = 1024, prefix_cache: bool = True, flash_attn: bool | str = False):
     from edgetune.serve.team import make_team_server
 
     d, base, ads = files
@@ -188,16 +188,17 @@ def test_flash_attention_switch_reaches_both_contexts_and_answers_stay_close(fil
     from edgetune.serve.engine import LoadedBase
 
     d, base, _ = files
-    with pytest.raises(EdgetuneError, match=r"flash_attn: expected true or false, got 'yes'"):
+    with pytest.raises(EdgetuneError, match=r"flash_attn: expected true or false or auto, got 'yes'"):
         from_dict({"bases": {"tiny": {"path": str(base), "flash_attn": "yes"}}}, d)
-    on = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    for flag, want in ((True, on), (False, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)):
-        lb = LoadedBase(from_dict({"bases": {"tiny": {"path": str(base), "n_ctx": 256, "parallel": 2, "flash_attn": flag}}},
-                                  d).bases["tiny"], 1)
+    on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    for parallel, flag, want in ((2, True, on), (2, False, off), (2, "auto", on), (1, "auto", off), (1, True, on)):
+        lb = LoadedBase(from_dict({"bases": {"tiny": {"path": str(base), "n_ctx": 256, "parallel": parallel,
+                                                      "flash_attn": flag}}}, d).bases["tiny"], 1)
         lb.load()
         try:
-            assert lb.llm.context_params.flash_attn_type == want
-            assert lb.engine.ctx.params.flash_attn_type == want
+            assert lb.llm.context_params.flash_attn_type == want, (parallel, flag)
+            if parallel > 1:
+                assert lb.engine.ctx.params.flash_attn_type == want
         finally:
             lb.unload()
     jobs = [(m, p) for p in PROMPTS[:2] for m in ("a0", "tiny")]

@@ -28,7 +28,7 @@ _threads_opt = click.option("--threads", type=int, default=None, help="CPU threa
 @click.option("--prefix-cache/--no-prefix-cache", default=None,
               help="Team server: reuse the KV of a prompt prefix an earlier request computed (default on).")
 @click.option("--flash-attn/--no-flash-attn", default=None,
-              help="Team server: llama.cpp's flash attention (default off; faster batches on most quant types).")
+              help="Team server: llama.cpp's flash attention (default: on when --parallel > 1, off for 1).")
 @click.option("--queue-depth", type=int, default=None, help="Requests that may wait per base (default 8); more get 503.")
 @click.option("--queue-timeout", type=float, default=None, help="Seconds a request may wait for its turn (default 30).")
 @click.option("--memory-cap-mb", type=float, default=None, help="Unload least recently used bases above this (default: no cap).")

@@ -196,7 +196,7 @@ class LoadedBase:
         # batching: this Llama only tokenizes and renders (the engine has the context that decodes)
         llm = Llama(model_path=str(self.spec.path), n_ctx=256 if self.batching else self.spec.n_ctx,
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, chat_format=chat_format, verbose=False,
-                    flash_attn=self.spec.flash_attn)  # the batch engine copies these context settings
+                    flash_attn=self.spec.use_flash_attn)  # the batch engine copies these context settings
         adapters = {}
         for name, a in self.spec.adapters.items():
             ptr = llama_cpp.llama_adapter_lora_init(llm.model, str(a.path).encode())

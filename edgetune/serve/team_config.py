@@ -8,7 +8,7 @@ bases:
     n_ctx: 2048                  # the longest request (prompt + answer), in tokens
     parallel: 8                  # requests decoded together in one batch (1: one at a time)
     prefix_cache: true           # reuse a shared prompt prefix's KV (false: every prompt computed in full)
-    flash_attn: false            # llama.cpp's flash attention (faster batches on most quant types; see README)
+    flash_attn: auto             # llama.cpp's flash attention: auto = on when parallel > 1 (faster batches)
     adapters:                    # each adapter is one more model id, on the same loaded base
       support: support.lora.gguf
       legal: {path: legal.lora.gguf, scale: 1.0}
@@ -62,9 +62,14 @@ class BaseSpec:
     n_threads: int | None = None
     parallel: int = DEFAULT_PARALLEL  # requests decoded together (continuous batching); 1 = one at a time
     prefix_cache: bool = True  # batching: reuse the KV of a prompt prefix an earlier request computed
-    # llama.cpp's flash attention: off by default, so served answers sum attention in the same order as
-    # the eval's llama.cpp runner; on, batched steps get cheaper (measured per quant type in the README)
-    flash_attn: bool = False
+    # llama.cpp's flash attention; None (auto): on for a batching base, where it makes steps of many
+    # sequences cheaper (README, load test), off for ``parallel: 1``, the path whose answers repeat the
+    # eval's llama.cpp runner's bit for bit (its kernel rounds queries to f16: near-ties can flip)
+    flash_attn: bool | None = None
+
+    @property
+    def use_flash_attn(self) -> bool:
+        return self.parallel > 1 if self.flash_attn is None else self.flash_attn
 
     source: str | None = None  # registry:NAME@ALIAS / NAME:vN: the registry entry whose GGUF ``path`` is
     version: str | None = None  # that entry's NAME:vN, as last resolved
@@ -222,11 +227,13 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
             raise EdgetuneError(f"{w}.parallel: expected a whole number from 1 to 64, got {parallel!r}.", where=where,
                                 fix="parallel: 8 (requests decoded together; 1 = one at a time)")
         switches = {}
-        for key, default in (("prefix_cache", True), ("flash_attn", False)):
+        for key, default in (("prefix_cache", True), ("flash_attn", "auto")):
             switches[key] = b.get(key, default)
-            if not isinstance(switches[key], bool):
-                raise EdgetuneError(f"{w}.{key}: expected true or false, got {switches[key]!r}.", where=where,
-                                    fix=f"{key}: {str(default).lower()}")
+            if switches[key] == "auto" and key == "flash_attn":
+                switches[key] = None
+            elif not isinstance(switches[key], bool):
+                raise EdgetuneError(f"{w}.{key}: expected true or false{' or auto' if key == 'flash_attn' else ''}, "
+                                    f"got {switches[key]!r}.", where=where, fix=f"{key}: {str(default).lower()}")
         raw_path = b.get("path")
         if isinstance(raw_path, str) and raw_path.startswith(REGISTRY_PREFIX):  # follows a registry alias
             source = raw_path[len(REGISTRY_PREFIX):]
