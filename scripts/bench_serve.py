@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py                       # demo GGUF + 3 generated LoRA adapters
     python scripts/bench_serve.py --quant q4_k_m        # the demo model as edgetune ships it (Q4_K_M)
+    python scripts/bench_serve.py --ceiling q4_1,q4_0,q8_0,q4_k_m,f16   # llama.cpp alone, per quant type
     python scripts/bench_serve.py --base B.gguf --lora a=A.gguf --lora b=B.gguf --seconds 20 --out bench.json
 
 On 127.0.0.1 only, bounded in time. In order:
@@ -77,7 +78,11 @@ def demo_gguf(qtype: str, out: Path) -> Path:
     from edgetune.paths import demo_model_dir
     from edgetune.quant.quantize import quantize
 
-    f16 = convert(demo_model_dir(), out / "demo-f16.gguf", "f16", verify=False, show_progress=False)
+    f16 = out / "SmolLM2-135M-Instruct.F16.gguf"
+    if not f16.exists():
+        convert(demo_model_dir(), f16, "f16", verify=False, show_progress=False)
+    if qtype.lower() == "f16":
+        return f16
     return quantize(f16, out / f"SmolLM2-135M-Instruct.{qtype.upper()}.gguf", qtype)
 
 
@@ -294,12 +299,32 @@ def warm(srv: Server, ids: list[str]) -> None:
         post(srv.url + "/v1/chat/completions", {"model": mid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}, 300)
 
 
+def ceiling_table(args, tmp: Path) -> int:
+    """``--ceiling``: llama.cpp's batching gain per quant type and attention kernel, no server."""
+    res: dict = {"cpu": _cpu(), "threads": args.threads, "load_average_before": os.getloadavg()[0], "types": {}}
+    for qtype in args.ceiling.split(","):
+        gguf = demo_gguf(qtype, tmp)
+        res["types"][qtype] = {fa: kernel_ceiling(gguf, args.threads, flash_attn=fa == "flash_attn")
+                               for fa in ("default", "flash_attn")}
+        row = res["types"][qtype]
+        print(f"{qtype:8s} 1 seq {row['default']['ms_per_step']['1']:6.1f} ms, 8 seqs {row['default']['ms_per_step']['8']:6.1f} ms: "
+              f"{row['default']['tokens_per_s_vs_1']['8']:.2f}x;  flash attention: {row['flash_attn']['ms_per_step']['1']:6.1f} / "
+              f"{row['flash_attn']['ms_per_step']['8']:6.1f} ms: {row['flash_attn']['tokens_per_s_vs_1']['8']:.2f}x", flush=True)
+    res["load_average_after"] = os.getloadavg()[0]
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="Base GGUF (default: the demo SmolLM2-135M Q4_1 GGUF).")
     ap.add_argument("--quant", default=None, metavar="TYPE",
                     help="Instead of --base: the demo model converted by edgetune and quantized to TYPE (e.g. q4_k_m, "
                          "the type edgetune ships by default); llama.cpp batches some types far better than others.")
+    ap.add_argument("--ceiling", default=None, metavar="TYPES",
+                    help="Only measure llama.cpp's own batching gain (no server) for the demo model in each of these "
+                         "comma-separated types, without and with flash attention, e.g. q4_1,q4_0,q8_0,q4_k_m,f16.")
     ap.add_argument("--flash-attn", action="store_true",
                     help="Both modes (and the references) with flash attention; without it both run without (the "
                          "server's own default turns it on only for batching bases, which would compare two kernels).")
@@ -321,6 +346,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if args.ceiling:
+        return ceiling_table(args, tmp)
     if args.base is None and args.quant:
         args.base = demo_gguf(args.quant, tmp)
     elif args.base is None:
