@@ -188,8 +188,14 @@ def test_flash_attention_switch_reaches_both_contexts_and_answers_stay_close(fil
     from edgetune.serve.engine import LoadedBase
 
     d, base, _ = files
-    with pytest.raises(EdgetuneError, match=r"flash_attn: expected true or false or auto, got 'yes'"):
+    with pytest.raises(EdgetuneError, match=r"flash_attn: expected true, false or auto, got 'yes'"):
         from_dict({"bases": {"tiny": {"path": str(base), "flash_attn": "yes"}}}, d)
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(base), "--flash-attn"])  # the single-model server has no such switch
+    assert isinstance(r.exception, EdgetuneError) and "--parallel 1 --flash-attn" in r.exception.fix, r.output
     on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     for parallel, flag, want in ((2, True, on), (2, False, off), (2, "auto", on), (1, "auto", off), (1, True, on)):
         lb = LoadedBase(from_dict({"bases": {"tiny": {"path": str(base), "n_ctx": 256, "parallel": parallel,

@@ -59,6 +59,9 @@ def serve(model, adapter, team_config, loras, splits, shadows, parallel, prefix_
     team = bool(team_config or loras or splits or shadows or parallel)
     if not team and model is None:
         raise EdgetuneError("No model to serve.", fix="edgetune serve MODEL.gguf   or   edgetune serve --config team.yaml")
+    if flash_attn is not None and not team:
+        raise EdgetuneError("--flash-attn is a team-server option; MODEL.gguf alone is served without it.",
+                            fix="edgetune serve MODEL.gguf --parallel 1 --flash-attn   (the team server, one request at a time)")
     if team and adapter:
         raise EdgetuneError("--adapter is for a single model; name adapters with --lora NAME=FILE here.", fix="--lora NAME=FILE")
     if not is_loopback(host) and not api_key:

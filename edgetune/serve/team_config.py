@@ -226,14 +226,13 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
         if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
             raise EdgetuneError(f"{w}.parallel: expected a whole number from 1 to 64, got {parallel!r}.", where=where,
                                 fix="parallel: 8 (requests decoded together; 1 = one at a time)")
-        switches = {}
-        for key, default in (("prefix_cache", True), ("flash_attn", "auto")):
-            switches[key] = b.get(key, default)
-            if switches[key] == "auto" and key == "flash_attn":
-                switches[key] = None
-            elif not isinstance(switches[key], bool):
-                raise EdgetuneError(f"{w}.{key}: expected true or false{' or auto' if key == 'flash_attn' else ''}, "
-                                    f"got {switches[key]!r}.", where=where, fix=f"{key}: {str(default).lower()}")
+        prefix_cache, flash_attn = b.get("prefix_cache", True), b.get("flash_attn", "auto")
+        if not isinstance(prefix_cache, bool):
+            raise EdgetuneError(f"{w}.prefix_cache: expected true or false, got {prefix_cache!r}.", where=where,
+                                fix="prefix_cache: true")
+        if flash_attn != "auto" and not isinstance(flash_attn, bool):
+            raise EdgetuneError(f"{w}.flash_attn: expected true, false or auto, got {flash_attn!r}.", where=where,
+                                fix="flash_attn: auto (on when parallel > 1)")
         raw_path = b.get("path")
         if isinstance(raw_path, str) and raw_path.startswith(REGISTRY_PREFIX):  # follows a registry alias
             source = raw_path[len(REGISTRY_PREFIX):]
@@ -245,7 +244,7 @@ def from_dict(raw: dict, root: Path, where: str = "serve config") -> TeamConfig:
         else:
             source, version, path = None, None, _file(raw_path, root, w)
         bases[str(name)] = BaseSpec(str(name), path, adapters, int(b.get("n_ctx", 2048)),
-                                    b.get("n_threads"), parallel, switches["prefix_cache"], switches["flash_attn"],
+                                    b.get("n_threads"), parallel, prefix_cache, None if flash_attn == "auto" else flash_attn,
                                     source, version)
     routes = {}
     for name, r in (raw.get("routes") or {}).items():
