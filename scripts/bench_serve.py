@@ -268,8 +268,7 @@ def kernel_ceiling(base: Path, threads: int, steps: int = 40, flash_attn: bool =
     llm = Llama(model_path=str(base), n_ctx=256, n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
                 verbose=False)
     p = type(llm.context_params).from_buffer_copy(llm.context_params)
-    p.n_ctx, p.n_seq_max, p.kv_unified = 2048, 8, True
-    p.n_threads = p.n_threads_batch = threads
+    p.n_ctx, p.n_seq_max, p.kv_unified = 2048, 8, True  # the thread counts come with the copy
     ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
     b = llama_cpp.llama_batch_init(64, 0, 1)
     out, pos = {}, [0] * 8

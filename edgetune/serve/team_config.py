@@ -67,12 +67,12 @@ class BaseSpec:
     # eval's llama.cpp runner's bit for bit (its kernel rounds queries to f16: near-ties can flip)
     flash_attn: bool | None = None
 
+    source: str | None = None  # registry:NAME@ALIAS / NAME:vN: the registry entry whose GGUF ``path`` is
+    version: str | None = None  # that entry's NAME:vN, as last resolved
+
     @property
     def use_flash_attn(self) -> bool:
         return self.parallel > 1 if self.flash_attn is None else self.flash_attn
-
-    source: str | None = None  # registry:NAME@ALIAS / NAME:vN: the registry entry whose GGUF ``path`` is
-    version: str | None = None  # that entry's NAME:vN, as last resolved
 
     def refresh(self) -> bool:
         """Re-resolve a registry-backed base (an alias may have moved); True when its GGUF changed."""
